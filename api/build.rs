@@ -1,0 +1,16 @@
+//! Compiles `proto/` with protox, a protobuf compiler written in Rust, so building tug needs no
+//! system `protoc`.
+
+use std::error::Error;
+
+const PROTOS: &[&str] = &["tug/v1/objects.proto", "tug/v1/control.proto"];
+
+fn main() -> Result<(), Box<dyn Error>> {
+    let fds = protox::compile(PROTOS, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}

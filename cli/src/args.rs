@@ -1,0 +1,239 @@
+//! The command line: global flags and one subcommand per role or client action (DESIGN.md,
+//! "Roles of the one binary").
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tug",
+    version,
+    about = "tug: a multi-host container orchestrator in one binary",
+    long_about = "tug: a multi-host container orchestrator in one binary.\n\n\
+        Roles: `controller` (a Raft replica and API server), `agent` (one per machine), `up` \
+        (a single-host cluster in one process). Client: `apply`, `get`, `describe`, `delete`, \
+        `logs`, `exec`, `scale`, `rollout`, `nodes`, `drain`, `uncordon`. This machine only: \
+        `run`, `runtime`, `image`.",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every role understands; each can also come from the environment.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Everything a role persists lives under this directory.
+    #[arg(
+        long,
+        global = true,
+        env = "TUG_DATA_DIR",
+        default_value = "/var/lib/tug"
+    )]
+    pub data_dir: PathBuf,
+    /// Controller addresses for client commands (comma-separated; any replica will do).
+    #[arg(long, global = true, env = "TUG_CONTROLLER", value_delimiter = ',')]
+    pub controller: Vec<String>,
+    /// Allow plain HTTP to this registry (HOST[:PORT]); repeatable.
+    #[arg(
+        long,
+        global = true,
+        env = "TUG_INSECURE_REGISTRY",
+        value_delimiter = ','
+    )]
+    pub insecure_registry: Vec<String>,
+    /// Log line format.
+    #[arg(long, global = true, env = "TUG_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one controller replica (Raft member and API server).
+    Controller(ControllerArgs),
+    /// Run the node agent of this machine.
+    Agent(AgentArgs),
+    /// Run a single-host cluster: one controller and one agent in one process.
+    Up,
+    /// Create or update the objects described in manifest files.
+    Apply(ApplyArgs),
+    /// List objects (services, tasks, nodes).
+    Get(ObjectArgs),
+    /// Show one object in detail, with events and scheduling reasons.
+    Describe(ObjectArgs),
+    /// Delete objects by name or by manifest file.
+    Delete(ObjectArgs),
+    /// Print a task's container logs.
+    Logs(LogsArgs),
+    /// Run a command inside a running task's container.
+    Exec(ExecArgs),
+    /// Change a service's replica count.
+    Scale(ScaleArgs),
+    /// Follow or undo a service's rolling update.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+    /// List nodes with state, labels, capacity and tasks.
+    Nodes,
+    /// Move every task off a node and stop scheduling onto it.
+    Drain(NodeArgs),
+    /// Allow scheduling onto a drained node again.
+    Uncordon(NodeArgs),
+    /// Run one container on this machine, without a controller (like `docker run`).
+    Run(RunArgs),
+    /// The built-in OCI runtime, callable like runc.
+    #[command(subcommand)]
+    Runtime(RuntimeCommand),
+    /// Manage this machine's image store.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    /// This replica's Raft id (1, 2, ...).
+    #[arg(long)]
+    pub id: u64,
+    /// Address to serve the API and peer traffic on.
+    #[arg(long, default_value = "127.0.0.1:7440")]
+    pub listen: String,
+    /// Every replica as ID=ADDR, comma-separated (this one included).
+    #[arg(long, value_delimiter = ',')]
+    pub peers: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Controller addresses to register with (comma-separated).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub join: Vec<String>,
+    /// Node name (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Node labels as k=v, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// Manifest file or directory; repeatable.
+    #[arg(short = 'f', long = "filename", required = true)]
+    pub files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ObjectArgs {
+    /// Object kind: service, task or node.
+    pub kind: String,
+    /// Object name.
+    pub name: Option<String>,
+    /// Namespace.
+    #[arg(short, long, default_value = "default")]
+    pub namespace: String,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Task (SERVICE.SLOT) whose logs to print.
+    pub task: String,
+    /// Keep printing new lines.
+    #[arg(short, long)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Task (SERVICE.SLOT) to run the command in.
+    pub task: String,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ScaleArgs {
+    /// Service name.
+    pub service: String,
+    /// Desired number of replicas.
+    #[arg(long)]
+    pub replicas: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Follow a service's rollout until it completes or fails.
+    Status { service: String },
+    /// Roll a service back to its previous spec.
+    Undo { service: String },
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// Node name.
+    pub node: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Image reference, e.g. busybox or registry:5000/app:1.2.
+    pub image: String,
+    /// Command and arguments (replace the image's entrypoint and cmd).
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RuntimeCommand {
+    /// Create a container from an OCI bundle (process waits for start).
+    Create {
+        id: String,
+        #[arg(long, short)]
+        bundle: PathBuf,
+    },
+    /// Start a created container.
+    Start { id: String },
+    /// Print a container's state as JSON.
+    State { id: String },
+    /// Send a signal to a container's init process.
+    Kill {
+        id: String,
+        #[arg(default_value = "TERM")]
+        signal: String,
+    },
+    /// Delete a stopped container.
+    Delete {
+        id: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Create and start a container, and wait for it.
+    Run {
+        id: String,
+        #[arg(long, short)]
+        bundle: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Pull an image into the store.
+    Pull {
+        reference: String,
+        #[arg(long)]
+        platform: Option<String>,
+    },
+    /// List images in the store.
+    Ls,
+    /// Remove an image from the store.
+    Rm { reference: String },
+}

@@ -1,0 +1,49 @@
+//! Dispatch of each subcommand to the crate that does the work. Kept thin: logic lives in the
+//! library crates.
+
+use std::fmt;
+
+use crate::args::{Cli, Command};
+
+/// A role or command that exists in the interface but whose implementation has not landed.
+/// It fails loudly with one line instead of pretending to work.
+#[derive(Debug)]
+pub struct NotBuilt {
+    pub command: &'static str,
+    pub issue: &'static str,
+}
+
+impl fmt::Display for NotBuilt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "`tug {}` is not built yet (issue: {})",
+            self.command, self.issue
+        )
+    }
+}
+
+impl std::error::Error for NotBuilt {}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let not_built = |command, issue| Err(NotBuilt { command, issue }.into());
+    match cli.command {
+        Command::Controller(_) => not_built("controller", "Controller"),
+        Command::Agent(_) => not_built("agent", "agents, scheduling, reconciliation"),
+        Command::Up => not_built("up", "agents, scheduling, reconciliation"),
+        Command::Apply(_) => not_built("apply", "Controller"),
+        Command::Get(_) => not_built("get", "Controller"),
+        Command::Describe(_) => not_built("describe", "agents, scheduling, reconciliation"),
+        Command::Delete(_) => not_built("delete", "Controller"),
+        Command::Logs(_) => not_built("logs", "Runtime"),
+        Command::Exec(_) => not_built("exec", "Runtime"),
+        Command::Scale(_) => not_built("scale", "agents, scheduling, reconciliation"),
+        Command::Rollout(_) => not_built("rollout", "agents, scheduling, reconciliation"),
+        Command::Nodes => not_built("nodes", "agents, scheduling, reconciliation"),
+        Command::Drain(_) => not_built("drain", "agents, scheduling, reconciliation"),
+        Command::Uncordon(_) => not_built("uncordon", "agents, scheduling, reconciliation"),
+        Command::Run(_) => not_built("run", "Runtime"),
+        Command::Runtime(_) => not_built("runtime", "Runtime"),
+        Command::Image(_) => not_built("image", "Images"),
+    }
+}

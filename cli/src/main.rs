@@ -1,0 +1,29 @@
+//! `tug`: every role of the orchestrator in one binary. Parses the command line, sets up logging
+//! and hands over to the library crates; errors end here as one line on stderr.
+
+mod args;
+mod commands;
+mod logging;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Exit status of a command whose implementation has not landed (sysexits' EX_UNAVAILABLE).
+const EXIT_NOT_BUILT: u8 = 69;
+
+fn main() -> ExitCode {
+    let cli = args::Cli::parse();
+    logging::init(cli.global.log_format);
+    match commands::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("tug: {err:#}");
+            if err.is::<commands::NotBuilt>() {
+                ExitCode::from(EXIT_NOT_BUILT)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}

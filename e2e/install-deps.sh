@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs every system package that tug's tests, benchmarks and quick start use, on Debian 12,
+# as root. Idempotent: does nothing when everything is there. The Rust toolchain itself is assumed.
+set -euo pipefail
+
+PACKAGES=(
+  iproute2          # ip netns / link / addr: the test hosts
+  iptables          # partitions between test hosts (inside their namespaces only)
+  busybox-static    # content of the test images, ping/wget/httpd inside test hosts
+  docker-registry   # the real registry (CNCF distribution)
+  apache2-utils     # htpasswd (bcrypt) for the registry's basic auth
+  umoci             # builds the OCI test images
+  skopeo            # pushes them, converts to Docker schema2
+  tar
+  coreutils
+  ca-certificates
+)
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+done
+if ((${#missing[@]} == 0)); then
+  exit 0
+fi
+
+echo "installing: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+
+# Debian's docker-registry package enables a system service listening on every interface; tug
+# only runs the binary with its own config, so switch off the service this install just added.
+if [[ " ${missing[*]} " == *" docker-registry "* ]] && command -v systemctl >/dev/null \
+   && [ -d /run/systemd/system ]; then
+  systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
+fi
