@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs every system package that tug's tests, benchmarks and quick start use, on Debian 12,
-# as root. Idempotent: does nothing when everything is there. The Rust toolchain itself is assumed.
+# Installs every system package that tug's tests and quick start use, on Debian 12, as root;
+# with --bench also the peers the benchmarks measure tug against. Idempotent: does nothing when
+# everything is there. The Rust toolchain itself is assumed.
 set -euo pipefail
 
 PACKAGES=(
@@ -12,9 +13,15 @@ PACKAGES=(
   umoci             # builds the OCI test images
   skopeo            # pushes them, converts to Docker schema2
   tar
+  openssl           # the token server's signing key (registry bearer-token auth)
   coreutils
   ca-certificates
 )
+if [ "${1:-}" = --bench ]; then
+  PACKAGES+=(
+    containerd      # ctr image pull (the image pull benchmark's peer)
+  )
+fi
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

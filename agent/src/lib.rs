@@ -7,3 +7,5 @@
 //!
 //! Not built yet: the image store arrives with the "Images" issue, the runtime and supervisor with
 //! the "Runtime" issue, the worker with the "agents, scheduling, reconciliation" issue.
+
+pub mod image;

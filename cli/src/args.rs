@@ -226,14 +226,23 @@ pub enum RuntimeCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    /// Pull an image into the store.
+    /// Pull an image into the store (verified, unpacked, ready to run).
     Pull {
+        /// e.g. busybox, user/app:1.2, registry:5000/ns/app@sha256:...
         reference: String,
+        /// OS/ARCH[/VARIANT] to pick from a multi-platform image (default: this machine's).
         #[arg(long)]
         platform: Option<String>,
+        /// Docker-style credentials file (default: $DOCKER_CONFIG/config.json or ~/.docker/config.json).
+        #[arg(long, env = "TUG_REGISTRY_AUTH")]
+        auth_file: Option<PathBuf>,
     },
     /// List images in the store.
     Ls,
-    /// Remove an image from the store.
+    /// Forget an image; its data goes at the next prune unless something else uses it.
     Rm { reference: String },
+    /// Delete blobs and layers that no image references and no container uses.
+    Prune,
+    /// Show an image's config: env, entrypoint, cmd, user, working dir, exposed ports.
+    Inspect { reference: String },
 }

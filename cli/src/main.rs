@@ -4,6 +4,7 @@
 mod args;
 mod commands;
 mod logging;
+mod output;
 
 use std::process::ExitCode;
 

@@ -67,6 +67,7 @@ fn unbuilt_roles_say_so_in_one_line_and_fail() {
         &["up"],
         &["apply", "-f", "manifests/"],
         &["runtime", "state", "c1"],
+        &["run", "busybox"],
     ] {
         let out = tug(args);
         assert_eq!(out.status.code(), Some(69), "{args:?}");

@@ -17,6 +17,7 @@ pub const REQUIRED_TOOLS: &[&str] = &[
     "skopeo",
     "tar",
     "chroot",
+    "openssl",
 ];
 
 /// The full path of `tool` on `PATH`, or a clear error saying how to install it.

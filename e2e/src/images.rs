@@ -140,11 +140,11 @@ impl TestImages {
     /// Push `image` into `registry` with skopeo, as a user would (with its credentials, from
     /// inside its namespace if it runs on a test host). Returns the pushed digest.
     pub fn push(&self, image: &TestImage, registry: &Registry) -> Result<String> {
-        push(&self.layout(), image, registry)
+        push_layout(&self.layout(), image, registry)
     }
 }
 
-fn cache_root() -> PathBuf {
+pub(crate) fn cache_root() -> PathBuf {
     match std::env::var_os("TUG_E2E_CACHE") {
         Some(dir) => PathBuf::from(dir),
         None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tug-e2e-cache"),
@@ -395,7 +395,7 @@ fn build(dir: &Path) -> Result<Catalog> {
         &mut catalog.layered,
         &mut catalog.multiarch,
     ] {
-        img.digest = push(&layout, img, &registry)?;
+        img.digest = push_layout(&layout, img, &registry)?;
     }
     let storage = registry.storage_dir();
     exec::run(
@@ -568,7 +568,8 @@ fn add_index(layout: &Path, tag: &str, manifests: Vec<serde_json::Value>) -> Res
     fs::write(&top_path, out).ctx(|| format!("write {}", top_path.display()))
 }
 
-fn push(layout: &Path, image: &TestImage, registry: &Registry) -> Result<String> {
+/// Push `image` (its `layout_tag`) from an OCI layout into `registry` with skopeo.
+pub(crate) fn push_layout(layout: &Path, image: &TestImage, registry: &Registry) -> Result<String> {
     let skopeo = require("skopeo")?;
     let digest_file = tempfile::NamedTempFile::new().ctx(|| "create digest file".into())?;
     let mut cmd = match registry.netns() {

@@ -11,14 +11,18 @@
 //! process that was killed are swept by the next one. Needs root and the tools that
 //! `e2e/install-deps.sh` installs.
 
+pub mod bench;
+pub mod bench_image;
 pub mod error;
 pub mod exec;
 pub mod http;
 pub mod images;
 pub mod net;
 pub mod netns;
+pub mod peers;
 pub mod process;
 pub mod registry;
+pub mod token_server;
 
 pub use error::{Error, Result};
 pub use http::Credentials;

@@ -17,6 +17,7 @@ use crate::images::TestImages;
 use crate::net::Host;
 use crate::netns::Netns;
 use crate::process::{self, ChildGuard};
+use crate::token_server::TokenServer;
 
 /// Port the registry listens on when it runs on a test host.
 pub const HOST_PORT: u16 = 5000;
@@ -33,6 +34,9 @@ pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 pub struct RegistryOptions {
     /// Require these credentials (htpasswd, bcrypt) for every request.
     pub auth: Option<Credentials>,
+    /// Require bearer tokens from a token server (started with the registry) that gives them
+    /// to these credentials: the `WWW-Authenticate: Bearer realm=...` flow.
+    pub token_auth: Option<Credentials>,
     /// Start with the test images (see `TestImages`) already stored.
     pub with_images: bool,
 }
@@ -40,6 +44,14 @@ pub struct RegistryOptions {
 impl RegistryOptions {
     pub fn with_images(mut self) -> Self {
         self.with_images = true;
+        self
+    }
+
+    pub fn with_token_auth(mut self, username: &str, password: &str) -> Self {
+        self.token_auth = Some(Credentials {
+            username: username.into(),
+            password: password.into(),
+        });
         self
     }
 
@@ -56,6 +68,7 @@ impl RegistryOptions {
 pub struct Registry {
     // Field order is drop order: stop the process, then remove its files, then its namespace.
     child: ChildGuard,
+    token_server: Option<TokenServer>,
     dir: tempfile::TempDir,
     addr: SocketAddr,
     auth: Option<Credentials>,
@@ -121,24 +134,40 @@ impl Registry {
             Some(creds) => Some(write_htpasswd(dir.path(), creds)?),
             None => None,
         };
-        let config = dir.path().join("config.yml");
-        fs::write(&config, config_yaml(addr, &storage, htpasswd.as_deref()))
-            .ctx(|| format!("write {}", config.display()))?;
-        let log_path = dir.path().join("registry.log");
-        let log = fs::File::create(&log_path).ctx(|| format!("create {}", log_path.display()))?;
-        let log_err = log.try_clone().ctx(|| "dup log file".into())?;
-
-        let mut cmd = match &netns {
-            Some(ns) => ns.command(&program),
-            None => Command::new(&program),
+        let token_server = match &opts.token_auth {
+            Some(creds) => {
+                let ip = match addr.ip() {
+                    std::net::IpAddr::V4(ip) => ip,
+                    std::net::IpAddr::V6(_) => Ipv4Addr::LOCALHOST,
+                };
+                let ts = match &netns {
+                    Some(ns) => {
+                        ns.run_in(|| TokenServer::start(dir.path(), ip, creds.clone()))??
+                    }
+                    None => TokenServer::start(dir.path(), ip, creds.clone())?,
+                };
+                Some(ts)
+            }
+            None => None,
         };
-        cmd.arg("serve")
-            .arg(&config)
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log_err));
-        let child = process::spawn(&mut cmd)?;
+        let mut yaml = config_yaml(addr, &storage, htpasswd.as_deref());
+        if let Some(ts) = &token_server {
+            let _ = write!(
+                yaml,
+                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                ts.realm(),
+                crate::token_server::SERVICE,
+                crate::token_server::ISSUER,
+                ts.cert().display()
+            );
+        }
+        let config = dir.path().join("config.yml");
+        fs::write(&config, yaml).ctx(|| format!("write {}", config.display()))?;
+        let log_path = dir.path().join("registry.log");
+        let child = spawn_server(&program, &config, &log_path, netns.as_deref())?;
         let mut registry = Registry {
             child,
+            token_server,
             dir,
             addr,
             auth: opts.auth.clone(),
@@ -147,6 +176,33 @@ impl Registry {
         registry.wait_ready(&log_path)?;
         tracing::info!(addr = %registry.addr, pid = registry.child.pid(), "registry ready");
         Ok(registry)
+    }
+
+    /// Stop the registry and start it again on the same address with the same storage (to test
+    /// what clients do while it is down, then after it is back).
+    pub fn restart(&mut self) -> Result<()> {
+        self.child.stop(Duration::from_secs(5))?;
+        let program = require("docker-registry")?;
+        let (config, log_path) = (
+            self.dir.path().join("config.yml"),
+            self.dir.path().join("registry.log"),
+        );
+        self.child = spawn_server(&program, &config, &log_path, self.netns.as_deref())?;
+        self.wait_ready(&log_path)
+    }
+
+    /// Stop the registry, keeping its storage, until `restart`.
+    pub fn pause(&mut self) -> Result<()> {
+        self.child.stop(Duration::from_secs(5)).map(drop)
+    }
+
+    /// The file holding blob `digest` (`sha256:...`) in the registry's storage, to tamper with.
+    pub fn blob_data_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.storage_dir().join(format!(
+            "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+            &hex[..2.min(hex.len())]
+        ))
     }
 
     fn wait_ready(&mut self, log_path: &Path) -> Result<()> {
@@ -191,6 +247,11 @@ impl Registry {
 
     pub fn credentials(&self) -> Option<&Credentials> {
         self.auth.as_ref()
+    }
+
+    /// The token server, when the registry uses bearer tokens.
+    pub fn token_server(&self) -> Option<&TokenServer> {
+        self.token_server.as_ref()
     }
 
     /// The namespace it runs in, if it runs on a test host.
@@ -241,6 +302,29 @@ impl Registry {
     pub fn stop(mut self, grace: Duration) -> Result<()> {
         self.child.stop(grace).map(drop)
     }
+}
+
+fn spawn_server(
+    program: &Path,
+    config: &Path,
+    log_path: &Path,
+    netns: Option<&Netns>,
+) -> Result<ChildGuard> {
+    let log = fs::File::options()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .ctx(|| format!("open {}", log_path.display()))?;
+    let log_err = log.try_clone().ctx(|| "dup log file".into())?;
+    let mut cmd = match netns {
+        Some(ns) => ns.command(program),
+        None => Command::new(program),
+    };
+    cmd.arg("serve")
+        .arg(config)
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log_err));
+    process::spawn(&mut cmd)
 }
 
 fn free_loopback_port() -> Result<u16> {

@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+mod image;
+
 use crate::args::{Cli, Command};
 
 /// A role or command that exists in the interface but whose implementation has not landed.
@@ -44,6 +46,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Uncordon(_) => not_built("uncordon", "agents, scheduling, reconciliation"),
         Command::Run(_) => not_built("run", "Runtime"),
         Command::Runtime(_) => not_built("runtime", "Runtime"),
-        Command::Image(_) => not_built("image", "Images"),
+        Command::Image(cmd) => image::run(&cli.global, cmd),
     }
 }

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Benchmarks, as root on Debian 12: installs the peers, builds release binaries, runs one
+# benchmark program (or all) that prints tug and its peers side by side.
+#   e2e/bench.sh            every benchmark
+#   e2e/bench.sh pull [N]   image pull + unpack vs skopeo+umoci and containerd (N cold runs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "e2e/bench.sh: run as root" >&2; exit 1; }
+e2e/install-deps.sh --bench
+cargo build --release --locked -p tug -p tug-e2e --bin tug --bin bench-pull
+which=${1:-all}
+shift || true
+case "$which" in
+  pull|all) target/release/bench-pull "$@" ;;
+  *) echo "e2e/bench.sh: unknown benchmark $which (pull)" >&2; exit 2 ;;
+esac

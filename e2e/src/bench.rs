@@ -1,0 +1,80 @@
+//! Small helpers for benchmark programs: timed runs, medians, a side-by-side table with ratios.
+
+use std::time::{Duration, Instant};
+
+/// Durations of repeated runs of one contender.
+#[derive(Debug, Clone)]
+pub struct Samples {
+    pub name: String,
+    pub runs: Vec<Duration>,
+}
+
+impl Samples {
+    pub fn new(name: impl Into<String>) -> Samples {
+        Samples {
+            name: name.into(),
+            runs: Vec::new(),
+        }
+    }
+
+    /// Time `f` once and keep the duration; `f`'s error aborts the benchmark.
+    pub fn time<T, E>(&mut self, f: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+        let start = Instant::now();
+        let out = f()?;
+        self.runs.push(start.elapsed());
+        Ok(out)
+    }
+
+    pub fn median(&self) -> Duration {
+        let mut v = self.runs.clone();
+        v.sort();
+        match v.len() {
+            0 => Duration::ZERO,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2,
+        }
+    }
+
+    pub fn min(&self) -> Duration {
+        self.runs.iter().min().copied().unwrap_or_default()
+    }
+}
+
+/// A table: contender, median, min, and each median relative to the first row (ours).
+pub fn report(title: &str, rows: &[Samples]) -> String {
+    let base = rows
+        .first()
+        .map(|s| s.median().as_secs_f64())
+        .unwrap_or(0.0);
+    let mut out = format!(
+        "{title}\n{:<34} {:>10} {:>10} {:>6}  {}\n",
+        "contender", "median", "min", "runs", "median vs first row"
+    );
+    for s in rows {
+        let m = s.median().as_secs_f64();
+        let ratio = if base > 0.0 { m / base } else { 0.0 };
+        out.push_str(&format!(
+            "{:<34} {:>8.1}ms {:>8.1}ms {:>6}  {ratio:.2}x\n",
+            s.name,
+            m * 1e3,
+            s.min().as_secs_f64() * 1e3,
+            s.runs.len()
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even() {
+        let mut s = Samples::new("x");
+        s.runs = [3, 1, 2].map(Duration::from_millis).to_vec();
+        assert_eq!(s.median(), Duration::from_millis(2));
+        s.runs.push(Duration::from_millis(10));
+        assert_eq!(s.median(), Duration::from_micros(2500));
+        assert_eq!(s.min(), Duration::from_millis(1));
+    }
+}
