@@ -4,6 +4,8 @@
 //! protobuf compiler, so no system `protoc` is needed) into prost messages and tonic clients and
 //! servers. Controller, agent, CLI and the end-to-end harness all talk through these types.
 
+pub mod manifest;
+
 /// `tug.v1`: objects, the operator's Control service.
 pub mod v1 {
     #![allow(missing_debug_implementations, clippy::all)]
