@@ -9,3 +9,4 @@
 //! the "Runtime" issue, the worker with the "agents, scheduling, reconciliation" issue.
 
 pub mod image;
+pub mod runtime;

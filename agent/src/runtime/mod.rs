@@ -1,0 +1,3 @@
+//! The built-in container runtime (DESIGN.md, Agent).
+
+pub mod cgroups;
