@@ -625,3 +625,23 @@ async fn bearer_token_challenge_flow() -> TestResult {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn redirects_to_blob_storage_are_followed() -> TestResult {
+    let images = TestImages::get()?;
+    let registry = Registry::start_with(RegistryOptions::default().with_images())?;
+    let front = tug_e2e::redirect::RedirectingFront::start(&registry)?;
+    let dir = tempfile::tempdir()?;
+    let mut cfg = StoreConfig::new(dir.path().join("images"));
+    cfg.insecure_registries = vec![front.host_port(), registry.host_port()];
+    let store = ImageStore::open(cfg)?;
+    let reference = format!("{}/{}", front.host_port(), images.layered.repo_tag());
+    let record = pull(&store, &reference, &host()).await.0?;
+    assert_eq!(record.manifest_digest, images.layered.digest);
+    assert!(
+        front.redirects() >= 4,
+        "config and 3 layers redirected: {}",
+        front.redirects()
+    );
+    Ok(())
+}

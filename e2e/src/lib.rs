@@ -21,6 +21,7 @@ pub mod net;
 pub mod netns;
 pub mod peers;
 pub mod process;
+pub mod redirect;
 pub mod registry;
 pub mod token_server;
 

@@ -46,6 +46,7 @@ impl StoreConfig {
 
 pub struct ImageStore {
     layout: Layout,
+    syncer: Syncer,
     client: oci_client::Client,
     credentials: CredentialStore,
     parallel_layers: usize,
@@ -71,6 +72,7 @@ impl ImageStore {
             ..Default::default()
         });
         Ok(ImageStore {
+            syncer: Syncer::default(),
             layout,
             client,
             credentials: config.credentials,
@@ -259,16 +261,19 @@ impl ImageStore {
                 chain_id: chain.clone(),
             });
         }
-        Ok(LayerRecord {
+        let record = LayerRecord {
             digest: digest.to_string(),
             media_type: desc.media_type.clone(),
             size: desc.size,
             diff_id: diff.to_string(),
             chain_id: chain.to_string(),
-        })
+        };
+        Ok(record)
     }
 
-    /// Unpack a verified layer blob into `layers/<chain id>` unless it is there. True if it did.
+    /// Unpack a verified layer blob into `layers/<chain id>` unless it is there; true if it did.
+    /// The layer is made durable before it is renamed into place: a layer dir that exists is
+    /// trusted as complete forever after, also after a crash.
     async fn unpack(
         &self,
         digest: &Digest,
@@ -288,19 +293,20 @@ impl ImageStore {
             return Ok(false);
         }
         let blob = self.layout.blob(digest);
-        let tmp = self
-            .layout
-            .tmp_dir()
-            .join(format!("{}.{}", chain_id.hex(), std::process::id()));
-        let _ = fs::remove_dir_all(&tmp);
-        fs::create_dir(&tmp).map_err(ImageError::io("create layer dir", &tmp))?;
-        let (tmp2, digest_s) = (tmp.clone(), digest.to_string());
-        let result = tokio::task::spawn_blocking(move || -> Result<_> {
+        let tmp = TempLayer(self.layout.tmp_dir().join(format!(
+            "{}.{}",
+            chain_id.hex(),
+            std::process::id()
+        )));
+        let _ = fs::remove_dir_all(&tmp.0);
+        fs::create_dir(&tmp.0).map_err(ImageError::io("create layer dir", &tmp.0))?;
+        let (target, digest_s) = (tmp.0.clone(), digest.to_string());
+        let stats = tokio::task::spawn_blocking(move || -> Result<_> {
             let file = fs::File::open(&blob).map_err(ImageError::io("open layer blob", &blob))?;
             unpack_layer(
                 std::io::BufReader::with_capacity(256 * 1024, file),
                 compression,
-                &tmp2,
+                &target,
             )
             .map_err(|source| ImageError::Unpack {
                 digest: digest_s,
@@ -308,24 +314,17 @@ impl ImageStore {
             })
         })
         .await
-        .map_err(|e| ImageError::Task(e.to_string()))
-        .and_then(|r| r);
-        let stats = match result {
-            Ok(stats) => stats,
-            Err(err) => {
-                let _ = fs::remove_dir_all(&tmp);
-                return Err(err);
-            }
-        };
+        .map_err(|e| ImageError::Task(e.to_string()))??;
         if stats.diff_id != diff_id.to_string() {
-            let _ = fs::remove_dir_all(&tmp);
             return Err(ImageError::DiffIdMismatch {
                 digest: digest.to_string(),
                 expected: diff_id.to_string(),
                 actual: stats.diff_id,
             });
         }
-        fs::rename(&tmp, &dest).map_err(ImageError::io("store layer", &dest))?;
+        self.syncer.sync(&self.layout.tmp_dir()).await?;
+        fs::rename(&tmp.0, &dest).map_err(ImageError::io("store layer", &dest))?;
+        tmp.keep();
         sync_dir(&self.layout.layers_dir())?;
         Ok(true)
     }
@@ -401,6 +400,53 @@ impl ImageStore {
                 }
             })
             .collect()
+    }
+}
+
+/// A layer being unpacked: removed if the unpack fails, kept once renamed into place.
+struct TempLayer(PathBuf);
+
+impl TempLayer {
+    fn keep(mut self) {
+        self.0 = PathBuf::new();
+    }
+}
+
+impl Drop for TempLayer {
+    fn drop(&mut self) {
+        if !self.0.as_os_str().is_empty() {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Group commit for syncfs: layers finishing at about the same time share one sync. A sync
+/// started after a caller asked covers that caller's writes, so a caller whose request number
+/// is already covered returns at once.
+#[derive(Debug, Default)]
+struct Syncer {
+    requested: std::sync::atomic::AtomicU64,
+    done: tokio::sync::Mutex<u64>,
+}
+
+impl Syncer {
+    async fn sync(&self, dir: &std::path::Path) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        let mine = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut done = self.done.lock().await;
+        if *done >= mine {
+            return Ok(());
+        }
+        let target = self.requested.load(Ordering::SeqCst);
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let f = fs::File::open(&dir).map_err(ImageError::io("open", &dir))?;
+            nix::unistd::syncfs(&f).map_err(|e| ImageError::io("sync", &dir)(e.into()))
+        })
+        .await
+        .map_err(|e| ImageError::Task(e.to_string()))??;
+        *done = target;
+        Ok(())
     }
 }
 

@@ -15,8 +15,8 @@ const INPUT_BUFFER: usize = 64 * 1024;
 /// The tar stream of a layer blob.
 pub(super) enum Decoder<R: Read> {
     Plain(BufReader<R>),
-    Gzip(MultiGzDecoder<BufReader<R>>),
-    // Boxed: the zstd decoder's state is large.
+    // Boxed: both decoders' states are large (zlib-rs keeps its window inline).
+    Gzip(Box<MultiGzDecoder<BufReader<R>>>),
     Zstd(Box<ZstdReader<R>>),
 }
 
@@ -36,7 +36,7 @@ impl<R: Read> Decoder<R> {
         match compression {
             Compression::None => Decoder::Plain(input),
             // Multi-member, like Go's gzip reader that containerd and Docker use.
-            Compression::Gzip => Decoder::Gzip(MultiGzDecoder::new(input)),
+            Compression::Gzip => Decoder::Gzip(Box::new(MultiGzDecoder::new(input))),
             Compression::Zstd => Decoder::Zstd(Box::new(ZstdReader::new(input))),
         }
     }
