@@ -60,8 +60,12 @@ pub fn prune(layout: &Layout, keep_chain_ids: &HashSet<String>) -> Result<PruneS
     }
     for (hex, path) in entries(&layers_dir)? {
         if !layers.contains(&hex) {
-            fs::remove_dir_all(&path).map_err(ImageError::io("remove layer", &path))?;
-            stats.layers += 1;
+            if path.is_dir() {
+                fs::remove_dir_all(&path).map_err(ImageError::io("remove layer", &path))?;
+                stats.layers += 1;
+            } else {
+                let _ = fs::remove_file(&path);
+            }
         }
     }
     // No pull runs now: partial downloads, half-unpacked layers and lock files can go too.
@@ -72,6 +76,11 @@ pub fn prune(layout: &Layout, keep_chain_ids: &HashSet<String>) -> Result<PruneS
             } else {
                 fs::remove_file(&path)
             };
+        }
+    }
+    for (hex, path) in entries(&layout.unsynced_dir())? {
+        if !layout.layers_dir().join(&hex).exists() {
+            let _ = fs::remove_file(&path);
         }
     }
     for (name, path) in entries(&layout.locks_dir())? {

@@ -7,6 +7,7 @@
 //! refs/<hex>.json      one record per pulled name (registry/repository:tag or @digest)
 //! locks/<key>          flock files: one pull of a blob or layer at a time, across processes
 //! tmp/                 layers being unpacked
+//! unsynced/<chain hex> layers not yet known to be on disk (see `durability`)
 //! ```
 
 use std::fs::{self, File};
@@ -40,6 +41,7 @@ impl Layout {
             layout.refs_dir(),
             layout.locks_dir(),
             layout.tmp_dir(),
+            layout.unsynced_dir(),
         ] {
             fs::create_dir_all(&dir).map_err(ImageError::io("create directory", &dir))?;
         }
@@ -80,6 +82,10 @@ impl Layout {
 
     pub fn locks_dir(&self) -> PathBuf {
         self.root.join("locks")
+    }
+
+    pub fn unsynced_dir(&self) -> PathBuf {
+        self.root.join("unsynced")
     }
 
     pub fn tmp_dir(&self) -> PathBuf {

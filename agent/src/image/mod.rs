@@ -5,6 +5,7 @@
 
 pub mod credentials;
 pub mod digest;
+pub mod durability;
 pub mod error;
 pub mod fetch;
 pub mod gc;

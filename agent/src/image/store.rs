@@ -46,7 +46,6 @@ impl StoreConfig {
 
 pub struct ImageStore {
     layout: Layout,
-    syncer: Syncer,
     client: oci_client::Client,
     credentials: CredentialStore,
     parallel_layers: usize,
@@ -71,8 +70,8 @@ impl ImageStore {
             read_timeout: Some(std::time::Duration::from_secs(60)),
             ..Default::default()
         });
+        super::durability::drop_layers_from_before_boot(&layout)?;
         Ok(ImageStore {
-            syncer: Syncer::default(),
             layout,
             client,
             credentials: config.credentials,
@@ -182,6 +181,7 @@ impl ImageStore {
                 .unwrap_or(0),
         };
         record::write(&self.layout, &record)?;
+        super::durability::sync_in_background(&self.layout);
         Ok(record)
     }
 
@@ -272,8 +272,8 @@ impl ImageStore {
     }
 
     /// Unpack a verified layer blob into `layers/<chain id>` unless it is there; true if it did.
-    /// The layer is made durable before it is renamed into place: a layer dir that exists is
-    /// trusted as complete forever after, also after a crash.
+    /// The layer is not synced here (see `durability`): it carries an "unsynced" marker until a
+    /// background sync, and is dropped at the next start if the machine went down before that.
     async fn unpack(
         &self,
         digest: &Digest,
@@ -322,10 +322,9 @@ impl ImageStore {
                 actual: stats.diff_id,
             });
         }
-        self.syncer.sync(&self.layout.tmp_dir()).await?;
+        super::durability::mark_unsynced(&self.layout, chain_id)?;
         fs::rename(&tmp.0, &dest).map_err(ImageError::io("store layer", &dest))?;
         tmp.keep();
-        sync_dir(&self.layout.layers_dir())?;
         Ok(true)
     }
 
@@ -417,36 +416,6 @@ impl Drop for TempLayer {
         if !self.0.as_os_str().is_empty() {
             let _ = fs::remove_dir_all(&self.0);
         }
-    }
-}
-
-/// Group commit for syncfs: layers finishing at about the same time share one sync. A sync
-/// started after a caller asked covers that caller's writes, so a caller whose request number
-/// is already covered returns at once.
-#[derive(Debug, Default)]
-struct Syncer {
-    requested: std::sync::atomic::AtomicU64,
-    done: tokio::sync::Mutex<u64>,
-}
-
-impl Syncer {
-    async fn sync(&self, dir: &std::path::Path) -> Result<()> {
-        use std::sync::atomic::Ordering;
-        let mine = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut done = self.done.lock().await;
-        if *done >= mine {
-            return Ok(());
-        }
-        let target = self.requested.load(Ordering::SeqCst);
-        let dir = dir.to_path_buf();
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            let f = fs::File::open(&dir).map_err(ImageError::io("open", &dir))?;
-            nix::unistd::syncfs(&f).map_err(|e| ImageError::io("sync", &dir)(e.into()))
-        })
-        .await
-        .map_err(|e| ImageError::Task(e.to_string()))??;
-        *done = target;
-        Ok(())
     }
 }
 
