@@ -96,6 +96,9 @@ pub enum Command {
     /// Manage this machine's image store.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// The per-container monitor (started by tug itself, not by hand).
+    #[command(name = "__monitor", hide = true)]
+    Monitor { state_dir: PathBuf },
 }
 
 #[derive(Debug, Args)]
@@ -190,36 +193,75 @@ pub struct RunArgs {
     /// Command and arguments (replace the image's entrypoint and cmd).
     #[arg(last = true)]
     pub command: Vec<String>,
+    /// Container name (default: a random id).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Environment variable NAME=VALUE; repeatable.
+    #[arg(short, long = "env")]
+    pub env: Vec<String>,
+    /// user[:group], names or numbers.
+    #[arg(short, long)]
+    pub user: Option<String>,
+    /// Working directory inside the container.
+    #[arg(short, long)]
+    pub workdir: Option<String>,
+    /// Host name inside the container (default: the container's name).
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Memory limit, e.g. 64Mi or 1G (swap is off).
+    #[arg(short, long)]
+    pub memory: Option<String>,
+    /// CPU limit in cores, e.g. 0.5 or 250m.
+    #[arg(long)]
+    pub cpus: Option<String>,
+    /// Most processes the container may have.
+    #[arg(long)]
+    pub pids_limit: Option<i64>,
+    /// Bind mount HOST_PATH:CONTAINER_PATH[:ro]; repeatable.
+    #[arg(short, long = "volume")]
+    pub volumes: Vec<String>,
+    /// OS/ARCH[/VARIANT] to pull.
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// Keep the stopped container (its state dir, log and cgroup) instead of removing it.
+    #[arg(long)]
+    pub keep: bool,
+    /// Seconds between SIGTERM and SIGKILL when tug run is interrupted.
+    #[arg(long, default_value_t = 10)]
+    pub stop_timeout: u64,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum RuntimeCommand {
-    /// Create a container from an OCI bundle (process waits for start).
+    /// Create a container from an OCI bundle; its process waits for `start`.
     Create {
         id: String,
-        #[arg(long, short)]
+        /// Directory with config.json and the root filesystem.
+        #[arg(long, short, default_value = ".")]
         bundle: PathBuf,
     },
     /// Start a created container.
     Start { id: String },
     /// Print a container's state as JSON.
     State { id: String },
-    /// Send a signal to a container's init process.
+    /// List containers.
+    List,
+    /// Send a signal to a container's process (default SIGTERM).
     Kill {
         id: String,
         #[arg(default_value = "TERM")]
         signal: String,
     },
-    /// Delete a stopped container.
+    /// Delete a stopped container (with --force, stop it first).
     Delete {
         id: String,
-        #[arg(long)]
+        #[arg(long, short)]
         force: bool,
     },
-    /// Create and start a container, and wait for it.
+    /// Create, start and wait for a container from a bundle; exit with its status.
     Run {
         id: String,
-        #[arg(long, short)]
+        #[arg(long, short, default_value = ".")]
         bundle: PathBuf,
     },
 }

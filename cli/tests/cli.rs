@@ -66,8 +66,6 @@ fn unbuilt_roles_say_so_in_one_line_and_fail() {
         &["agent", "--join", "127.0.0.1:7440"],
         &["up"],
         &["apply", "-f", "manifests/"],
-        &["runtime", "state", "c1"],
-        &["run", "busybox"],
     ] {
         let out = tug(args);
         assert_eq!(out.status.code(), Some(69), "{args:?}");

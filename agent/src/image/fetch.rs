@@ -226,6 +226,14 @@ pub fn registry_error(
         E::ImageManifestNotFoundError(_) => {
             (format!("not found in registry {}", image.registry()), false)
         }
+        E::RegistryError { envelope, .. }
+            if envelope.errors.iter().any(|e| {
+                use oci_client::errors::OciErrorCode as C;
+                matches!(e.code, C::ManifestUnknown | C::NameUnknown | C::BlobUnknown)
+            }) =>
+        {
+            (format!("not found in registry {}", image.registry()), false)
+        }
         E::RegistryError { envelope, .. } => {
             let codes: Vec<String> = envelope
                 .errors

@@ -215,10 +215,14 @@ pub fn build(
         .set_additional_gids(
             (!user.additional_gids.is_empty()).then_some(user.additional_gids.clone()),
         );
+    // Open files: the node's own hard limit (raising it needs CAP_SYS_RESOURCE, which a node may
+    // not grant), as both soft and hard limit of the container.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .unwrap_or((1024, 1024));
     let nofile = PosixRlimitBuilder::default()
         .typ(PosixRlimitType::RlimitNofile)
-        .hard(1_048_576u64)
-        .soft(1_048_576u64)
+        .hard(hard)
+        .soft(hard)
         .build()
         .map_err(|e| SpecError::Invalid(e.to_string()))?;
     let mut process = Process::default();
@@ -232,10 +236,8 @@ pub fn build(
         .set_rlimits(Some(vec![nofile]))
         .set_terminal(Some(false));
 
+    // proc, /dev, devpts, shm, mqueue, sysfs (ro) and the container's own cgroup (ro).
     let mut mounts: Vec<Mount> = oci_spec::runtime::get_default_mounts();
-    // The default list mounts cgroup v1 hierarchies under /sys/fs/cgroup only on request: keep
-    // the container's view to its namespace's cgroup2 or nothing.
-    mounts.retain(|m| m.destination() != Path::new("/sys/fs/cgroup"));
     for v in &config.volumes {
         if !v.destination.starts_with('/') || v.destination.split('/').any(|c| c == "..") {
             return Err(SpecError::Volume {

@@ -46,7 +46,7 @@ pub fn run(global: &GlobalArgs, cmd: ImageCommand) -> anyhow::Result<()> {
     }
 }
 
-fn open(global: &GlobalArgs, credentials: CredentialStore) -> anyhow::Result<ImageStore> {
+pub fn open(global: &GlobalArgs, credentials: CredentialStore) -> anyhow::Result<ImageStore> {
     let mut cfg = StoreConfig::new(global.data_dir.join("images"));
     cfg.insecure_registries = global.insecure_registry.clone();
     cfg.credentials = credentials;

@@ -3,7 +3,9 @@
 
 use std::fmt;
 
-mod image;
+pub mod image;
+mod run;
+pub mod runtime;
 
 use crate::args::{Cli, Command};
 
@@ -44,8 +46,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Nodes => not_built("nodes", "agents, scheduling, reconciliation"),
         Command::Drain(_) => not_built("drain", "agents, scheduling, reconciliation"),
         Command::Uncordon(_) => not_built("uncordon", "agents, scheduling, reconciliation"),
-        Command::Run(_) => not_built("run", "Runtime"),
-        Command::Runtime(_) => not_built("runtime", "Runtime"),
+        Command::Run(args) => run::run(&cli.global, args),
+        Command::Runtime(cmd) => runtime::run(&cli.global, cmd),
         Command::Image(cmd) => image::run(&cli.global, cmd),
+        Command::Monitor { state_dir } => {
+            std::process::exit(tug_agent::runtime::monitor::main(&state_dir))
+        }
     }
 }

@@ -1,0 +1,165 @@
+//! A container's state dir (`DATA/containers/<id>/`) and the `state.json` in it, which the
+//! monitor keeps current so anyone (a restarted agent, `tug runtime state`) can read it.
+//!
+//! ```text
+//! config.json    the OCI runtime spec
+//! runtime.json   tug's own settings (cgroup path, resources, log limits)
+//! state.json     status, pids, times, exit code / signal / OOM kill
+//! exec.fifo      opened by `start` to let the container's process exec
+//! container.log  JSON lines of stdout/stderr (rotated: .1, .2, ...)
+//! monitor.log    the monitor's own diagnostics
+//! ```
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::cgroups::Resources;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Namespaces, mounts and cgroup are ready; the process waits for `start`.
+    Created,
+    Running,
+    Stopped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub id: String,
+    pub status: Status,
+    /// The container's init process, as seen from the host.
+    pub pid: Option<i32>,
+    pub monitor_pid: i32,
+    pub created_at: u64,
+    pub started_at: Option<u64>,
+    pub finished_at: Option<u64>,
+    pub exit_code: Option<i32>,
+    /// Set when a signal ended the process.
+    pub signal: Option<i32>,
+    pub oom_killed: bool,
+}
+
+impl State {
+    /// What a shell would report: the exit code, or 128 + the signal.
+    pub fn exit_status(&self) -> Option<i32> {
+        match (self.exit_code, self.signal) {
+            (_, Some(sig)) => Some(128 + sig),
+            (Some(code), None) => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// tug's settings for one container, beside the OCI spec.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RuntimeOptions {
+    /// Relative cgroup path, e.g. `tug/<id>`.
+    pub cgroup_path: String,
+    pub resources: Resources,
+    pub log_max_bytes: u64,
+    pub log_max_files: u32,
+}
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    path: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(path: impl Into<PathBuf>) -> StateDir {
+        StateDir { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.path.join("config.json")
+    }
+
+    pub fn runtime(&self) -> PathBuf {
+        self.path.join("runtime.json")
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.path.join("state.json")
+    }
+
+    pub fn exec_fifo(&self) -> PathBuf {
+        self.path.join("exec.fifo")
+    }
+
+    pub fn log(&self) -> PathBuf {
+        self.path.join("container.log")
+    }
+
+    pub fn monitor_log(&self) -> PathBuf {
+        self.path.join("monitor.log")
+    }
+
+    pub fn read_state(&self) -> Result<State, StateError> {
+        read_json(&self.state())
+    }
+
+    /// Atomically replace state.json (write, fsync, rename).
+    pub fn write_state(&self, state: &State) -> Result<(), StateError> {
+        write_json(&self.state(), state)
+    }
+}
+
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, StateError> {
+    let raw = fs::read(path).map_err(|source| StateError::Io {
+        what: "read",
+        path: path.into(),
+        source,
+    })?;
+    serde_json::from_slice(&raw).map_err(|source| StateError::Json {
+        path: path.into(),
+        source,
+    })
+}
+
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StateError> {
+    let tmp = path.with_extension("tmp");
+    let io = |what, source| StateError::Io {
+        what,
+        path: path.into(),
+        source,
+    };
+    let raw = serde_json::to_vec_pretty(value).map_err(|source| StateError::Json {
+        path: path.into(),
+        source,
+    })?;
+    fs::write(&tmp, raw).map_err(|e| io("write", e))?;
+    fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io("sync", e))?;
+    fs::rename(&tmp, path).map_err(|e| io("rename", e))
+}

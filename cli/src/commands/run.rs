@@ -1,0 +1,254 @@
+//! `tug run IMAGE [-- CMD...]`: one container on this machine, in the foreground, like
+//! `docker run`: pull if needed, mount the rootfs, create and start, stream the output, exit
+//! with the container's status, clean up. Ctrl-C stops the container (SIGTERM, then SIGKILL).
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use nix::sys::signal::{SigSet, Signal};
+use tug_agent::image::{
+    CredentialStore, ImageError, ImageRef, Platform, Progress, mount_rootfs, remove_rootfs,
+    unmount_rootfs,
+};
+use tug_agent::runtime::cgroups::Resources;
+use tug_agent::runtime::container::Runtime;
+use tug_agent::runtime::logs::LogLine;
+use tug_agent::runtime::spec::{self, ContainerConfig, VolumeMount};
+use tug_agent::runtime::state::{RuntimeOptions, Status};
+use tug_api::manifest::{Cpu, Memory};
+
+use crate::args::{GlobalArgs, RunArgs};
+
+pub fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<()> {
+    // Signals are waited for by one thread; block them before any thread exists.
+    let mut stop_signals = SigSet::empty();
+    stop_signals.add(Signal::SIGINT);
+    stop_signals.add(Signal::SIGTERM);
+    stop_signals
+        .thread_block()
+        .context("block SIGINT/SIGTERM")?;
+
+    let config = container_config(&args)?;
+    let reference = ImageRef::parse(&args.image)?;
+    let platform = match &args.platform {
+        Some(p) => Platform::parse(p)?,
+        None => Platform::host(),
+    };
+    let credentials = match CredentialStore::default_path() {
+        Some(path) => CredentialStore::load(&path)?,
+        None => CredentialStore::empty(),
+    };
+    let store = super::image::open(global, credentials)?;
+    let record = match store.get(&reference) {
+        Ok(r) => r,
+        Err(ImageError::NotFound(_)) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("start the async runtime")?;
+            eprintln!("pulling {reference}");
+            rt.block_on(store.pull(&reference, &platform, &Progress(&|_| {})))?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let image_config = store.config(&record)?;
+    let id = args.name.clone().unwrap_or_else(random_id);
+    let runtime = super::runtime::open(global)?;
+    if runtime.dir(&id).path().exists() {
+        bail!("a container named {id} exists already (tug run --name picks a new one)");
+    }
+    let rootfs_dir = global.data_dir.join("rootfs").join(&id);
+    let rootfs = mount_rootfs(&store.layer_dirs(&record)?, &rootfs_dir)?;
+    // A kept container keeps its upper dir (what it wrote) but not the mount.
+    let cleanup_rootfs = |keep: bool| {
+        let done = if keep {
+            unmount_rootfs(&rootfs)
+        } else {
+            remove_rootfs(&rootfs)
+        };
+        if let Err(e) = done {
+            eprintln!("tug: cleanup: {e}");
+        }
+        if !keep {
+            let _ = std::fs::remove_dir_all(&rootfs_dir);
+        }
+    };
+
+    let mut cc = config;
+    cc.hostname = args
+        .hostname
+        .clone()
+        .unwrap_or_else(|| id.chars().take(12).collect());
+    let spec = match spec::build(&image_config, &cc, &rootfs.path) {
+        Ok(s) => s,
+        Err(e) => {
+            cleanup_rootfs(false);
+            return Err(e.into());
+        }
+    };
+    let opts = RuntimeOptions {
+        cgroup_path: format!("tug/{id}"),
+        resources: cc.resources.clone(),
+        log_max_bytes: 10 << 20,
+        log_max_files: 3,
+    };
+    if let Err(e) = runtime.create(&id, &spec, &opts) {
+        cleanup_rootfs(false);
+        return Err(e.into());
+    }
+    let started = runtime.start(&id);
+    // From here the container exists: stop it on SIGINT/SIGTERM.
+    let (rt2, id2, grace) = (
+        runtime.clone(),
+        id.clone(),
+        Duration::from_secs(args.stop_timeout),
+    );
+    std::thread::spawn(move || {
+        if stop_signals.wait().is_ok() {
+            let _ = rt2.stop(&id2, grace);
+        }
+    });
+    let outcome = started
+        .map_err(anyhow::Error::from)
+        .and_then(|_| follow(&runtime, &id));
+    let state = runtime.wait(&id, None);
+    if !args.keep
+        && let Err(e) = runtime.delete(&id, true)
+    {
+        eprintln!("tug: cleanup: {e}");
+    }
+    cleanup_rootfs(args.keep);
+    outcome?;
+    let state = state?;
+    if state.oom_killed {
+        eprintln!(
+            "tug: container {id} was killed: out of memory (limit {})",
+            cc.resources
+                .memory_limit
+                .map(|m| Memory(m).to_string())
+                .unwrap_or_default()
+        );
+    }
+    let status = state.exit_status().unwrap_or(255);
+    std::process::exit(status)
+}
+
+fn container_config(args: &RunArgs) -> anyhow::Result<ContainerConfig> {
+    let mut env = Vec::new();
+    for e in &args.env {
+        let (k, v) = e
+            .split_once('=')
+            .with_context(|| format!("invalid --env {e:?}: expected NAME=VALUE"))?;
+        tug_api::manifest::names::check_env_name(k).map_err(anyhow::Error::msg)?;
+        env.push((k.to_string(), v.to_string()));
+    }
+    let mut volumes = Vec::new();
+    for v in &args.volumes {
+        let parts: Vec<&str> = v.split(':').collect();
+        let (src, dst, ro) = match parts.as_slice() {
+            [s, d] => (*s, *d, false),
+            [s, d, "ro"] => (*s, *d, true),
+            [s, d, "rw"] => (*s, *d, false),
+            _ => bail!("invalid --volume {v:?}: expected HOST_PATH:CONTAINER_PATH[:ro]"),
+        };
+        let src = Path::new(src);
+        if !src.is_absolute() || !src.exists() {
+            bail!(
+                "invalid --volume {v:?}: {} must be an existing absolute path",
+                src.display()
+            );
+        }
+        volumes.push(VolumeMount {
+            source: src.to_path_buf(),
+            destination: dst.to_string(),
+            read_only: ro,
+        });
+    }
+    let memory = args
+        .memory
+        .as_deref()
+        .map(Memory::parse)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let cpus = args
+        .cpus
+        .as_deref()
+        .map(Cpu::parse)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let resources = Resources {
+        memory_limit: memory.map(|m| m.0),
+        cpu_quota: cpus.map(|c| (i64::try_from(c.0 * 100).unwrap_or(i64::MAX), 100_000)),
+        pids_limit: args.pids_limit,
+        ..Resources::default()
+    };
+    resources.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(ContainerConfig {
+        command: (!args.command.is_empty()).then(|| args.command.clone()),
+        args: None,
+        env,
+        workdir: args.workdir.clone(),
+        user: args.user.clone(),
+        hostname: String::new(),
+        volumes,
+        resources,
+    })
+}
+
+fn random_id() -> String {
+    let mut bytes = [0u8; 8];
+    let ok = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .is_ok();
+    if !ok {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        bytes = (t as u64 ^ u64::from(std::process::id())).to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Print the container's log as it grows until the container has stopped.
+pub fn follow(runtime: &Runtime, id: &str) -> anyhow::Result<()> {
+    let path: PathBuf = runtime.dir(id).log();
+    let mut offset = 0u64;
+    let mut inode = 0u64;
+    let mut partial = Vec::new();
+    loop {
+        let stopped = runtime
+            .state(id)
+            .map(|s| s.status == Status::Stopped)
+            .unwrap_or(true);
+        if let Ok(mut f) = std::fs::File::open(&path) {
+            let meta = f.metadata()?;
+            if meta.ino() != inode || meta.len() < offset {
+                (inode, offset) = (meta.ino(), 0);
+            }
+            f.seek(SeekFrom::Start(offset))?;
+            let mut buf = Vec::new();
+            offset += f.read_to_end(&mut buf)? as u64;
+            partial.extend_from_slice(&buf);
+            while let Some(pos) = partial.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = partial.drain(..=pos).collect();
+                if let Ok(l) = serde_json::from_slice::<LogLine>(&line) {
+                    if l.stream == "stderr" {
+                        let _ = std::io::stderr().write_all(l.log.as_bytes());
+                    } else {
+                        let mut out = std::io::stdout().lock();
+                        let _ = out.write_all(l.log.as_bytes());
+                        let _ = out.flush();
+                    }
+                }
+            }
+        }
+        if stopped {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
