@@ -3,14 +3,17 @@
 # benchmark program (or all) that prints tug and its peers side by side.
 #   e2e/bench.sh            every benchmark
 #   e2e/bench.sh pull [N]   image pull + unpack vs skopeo+umoci and containerd (N cold runs)
+#   e2e/bench.sh runtime [RUNS] [IDLE]   container start vs runc and crun; IDLE idle containers
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "e2e/bench.sh: run as root" >&2; exit 1; }
 e2e/install-deps.sh --bench
-cargo build --release --locked -p tug -p tug-e2e --bin tug --bin bench-pull
+cargo build --release --locked -p tug -p tug-e2e --bin tug --bin bench-pull --bin bench-runtime
 which=${1:-all}
 shift || true
 case "$which" in
-  pull|all) target/release/bench-pull "$@" ;;
-  *) echo "e2e/bench.sh: unknown benchmark $which (pull)" >&2; exit 2 ;;
+  pull) target/release/bench-pull "$@" ;;
+  runtime) target/release/bench-runtime "$@" ;;
+  all) target/release/bench-pull && target/release/bench-runtime ;;
+  *) echo "e2e/bench.sh: unknown benchmark $which (pull, runtime)" >&2; exit 2 ;;
 esac

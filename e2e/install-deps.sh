@@ -12,6 +12,8 @@ PACKAGES=(
   apache2-utils     # htpasswd (bcrypt) for the registry's basic auth
   umoci             # builds the OCI test images
   skopeo            # pushes them, converts to Docker schema2
+  runc              # the same bundle under runc and crun as under tug runtime (tests)
+  crun
   tar
   openssl           # the token server's signing key (registry bearer-token auth)
   coreutils

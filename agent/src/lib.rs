@@ -5,8 +5,10 @@
 //! converges the node to the assignments the controller streams to it. It links `tug-api` and
 //! `tug-netplugin`, never controller code.
 //!
-//! Not built yet: the image store arrives with the "Images" issue, the runtime and supervisor with
-//! the "Runtime" issue, the worker with the "agents, scheduling, reconciliation" issue.
+//! Built: the image store (`image`), the runtime and its per-container monitor (`runtime`), the
+//! restart policy (`supervisor`). Not built yet: the worker that converges the node to the
+//! controller's assignments (the "agents, scheduling, reconciliation" issue).
 
 pub mod image;
 pub mod runtime;
+pub mod supervisor;

@@ -226,6 +226,9 @@ pub struct RunArgs {
     /// Keep the stopped container (its state dir, log and cgroup) instead of removing it.
     #[arg(long)]
     pub keep: bool,
+    /// Restart policy: no, always, on-failure or on-failure:N (exponential back-off).
+    #[arg(long, default_value = "no")]
+    pub restart: String,
     /// Seconds between SIGTERM and SIGKILL when tug run is interrupted.
     #[arg(long, default_value_t = 10)]
     pub stop_timeout: u64,

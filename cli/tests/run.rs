@@ -495,7 +495,7 @@ fn bad_input_is_one_clear_error_and_leaves_nothing_behind() -> TestResult {
                 "--name".into(),
                 n.clone(),
                 "-v".into(),
-                "relative:/data".into(),
+                "Bad_Name:/data".into(),
                 bed.image.clone(),
                 "--".into(),
                 "true".into(),
@@ -511,6 +511,101 @@ fn bad_input_is_one_clear_error_and_leaves_nothing_behind() -> TestResult {
         assert_eq!(errors.len(), 1, "{args:?}: {stderr}");
         assert!(errors[0].contains(needle), "{args:?}: {stderr}");
         bed.assert_clean(&n);
+    }
+    Ok(())
+}
+
+#[test]
+fn failures_restart_with_growing_back_off_and_named_volumes_persist() -> TestResult {
+    let bed = Bed::new()?;
+    let n = name();
+    // Counts its runs in a named volume; succeeds on the third.
+    let script = "n=$(cat /state/n 2>/dev/null || echo 0); n=$((n+1)); echo $n > /state/n; echo run $n; [ $n -ge 3 ] && exit 0; exit 1";
+    let out = bed.run(
+        &[
+            "--name",
+            &n,
+            "--restart",
+            "on-failure:5",
+            "-v",
+            "counter:/state",
+        ],
+        script,
+    )?;
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert_eq!(stdout, "run 1\nrun 2\nrun 3\n");
+    let restarts: Vec<&str> = stderr.lines().filter(|l| l.contains("restart")).collect();
+    assert_eq!(restarts.len(), 2, "{stderr}");
+    assert!(
+        restarts[0].ends_with("restart 1 in 100ms") && restarts[1].ends_with("restart 2 in 200ms"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(bed.data.path().join("volumes/counter/n"))?,
+        "3\n",
+        "the named volume outlives the containers"
+    );
+
+    // The retry budget runs out: the last status is the container's.
+    let out = bed.run(
+        &["--name", &n, "--restart", "on-failure:2"],
+        "echo again; exit 4",
+    )?;
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert_eq!(stdout.matches("again").count(), 3, "1 run + 2 restarts");
+    bed.assert_clean(&n);
+    Ok(())
+}
+
+#[test]
+fn the_same_bundle_behaves_the_same_under_tug_runc_and_crun() -> TestResult {
+    let script = "echo out; echo err >&2; hostname; id -u; exit 7";
+    let data = tempfile::tempdir()?;
+    let mut results = Vec::new();
+    for runtime in ["tug", "runc", "crun"] {
+        let n = name();
+        let bundle = tug_e2e::bundle::Bundle::busybox(
+            &["/bin/sh", "-c", script],
+            &format!("/tug-test-{n}"),
+        )?;
+        let root = data.path().join(runtime);
+        let out = match runtime {
+            "tug" => Command::new(env!("CARGO_BIN_EXE_tug")).arg("--data-dir").arg(&root).args(["runtime", "run", &n, "--bundle"]).arg(bundle.path()).output()?,
+            "runc" => Command::new("runc").arg("--root").arg(&root).args(["run", "--bundle"]).arg(bundle.path()).arg(&n).output()?,
+            // crun refuses this hybrid host unless cgroup2 is out of sight: its own mount namespace.
+            _ => Command::new("unshare")
+                .args(["-m", "--propagation", "private", "sh", "-c", "umount /sys/fs/cgroup/unified 2>/dev/null; exec crun --root \"$0\" run --bundle \"$1\" \"$2\""])
+                .arg(&root)
+                .arg(bundle.path())
+                .arg(&n)
+                .output()?,
+        };
+        for ctrl in [
+            "memory", "pids", "cpu", "freezer", "blkio", "devices", "cpuset", "cpuacct", "systemd",
+        ] {
+            let _ = std::fs::remove_dir(
+                Path::new("/sys/fs/cgroup")
+                    .join(ctrl)
+                    .join(format!("tug-test-{n}")),
+            );
+        }
+        let (stdout, stderr) = text(&out);
+        results.push((
+            runtime,
+            out.status.code(),
+            stdout,
+            stderr.trim().to_string(),
+        ));
+    }
+    for r in &results {
+        assert_eq!(
+            (r.1, r.2.as_str(), r.3.as_str()),
+            (Some(7), "out\numoci-default\n0\n", "err"),
+            "{}: {r:?}",
+            r.0
+        );
     }
     Ok(())
 }

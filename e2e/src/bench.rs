@@ -35,6 +35,16 @@ impl Samples {
         }
     }
 
+    /// The value 90% of runs were at or under.
+    pub fn p90(&self) -> Duration {
+        let mut v = self.runs.clone();
+        v.sort();
+        match v.len() {
+            0 => Duration::ZERO,
+            n => v[((n * 9).div_ceil(10)).saturating_sub(1).min(n - 1)],
+        }
+    }
+
     pub fn min(&self) -> Duration {
         self.runs.iter().min().copied().unwrap_or_default()
     }
@@ -47,16 +57,17 @@ pub fn report(title: &str, rows: &[Samples]) -> String {
         .map(|s| s.median().as_secs_f64())
         .unwrap_or(0.0);
     let mut out = format!(
-        "{title}\n{:<34} {:>10} {:>10} {:>6}  {}\n",
-        "contender", "median", "min", "runs", "median vs first row"
+        "{title}\n{:<34} {:>10} {:>10} {:>10} {:>6}  {}\n",
+        "contender", "median", "p90", "min", "runs", "median vs first row"
     );
     for s in rows {
         let m = s.median().as_secs_f64();
         let ratio = if base > 0.0 { m / base } else { 0.0 };
         out.push_str(&format!(
-            "{:<34} {:>8.1}ms {:>8.1}ms {:>6}  {ratio:.2}x\n",
+            "{:<34} {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>6}  {ratio:.2}x\n",
             s.name,
             m * 1e3,
+            s.p90().as_secs_f64() * 1e3,
             s.min().as_secs_f64() * 1e3,
             s.runs.len()
         ));
@@ -76,5 +87,7 @@ mod tests {
         s.runs.push(Duration::from_millis(10));
         assert_eq!(s.median(), Duration::from_micros(2500));
         assert_eq!(s.min(), Duration::from_millis(1));
+        s.runs = (1..=10).map(Duration::from_millis).collect();
+        assert_eq!(s.p90(), Duration::from_millis(9));
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod bench;
 pub mod bench_image;
+pub mod bundle;
 pub mod error;
 pub mod exec;
 pub mod http;

@@ -51,11 +51,29 @@ fn known(name: &str) -> bool {
 
 /// The BPF programs for `profile`, to be installed in order.
 pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<BpfProgram>, SeccompError> {
+    compile_without(profile, HashSet::new())
+}
+
+/// Every name of `profile` seccompiler does not know on this architecture (one probe each).
+fn unknown_syscalls(profile: &LinuxSeccomp) -> HashSet<String> {
+    profile
+        .syscalls()
+        .iter()
+        .flatten()
+        .flat_map(|r| r.names().iter())
+        .filter(|n| !known(n))
+        .cloned()
+        .collect()
+}
+
+fn compile_without(
+    profile: &LinuxSeccomp,
+    unknown: HashSet<String>,
+) -> Result<Vec<BpfProgram>, SeccompError> {
     let default = action_json(profile.default_action(), profile.default_errno_ret())?;
     // Rules grouped by their action (as JSON, so equal actions group together).
     let mut groups: BTreeMap<String, (Value, Vec<Value>)> = BTreeMap::new();
-    let mut checked: HashSet<String> = HashSet::new();
-    let mut unknown: HashSet<String> = HashSet::new();
+
     for rule in profile.syscalls().iter().flatten() {
         let action = action_json(rule.action(), rule.errno_ret())?;
         let conditions: Vec<Value> = rule
@@ -79,12 +97,6 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<BpfProgram>, SeccompError> 
             })
             .collect();
         for name in rule.names() {
-            if !checked.contains(name) {
-                if !known(name) {
-                    unknown.insert(name.clone());
-                }
-                checked.insert(name.clone());
-            }
             if unknown.contains(name) {
                 continue;
             }
@@ -128,8 +140,15 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<BpfProgram>, SeccompError> 
             json!({ "mismatch_action": "allow", "match_action": action, "filter": rules }),
         );
     }
-    let map = seccompiler::compile_from_json(Value::Object(filters).to_string().as_bytes(), ARCH)
-        .map_err(|e| SeccompError::Compile(e.to_string()))?;
+    let json = Value::Object(filters).to_string();
+    let map = match seccompiler::compile_from_json(json.as_bytes(), ARCH) {
+        Ok(map) => map,
+        // An unknown name: find them all (one probe each) and compile without them.
+        Err(e) if unknown.is_empty() && e.to_string().contains("Invalid syscall name") => {
+            return compile_without(profile, unknown_syscalls(profile));
+        }
+        Err(e) => return Err(SeccompError::Compile(e.to_string())),
+    };
     let mut named: Vec<(String, BpfProgram)> = map.into_iter().collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(named

@@ -5,7 +5,9 @@
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use nix::sys::signal::{SigSet, Signal};
@@ -18,6 +20,7 @@ use tug_agent::runtime::container::Runtime;
 use tug_agent::runtime::logs::LogLine;
 use tug_agent::runtime::spec::{self, ContainerConfig, VolumeMount};
 use tug_agent::runtime::state::{RuntimeOptions, Status};
+use tug_agent::supervisor::restarts::{Backoff, Decision, Exit, RestartPolicy, RestartTracker};
 use tug_api::manifest::{Cpu, Memory};
 
 use crate::args::{GlobalArgs, RunArgs};
@@ -31,7 +34,8 @@ pub fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<()> {
         .thread_block()
         .context("block SIGINT/SIGTERM")?;
 
-    let config = container_config(&args)?;
+    let config = container_config(&args, &global.data_dir)?;
+    let restart: RestartPolicy = args.restart.parse().map_err(anyhow::Error::msg)?;
     let reference = ImageRef::parse(&args.image)?;
     let platform = match &args.platform {
         Some(p) => Platform::parse(p)?,
@@ -99,23 +103,69 @@ pub fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<()> {
         cleanup_rootfs(false);
         return Err(e.into());
     }
-    let started = runtime.start(&id);
-    // From here the container exists: stop it on SIGINT/SIGTERM.
-    let (rt2, id2, grace) = (
+    // From here the container exists: SIGINT/SIGTERM stop it, and no restart follows.
+    let stopping = Arc::new(AtomicBool::new(false));
+    let (rt2, id2, grace, stop2) = (
         runtime.clone(),
         id.clone(),
         Duration::from_secs(args.stop_timeout),
+        stopping.clone(),
     );
     std::thread::spawn(move || {
         if stop_signals.wait().is_ok() {
+            stop2.store(true, Ordering::SeqCst);
             let _ = rt2.stop(&id2, grace);
         }
     });
-    let outcome = started
-        .map_err(anyhow::Error::from)
-        .and_then(|_| follow(&runtime, &id));
-    let state = runtime.wait(&id, None);
+    let mut tracker = RestartTracker::new(restart, Backoff::default());
+    let (outcome, state) = loop {
+        let began = Instant::now();
+        let outcome = runtime
+            .start(&id)
+            .map_err(anyhow::Error::from)
+            .and_then(|_| follow(&runtime, &id));
+        let state = runtime.wait(&id, None);
+        let decision = match (&outcome, &state) {
+            (Ok(()), Ok(s)) => {
+                let exit = Exit {
+                    code: s.exit_code,
+                    signal: s.signal,
+                    ran_for: began.elapsed(),
+                };
+                tracker.on_exit(exit, stopping.load(Ordering::SeqCst))
+            }
+            _ => Decision::Stop,
+        };
+        let Decision::Restart { after } = decision else {
+            break (outcome, state);
+        };
+        let code = state
+            .as_ref()
+            .ok()
+            .and_then(|s| s.exit_status())
+            .unwrap_or(255);
+        eprintln!(
+            "tug: container {id} exited with {code}; restart {} in {after:?}",
+            tracker.restarts()
+        );
+        if let Err(e) = runtime.delete(&id, true) {
+            break (Err(e.into()), state);
+        }
+        let deadline = Instant::now() + after;
+        while Instant::now() < deadline && !stopping.load(Ordering::SeqCst) {
+            std::thread::sleep(
+                Duration::from_millis(10).min(deadline.saturating_duration_since(Instant::now())),
+            );
+        }
+        if stopping.load(Ordering::SeqCst) {
+            break (Ok(()), state);
+        }
+        if let Err(e) = runtime.create(&id, &spec, &opts) {
+            break (Err(e.into()), state);
+        }
+    };
     if !args.keep
+        && runtime.dir(&id).path().exists()
         && let Err(e) = runtime.delete(&id, true)
     {
         eprintln!("tug: cleanup: {e}");
@@ -136,7 +186,7 @@ pub fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<()> {
     std::process::exit(status)
 }
 
-fn container_config(args: &RunArgs) -> anyhow::Result<ContainerConfig> {
+fn container_config(args: &RunArgs, data_dir: &Path) -> anyhow::Result<ContainerConfig> {
     let mut env = Vec::new();
     for e in &args.env {
         let (k, v) = e
@@ -154,15 +204,24 @@ fn container_config(args: &RunArgs) -> anyhow::Result<ContainerConfig> {
             [s, d, "rw"] => (*s, *d, false),
             _ => bail!("invalid --volume {v:?}: expected HOST_PATH:CONTAINER_PATH[:ro]"),
         };
-        let src = Path::new(src);
-        if !src.is_absolute() || !src.exists() {
-            bail!(
-                "invalid --volume {v:?}: {} must be an existing absolute path",
-                src.display()
-            );
-        }
+        // NAME:... is a named volume kept under the data dir; /PATH:... a directory of the node.
+        let source = if src.starts_with('/') {
+            let p = PathBuf::from(src);
+            if !p.exists() {
+                bail!("invalid --volume {v:?}: {src} does not exist");
+            }
+            p
+        } else {
+            tug_api::manifest::names::check_dns_label("volume name", src).map_err(|e| {
+                anyhow::anyhow!("invalid --volume {v:?}: {e} (or give an absolute host path)")
+            })?;
+            let p = data_dir.join("volumes").join(src);
+            std::fs::create_dir_all(&p)
+                .with_context(|| format!("create volume {}", p.display()))?;
+            p
+        };
         volumes.push(VolumeMount {
-            source: src.to_path_buf(),
+            source,
             destination: dst.to_string(),
             read_only: ro,
         });
@@ -249,6 +308,10 @@ pub fn follow(runtime: &Runtime, id: &str) -> anyhow::Result<()> {
         if stopped {
             return Ok(());
         }
-        std::thread::sleep(Duration::from_millis(20));
+        // Wake at once when the container stops, else look at the log again soon.
+        match runtime.wait(id, Some(Duration::from_millis(20))) {
+            Ok(_) | Err(tug_agent::runtime::container::ContainerError::Timeout(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
 }
