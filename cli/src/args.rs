@@ -73,9 +73,9 @@ pub enum Command {
     Describe(ObjectArgs),
     /// Delete objects by name or by manifest file.
     Delete(ObjectArgs),
-    /// Print a task's container logs.
+    /// Print a container's output.
     Logs(LogsArgs),
-    /// Run a command inside a running task's container.
+    /// Run a command inside a running container.
     Exec(ExecArgs),
     /// Change a service's replica count.
     Scale(ScaleArgs),
@@ -90,6 +90,27 @@ pub enum Command {
     Uncordon(NodeArgs),
     /// Run one container on this machine, without a controller (like `docker run`).
     Run(RunArgs),
+    /// List this machine's containers (running ones; -a for all).
+    Ps {
+        #[arg(short, long)]
+        all: bool,
+    },
+    /// Stop containers: SIGTERM, then SIGKILL after the timeout.
+    Stop {
+        names: Vec<String>,
+        #[arg(short, long, default_value_t = 10)]
+        time: u64,
+    },
+    /// Remove stopped containers (-f: stop them first).
+    Rm {
+        names: Vec<String>,
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Freeze every process of a container.
+    Pause { name: String },
+    /// Thaw a paused container.
+    Unpause { name: String },
     /// The built-in OCI runtime, callable like runc.
     #[command(subcommand)]
     Runtime(RuntimeCommand),
@@ -147,7 +168,7 @@ pub struct ObjectArgs {
 
 #[derive(Debug, Args)]
 pub struct LogsArgs {
-    /// Task (SERVICE.SLOT) whose logs to print.
+    /// Container name (on this machine).
     pub task: String,
     /// Keep printing new lines.
     #[arg(short, long)]
@@ -156,8 +177,11 @@ pub struct LogsArgs {
 
 #[derive(Debug, Args)]
 pub struct ExecArgs {
-    /// Task (SERVICE.SLOT) to run the command in.
+    /// Container name (on this machine).
     pub task: String,
+    /// Extra environment NAME=VALUE; repeatable.
+    #[arg(short, long = "env")]
+    pub env: Vec<String>,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -190,9 +214,22 @@ pub struct NodeArgs {
 pub struct RunArgs {
     /// Image reference, e.g. busybox or registry:5000/app:1.2.
     pub image: String,
-    /// Command and arguments (replace the image's entrypoint and cmd).
+    /// Command and arguments: replace the image's cmd (and run after its entrypoint).
     #[arg(last = true)]
     pub command: Vec<String>,
+    /// Replace the image's entrypoint (the image's cmd is then dropped too).
+    #[arg(long)]
+    pub entrypoint: Option<String>,
+    /// Remove the container (state, log, rootfs, cgroup) when it exits.
+    #[arg(long)]
+    pub rm: bool,
+    /// Start it and return at once, printing its name; it runs on under its monitor.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Run this (by /bin/sh -c) once the container's empty network namespace exists, before
+    /// its process starts; it gets TUG_CONTAINER_ID, TUG_NETNS and TUG_PID.
+    #[arg(long)]
+    pub network_hook: Option<String>,
     /// Container name (default: a random id).
     #[arg(long)]
     pub name: Option<String>,
@@ -223,9 +260,6 @@ pub struct RunArgs {
     /// OS/ARCH[/VARIANT] to pull.
     #[arg(long)]
     pub platform: Option<String>,
-    /// Keep the stopped container (its state dir, log and cgroup) instead of removing it.
-    #[arg(long)]
-    pub keep: bool,
     /// Restart policy: no, always, on-failure or on-failure:N (exponential back-off).
     #[arg(long, default_value = "no")]
     pub restart: String,
@@ -245,8 +279,13 @@ pub enum RuntimeCommand {
     },
     /// Start a created container.
     Start { id: String },
-    /// Print a container's state as JSON.
+    /// Print a container's state as OCI state JSON.
     State { id: String },
+    /// Write a default config.json (running `sh`) into the bundle directory.
+    Spec {
+        #[arg(long, short, default_value = ".")]
+        bundle: PathBuf,
+    },
     /// List containers.
     List,
     /// Send a signal to a container's process (default SIGTERM).

@@ -71,11 +71,16 @@ impl Bed {
         c
     }
 
-    /// `tug run [flags] IMAGE -- sh -c SCRIPT`
+    /// `tug run --rm [flags] IMAGE -- sh -c SCRIPT` (`--keep` in flags: without --rm).
     fn run(&self, flags: &[&str], script: &str) -> Result<Output, std::io::Error> {
-        self.tug()
-            .arg("run")
-            .args(flags)
+        let keep = flags.contains(&"--keep");
+        let flags: Vec<&str> = flags.iter().copied().filter(|f| *f != "--keep").collect();
+        let mut cmd = self.tug();
+        cmd.arg("run");
+        if !keep {
+            cmd.arg("--rm");
+        }
+        cmd.args(flags)
             .arg(&self.image)
             .args(["--", "/bin/sh", "-c", script])
             .output()
@@ -268,6 +273,7 @@ fn cpu_quota_and_limits_are_in_the_cgroup() -> TestResult {
         .tug()
         .arg("run")
         .args([
+            "--rm",
             "--name",
             &n,
             "--cpus",
@@ -356,7 +362,7 @@ fn a_container_outlives_its_starter_and_is_readopted_with_its_exit_code() -> Tes
     let mut child = bed
         .tug()
         .arg("run")
-        .args(["--name", &n, "--keep"])
+        .args(["--name", &n])
         .arg(&bed.image)
         .args(["--", "/bin/sh", "-c", "echo ready; sleep 1; exit 7"])
         .stdout(Stdio::piped())
@@ -378,7 +384,7 @@ fn a_container_outlives_its_starter_and_is_readopted_with_its_exit_code() -> Tes
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(
-        (state["status"].as_str(), state["exit_code"].as_i64()),
+        (state["status"].as_str(), state["exitCode"].as_i64()),
         (Some("stopped"), Some(7)),
         "{state}"
     );
@@ -607,5 +613,133 @@ fn the_same_bundle_behaves_the_same_under_tug_runc_and_crun() -> TestResult {
             r.0
         );
     }
+    Ok(())
+}
+
+#[test]
+fn detached_containers_are_listed_logged_exec_paused_stopped_and_removed() -> TestResult {
+    let bed = Bed::new()?;
+    let n = name();
+    let out = bed
+        .tug()
+        .args(["run", "-d", "--name", &n])
+        .arg(&bed.image)
+        .args([
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo started; trap 'echo bye; exit 0' TERM; while true; do sleep 0.1; done",
+        ])
+        .output()?;
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert_eq!(text(&out).0.trim(), n, "-d prints the name");
+
+    let ps = text(&bed.tug().arg("ps").output()?).0;
+    assert!(
+        ps.lines()
+            .any(|l| l.starts_with(&n) && l.contains("running") && l.contains("tug-test/busybox")),
+        "{ps}"
+    );
+
+    let exec = bed
+        .tug()
+        .args([
+            "exec",
+            "-e",
+            "EXTRA=1",
+            &n,
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo $$ $EXTRA $(hostname); exit 9",
+        ])
+        .output()?;
+    let (stdout, stderr) = text(&exec);
+    assert_eq!(exec.status.code(), Some(9), "{stdout}{stderr}");
+    let fields: Vec<&str> = stdout.split_whitespace().collect();
+    assert_eq!(
+        fields.get(1..),
+        Some(&["1", &n[..n.len().min(12)]][..]),
+        "exec sees the container's pid namespace, env and hostname: {stdout}"
+    );
+    assert_ne!(
+        fields.first(),
+        Some(&"1"),
+        "exec'd process is not the container's init"
+    );
+
+    assert!(bed.tug().args(["pause", &n]).status()?.success());
+    assert!(text(&bed.tug().arg("ps").output()?).0.contains("paused"));
+    let st: serde_json::Value =
+        serde_json::from_slice(&bed.tug().args(["runtime", "state", &n]).output()?.stdout)?;
+    assert_eq!(st["status"], "paused");
+    assert!(bed.tug().args(["unpause", &n]).status()?.success());
+
+    let stop = bed.tug().args(["stop", "-t", "5", &n]).output()?;
+    assert_eq!(
+        text(&stop).0.trim(),
+        format!("{n} exited (0)"),
+        "the TERM trap ran"
+    );
+    let logs = text(&bed.tug().args(["logs", &n]).output()?).0;
+    assert_eq!(logs, "started\nbye\n");
+    let ps = text(&bed.tug().args(["ps", "-a"]).output()?).0;
+    assert!(ps.contains("exited (0)"), "{ps}");
+    assert!(bed.tug().args(["rm", &n]).status()?.success());
+    bed.assert_clean(&n);
+    Ok(())
+}
+
+#[test]
+fn entrypoint_and_cmd_follow_docker() -> TestResult {
+    let bed = Bed::new()?;
+    // Trailing arguments replace the image's cmd (/bin/sh).
+    let out = bed
+        .tug()
+        .args(["run", "--rm"])
+        .arg(&bed.image)
+        .args(["--", "echo", "as", "cmd"])
+        .output()?;
+    assert_eq!(text(&out).0, "as cmd\n");
+    // --entrypoint replaces the entrypoint; arguments follow it.
+    let out = bed
+        .tug()
+        .args(["run", "--rm", "--entrypoint", "/bin/echo"])
+        .arg(&bed.image)
+        .args(["--", "via", "entrypoint"])
+        .output()?;
+    assert_eq!(text(&out).0, "via entrypoint\n");
+    Ok(())
+}
+
+#[test]
+fn the_network_hook_wires_the_empty_namespace_before_the_process_starts() -> TestResult {
+    let bed = Bed::new()?;
+    let n = name();
+    // Everything happens inside the container's own namespace (nsenter --net=$TUG_NETNS).
+    let hook = "nsenter --net=\"$TUG_NETNS\" ip link add eth0 type veth peer name eth1 && \
+                nsenter --net=\"$TUG_NETNS\" ip addr add 192.0.2.10/24 dev eth0 && \
+                nsenter --net=\"$TUG_NETNS\" ip link set eth0 up";
+    let out = bed.run(&["--name", &n, "--network-hook", hook], "ip -4 addr show | awk '/inet /{print $NF, $2}'")?;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert_eq!(stdout, "lo 127.0.0.1/8\neth0 192.0.2.10/24\n", "loopback up, the hook's link there when the process starts, nothing else: {stderr}");
+    // A failing hook fails the create and leaves nothing.
+    let out = bed.run(
+        &[
+            "--name",
+            &n,
+            "--network-hook",
+            "echo no address left >&2; exit 1",
+        ],
+        "true",
+    )?;
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("the network hook failed") && stderr.contains("no address left"),
+        "{stderr}"
+    );
+    bed.assert_clean(&n);
     Ok(())
 }

@@ -99,6 +99,7 @@ impl Runtime {
         }
         let result = self.spawn_monitor(id, &sd, spec, opts);
         if result.is_err() {
+            super::netns::unpin(&sd.netns());
             let _ = fs::remove_dir_all(sd.path());
         }
         result
@@ -278,12 +279,45 @@ impl Runtime {
         }
     }
 
+    /// Freeze every process of a running container (or thaw them).
+    pub fn pause(&self, id: &str, paused: bool) -> Result<()> {
+        let state = self.state(id)?;
+        if state.status != Status::Running {
+            return Err(ContainerError::WrongState {
+                id: id.into(),
+                status: state.status,
+                what: "only a running container can be paused or resumed",
+            });
+        }
+        let opts: RuntimeOptions = super::state::read_json(&self.dir(id).runtime())?;
+        let failed = |e: super::cgroups::CgroupError| ContainerError::Failed {
+            id: id.into(),
+            message: e.to_string(),
+        };
+        let cgroup = CgroupDriver::detect()
+            .and_then(|d| Cgroup::open(&d, &opts.cgroup_path))
+            .map_err(failed)?;
+        cgroup.freeze(paused).map_err(failed)
+    }
+
+    /// Whether a container's processes are frozen.
+    pub fn is_paused(&self, id: &str) -> bool {
+        let Ok(opts) = super::state::read_json::<RuntimeOptions>(&self.dir(id).runtime()) else {
+            return false;
+        };
+        CgroupDriver::detect()
+            .and_then(|d| Cgroup::open(&d, &opts.cgroup_path))
+            .is_ok_and(|c| c.is_frozen())
+    }
+
     /// Stop it: `signal` (SIGTERM), up to `grace`, then SIGKILL; returns the final state.
     pub fn stop(&self, id: &str, grace: Duration) -> Result<State> {
         let state = self.state(id)?;
         if state.status == Status::Stopped {
             return Ok(state);
         }
+        // A frozen process would never see the signal.
+        let _ = self.pause(id, false);
         let _ = self.kill(id, Signal::SIGTERM);
         match self.wait(id, Some(grace)) {
             Err(ContainerError::Timeout(_)) => {
@@ -307,6 +341,7 @@ impl Runtime {
                     what: "stop it first, or delete with force",
                 });
             }
+            let _ = self.pause(id, false);
             let _ = self.kill(id, Signal::SIGKILL);
             // A created container's process waits on the fifo; SIGKILL ends it all the same.
             self.wait(id, Some(Duration::from_secs(30)))?;
@@ -320,6 +355,7 @@ impl Runtime {
             })?;
         }
         let dir = self.dir(id);
+        super::netns::unpin(&dir.netns());
         fs::remove_dir_all(dir.path()).map_err(|source| ContainerError::Io {
             what: "remove",
             path: dir.path().into(),

@@ -103,6 +103,7 @@ fn setup(
         return Err("the monitor went away".into());
     }
     unshare(CloneFlags::CLONE_NEWCGROUP).map_err(|e| format!("new cgroup namespace: {e}"))?;
+    super::netns::loopback_up()?;
     if let Some(h) = spec.hostname() {
         sethostname(h).map_err(|e| format!("set hostname {h:?}: {e}"))?;
     }

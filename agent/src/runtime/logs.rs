@@ -45,7 +45,7 @@ impl LogWriter {
 
     pub fn write_line(&mut self, stream: &str, text: &[u8]) -> std::io::Result<()> {
         let line = LogLine {
-            time: humantime::format_rfc3339_nanos(SystemTime::now()).to_string(),
+            time: rfc3339(SystemTime::now()),
             stream: stream.into(),
             log: String::from_utf8_lossy(text).into_owned(),
         };
@@ -111,6 +111,11 @@ pub fn copy_lines(mut input: impl Read, stream: &str, writer: &Arc<Mutex<LogWrit
     if !pending.is_empty() {
         emit(&pending);
     }
+}
+
+/// RFC 3339 with nanoseconds, UTC.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_nanos(t).to_string()
 }
 
 /// Every line of the log, oldest rotated file first.

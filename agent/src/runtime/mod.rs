@@ -2,10 +2,12 @@
 
 pub mod cgroups;
 pub mod container;
+pub mod exec;
 pub mod init;
 pub mod logs;
 pub mod monitor;
 pub mod mounts;
+pub mod netns;
 pub mod seccomp;
 pub mod security;
 pub mod spec;

@@ -223,7 +223,15 @@ fn clone_init(
     let mut line = String::new();
     let _ = sync.read_line(&mut line);
     if line.trim() == "ok" {
-        return Ok((pid, sync, out_r, err_r));
+        match hand_over_network(sd, opts_hook(sd).as_deref(), pid) {
+            Ok(()) => return Ok((pid, sync, out_r, err_r)),
+            Err(e) => {
+                let _ = kill(pid, Signal::SIGKILL);
+                let _ = waitpid(pid, None);
+                super::netns::unpin(&sd.netns());
+                return Err(e);
+            }
+        }
     }
     let _ = kill(pid, Signal::SIGKILL);
     let _ = waitpid(pid, None);
@@ -237,6 +245,26 @@ fn clone_init(
     } else {
         msg
     })
+}
+
+fn opts_hook(sd: &StateDir) -> Option<String> {
+    read_json::<RuntimeOptions>(&sd.runtime())
+        .ok()
+        .and_then(|o| o.network_hook)
+}
+
+/// Pin the new network namespace and let the network plugin wire it.
+fn hand_over_network(sd: &StateDir, hook: Option<&str>, pid: Pid) -> Result<(), String> {
+    super::netns::pin(pid.as_raw(), &sd.netns())?;
+    if let Some(hook) = hook {
+        let id = sd
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        super::netns::run_hook(hook, &id, &sd.netns(), pid.as_raw())?;
+    }
+    Ok(())
 }
 
 fn supervise(sd: &StateDir, c: &mut Created) {

@@ -7,6 +7,7 @@
 //! state.json     status, pids, times, exit code / signal / OOM kill
 //! exec.fifo      opened by `start` to let the container's process exec
 //! container.log  JSON lines of stdout/stderr (rotated: .1, .2, ...)
+//! netns          the network namespace, pinned (bind mount) for the network plugin
 //! monitor.log    the monitor's own diagnostics
 //! ```
 
@@ -77,6 +78,11 @@ pub struct RuntimeOptions {
     pub resources: Resources,
     pub log_max_bytes: u64,
     pub log_max_files: u32,
+    /// Run (by /bin/sh -c) once the empty network namespace exists and before the process
+    /// starts, with TUG_CONTAINER_ID, TUG_NETNS (its pinned path) and TUG_PID: the network
+    /// plugin's hand-over point.
+    #[serde(default)]
+    pub network_hook: Option<String>,
 }
 
 pub fn now() -> u64 {
@@ -118,6 +124,11 @@ impl StateDir {
 
     pub fn log(&self) -> PathBuf {
         self.path.join("container.log")
+    }
+
+    /// The container's network namespace, pinned for the network plugin.
+    pub fn netns(&self) -> PathBuf {
+        self.path.join("netns")
     }
 
     pub fn monitor_log(&self) -> PathBuf {

@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+mod containers;
 pub mod image;
 mod run;
 pub mod runtime;
@@ -39,8 +40,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Get(_) => not_built("get", "Controller"),
         Command::Describe(_) => not_built("describe", "agents, scheduling, reconciliation"),
         Command::Delete(_) => not_built("delete", "Controller"),
-        Command::Logs(_) => not_built("logs", "Runtime"),
-        Command::Exec(_) => not_built("exec", "Runtime"),
+        Command::Logs(args) => containers::logs(&cli.global, &args.task, args.follow),
+        Command::Exec(args) => containers::exec(&cli.global, &args.task, &args.command, &args.env),
+        Command::Ps { all } => containers::ps(&cli.global, all),
+        Command::Stop { names, time } => containers::stop(&cli.global, &names, time),
+        Command::Rm { names, force } => containers::rm(&cli.global, &names, force),
+        Command::Pause { name } => containers::pause(&cli.global, &name, true),
+        Command::Unpause { name } => containers::pause(&cli.global, &name, false),
         Command::Scale(_) => not_built("scale", "agents, scheduling, reconciliation"),
         Command::Rollout(_) => not_built("rollout", "agents, scheduling, reconciliation"),
         Command::Nodes => not_built("nodes", "agents, scheduling, reconciliation"),

@@ -34,8 +34,13 @@ pub fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<()> {
         .thread_block()
         .context("block SIGINT/SIGTERM")?;
 
-    let config = container_config(&args, &global.data_dir)?;
+    let mut cc = container_config(&args, &global.data_dir)?;
     let restart: RestartPolicy = args.restart.parse().map_err(anyhow::Error::msg)?;
+    if args.detach && restart != RestartPolicy::Never {
+        bail!(
+            "--restart needs tug run in the foreground (detached containers are restarted by the agent)"
+        );
+    }
     let reference = ImageRef::parse(&args.image)?;
     let platform = match &args.platform {
         Some(p) => Platform::parse(p)?,
@@ -62,47 +67,60 @@ pub fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<()> {
     let id = args.name.clone().unwrap_or_else(random_id);
     let runtime = super::runtime::open(global)?;
     if runtime.dir(&id).path().exists() {
-        bail!("a container named {id} exists already (tug run --name picks a new one)");
+        bail!(
+            "a container named {id} exists already (remove it with tug rm {id}, or pick another --name)"
+        );
     }
     let rootfs_dir = global.data_dir.join("rootfs").join(&id);
+    if rootfs_dir.exists() {
+        bail!(
+            "{} exists already: remove it or pick another --name",
+            rootfs_dir.display()
+        );
+    }
     let rootfs = mount_rootfs(&store.layer_dirs(&record)?, &rootfs_dir)?;
-    // A kept container keeps its upper dir (what it wrote) but not the mount.
-    let cleanup_rootfs = |keep: bool| {
-        let done = if keep {
-            unmount_rootfs(&rootfs)
-        } else {
-            remove_rootfs(&rootfs)
-        };
-        if let Err(e) = done {
+    let remove_all_rootfs = || {
+        if let Err(e) = remove_rootfs(&rootfs) {
             eprintln!("tug: cleanup: {e}");
         }
-        if !keep {
-            let _ = std::fs::remove_dir_all(&rootfs_dir);
-        }
+        let _ = std::fs::remove_dir_all(&rootfs_dir);
     };
 
-    let mut cc = config;
     cc.hostname = args
         .hostname
         .clone()
         .unwrap_or_else(|| id.chars().take(12).collect());
-    let spec = match spec::build(&image_config, &cc, &rootfs.path) {
+    let mut spec = match spec::build(&image_config, &cc, &rootfs.path) {
         Ok(s) => s,
         Err(e) => {
-            cleanup_rootfs(false);
+            remove_all_rootfs();
             return Err(e.into());
         }
     };
+    let mut annotations = spec.annotations().clone().unwrap_or_default();
+    annotations.insert("tug.image".into(), reference.to_string());
+    spec.set_annotations(Some(annotations));
     let opts = RuntimeOptions {
         cgroup_path: format!("tug/{id}"),
         resources: cc.resources.clone(),
         log_max_bytes: 10 << 20,
         log_max_files: 3,
+        network_hook: args.network_hook.clone(),
     };
     if let Err(e) = runtime.create(&id, &spec, &opts) {
-        cleanup_rootfs(false);
+        remove_all_rootfs();
         return Err(e.into());
     }
+    if args.detach {
+        if let Err(e) = runtime.start(&id) {
+            let _ = runtime.delete(&id, true);
+            remove_all_rootfs();
+            return Err(e.into());
+        }
+        println!("{id}");
+        return Ok(());
+    }
+
     // From here the container exists: SIGINT/SIGTERM stop it, and no restart follows.
     let stopping = Arc::new(AtomicBool::new(false));
     let (rt2, id2, grace, stop2) = (
@@ -164,13 +182,17 @@ pub fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<()> {
             break (Err(e.into()), state);
         }
     };
-    if !args.keep
-        && runtime.dir(&id).path().exists()
-        && let Err(e) = runtime.delete(&id, true)
-    {
+    if args.rm {
+        if runtime.dir(&id).path().exists()
+            && let Err(e) = runtime.delete(&id, true)
+        {
+            eprintln!("tug: cleanup: {e}");
+        }
+        remove_all_rootfs();
+    } else if let Err(e) = unmount_rootfs(&rootfs) {
+        // Kept like docker run without --rm: what it wrote stays in its upper dir until tug rm.
         eprintln!("tug: cleanup: {e}");
     }
-    cleanup_rootfs(args.keep);
     outcome?;
     let state = state?;
     if state.oom_killed {
@@ -246,8 +268,8 @@ fn container_config(args: &RunArgs, data_dir: &Path) -> anyhow::Result<Container
     };
     resources.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(ContainerConfig {
-        command: (!args.command.is_empty()).then(|| args.command.clone()),
-        args: None,
+        command: args.entrypoint.clone().map(|e| vec![e]),
+        args: (!args.command.is_empty()).then(|| args.command.clone()),
         env,
         workdir: args.workdir.clone(),
         user: args.user.clone(),

@@ -31,7 +31,19 @@ pub fn run(global: &GlobalArgs, cmd: RuntimeCommand) -> anyhow::Result<()> {
             rt.start(&id)?;
         }
         RuntimeCommand::State { id } => {
-            println!("{}", serde_json::to_string_pretty(&rt.state(&id)?)?)
+            println!("{}", serde_json::to_string_pretty(&oci_state(&rt, &id)?)?)
+        }
+        RuntimeCommand::Spec { bundle } => {
+            let path = bundle.join("config.json");
+            if path.exists() {
+                bail!("{} exists already", path.display());
+            }
+            let mut spec = Spec::default();
+            let mut root = oci_spec::runtime::Root::default();
+            root.set_path("rootfs".into());
+            spec.set_root(Some(root)).set_hostname(Some("tug".into()));
+            spec.save(&path)
+                .with_context(|| format!("write {}", path.display()))?;
         }
         RuntimeCommand::List => {
             for s in rt.list()? {
@@ -59,6 +71,36 @@ pub fn run(global: &GlobalArgs, cmd: RuntimeCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The OCI runtime state document (what `runc state` prints).
+fn oci_state(rt: &Runtime, id: &str) -> anyhow::Result<serde_json::Value> {
+    let s = rt.state(id)?;
+    let spec: Spec = tug_agent::runtime::state::read_json(&rt.dir(id).config())?;
+    let status = match s.status {
+        tug_agent::runtime::state::Status::Running if rt.is_paused(id) => "paused".to_string(),
+        other => format!("{other:?}").to_lowercase(),
+    };
+    let bundle = spec
+        .root()
+        .as_ref()
+        .and_then(|r| r.path().parent().map(|p| p.display().to_string()))
+        .unwrap_or_default();
+    Ok(serde_json::json!({
+        "ociVersion": spec.version(),
+        "id": s.id,
+        "status": status,
+        "pid": if s.status == tug_agent::runtime::state::Status::Stopped { 0 } else { s.pid.unwrap_or(0) },
+        "bundle": bundle,
+        "annotations": spec.annotations().clone().unwrap_or_default(),
+        "created": humantime_secs(s.created_at),
+        "exitCode": s.exit_status(),
+        "oomKilled": s.oom_killed,
+    }))
+}
+
+fn humantime_secs(secs: u64) -> String {
+    tug_agent::runtime::logs::rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
 }
 
 /// `TERM`, `SIGTERM` or `15`.
@@ -117,6 +159,7 @@ fn load_bundle(bundle: &Path, id: &str) -> anyhow::Result<(Spec, RuntimeOptions)
             resources,
             log_max_bytes: 10 << 20,
             log_max_files: 3,
+            network_hook: None,
         },
     ))
 }

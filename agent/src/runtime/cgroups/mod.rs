@@ -360,6 +360,21 @@ impl Cgroup {
     }
 
     /// Whether any of the cgroup's directories still exists.
+    /// Freeze every process of the cgroup (pause), or thaw them.
+    pub fn freeze(&self, frozen: bool) -> Result<()> {
+        match self {
+            Cgroup::V1(c) => c.freeze(frozen).map_err(Into::into),
+            Cgroup::V2(c) => c.freeze(frozen).map_err(Into::into),
+        }
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        match self {
+            Cgroup::V1(c) => c.is_frozen(),
+            Cgroup::V2(c) => c.is_frozen(),
+        }
+    }
+
     pub fn exists(&self) -> bool {
         match self {
             Cgroup::V1(cg) => cg.exists(),

@@ -456,6 +456,24 @@ impl Cgroup {
         signalled.and(thawed)
     }
 
+    /// Freeze (or thaw) every process, waiting until the kernel reports FROZEN.
+    pub fn freeze(&self, frozen: bool) -> Result<()> {
+        let state = self.dir("freezer").map(|d| d.join("freezer.state"))?;
+        write_to(&state, if frozen { "FROZEN" } else { "THAWED" })?;
+        if frozen {
+            wait_frozen(&state);
+        }
+        Ok(())
+    }
+
+    /// Whether the freezer holds the cgroup frozen.
+    pub fn is_frozen(&self) -> bool {
+        self.dir("freezer")
+            .ok()
+            .and_then(|d| std::fs::read_to_string(d.join("freezer.state")).ok())
+            .is_some_and(|s| s.trim() == "FROZEN")
+    }
+
     /// rmdir the cgroup in every hierarchy (retrying while processes exit); idempotent.
     pub fn remove(&self) -> Result<()> {
         let mut first_error = None;

@@ -284,6 +284,24 @@ impl Cgroup {
         )
     }
 
+    /// Freeze (or thaw) every process through `cgroup.freeze`, waiting for `frozen 1`.
+    pub fn freeze(&self, frozen: bool) -> Result<()> {
+        write_to(
+            &self.dir.join("cgroup.freeze"),
+            if frozen { "1" } else { "0" },
+        )?;
+        let start = std::time::Instant::now();
+        while frozen && !self.is_frozen() && start.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        std::fs::read_to_string(self.dir.join("cgroup.events"))
+            .is_ok_and(|e| e.lines().any(|l| l.trim() == "frozen 1"))
+    }
+
     /// rmdir the cgroup (retrying while processes exit); idempotent.
     pub fn remove(&self) -> Result<()> {
         remove_dir(&self.dir, REMOVE_TIMEOUT).map_err(|source| Error::Remove {
