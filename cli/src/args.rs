@@ -230,6 +230,9 @@ pub struct RunArgs {
     /// its process starts; it gets TUG_CONTAINER_ID, TUG_NETNS and TUG_PID.
     #[arg(long)]
     pub network_hook: Option<String>,
+    /// Run the container with this OCI runtime (e.g. /usr/bin/crun) instead of the built-in one.
+    #[arg(long)]
+    pub oci_runtime: Option<PathBuf>,
     /// Container name (default: a random id).
     #[arg(long)]
     pub name: Option<String>,

@@ -720,10 +720,16 @@ fn the_network_hook_wires_the_empty_namespace_before_the_process_starts() -> Tes
     let hook = "nsenter --net=\"$TUG_NETNS\" ip link add eth0 type veth peer name eth1 && \
                 nsenter --net=\"$TUG_NETNS\" ip addr add 192.0.2.10/24 dev eth0 && \
                 nsenter --net=\"$TUG_NETNS\" ip link set eth0 up";
-    let out = bed.run(&["--name", &n, "--network-hook", hook], "ip -4 addr show | awk '/inet /{print $NF, $2}'")?;
+    let out = bed.run(
+        &["--name", &n, "--network-hook", hook],
+        "ip -4 addr show | awk '/inet /{print $NF, $2}'",
+    )?;
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
-    assert_eq!(stdout, "lo 127.0.0.1/8\neth0 192.0.2.10/24\n", "loopback up, the hook's link there when the process starts, nothing else: {stderr}");
+    assert_eq!(
+        stdout, "lo 127.0.0.1/8\neth0 192.0.2.10/24\n",
+        "loopback up, the hook's link there when the process starts, nothing else: {stderr}"
+    );
     // A failing hook fails the create and leaves nothing.
     let out = bed.run(
         &[
@@ -741,5 +747,24 @@ fn the_network_hook_wires_the_empty_namespace_before_the_process_starts() -> Tes
         "{stderr}"
     );
     bed.assert_clean(&n);
+    Ok(())
+}
+
+#[test]
+fn external_oci_runtimes_run_the_same_containers_under_the_monitor() -> TestResult {
+    let bed = Bed::new()?;
+    for runtime in ["/usr/sbin/runc", "/usr/bin/crun"] {
+        let n = name();
+        let out = bed.run(&["--name", &n, "--oci-runtime", runtime, "--memory", "32Mi", "--hostname", "ext"], "echo out; echo err >&2; hostname; cat /sys/fs/cgroup/memory/memory.limit_in_bytes; exit 6")?;
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(6), "{runtime}: {stdout}{stderr}");
+        assert_eq!(
+            stdout,
+            format!("out\next\n{}\n", 32u64 << 20),
+            "{runtime}: {stderr}"
+        );
+        assert!(stderr.contains("err"), "{runtime}: {stderr}");
+        bed.assert_clean(&n);
+    }
     Ok(())
 }

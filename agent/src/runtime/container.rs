@@ -346,6 +346,9 @@ impl Runtime {
             // A created container's process waits on the fifo; SIGKILL ends it all the same.
             self.wait(id, Some(Duration::from_secs(30)))?;
         }
+        if let Some(runtime) = &opts.oci_runtime {
+            super::external::delete(runtime, &self.dir(id), id);
+        }
         if let Ok(driver) = CgroupDriver::detect()
             && let Ok(cg) = Cgroup::open(&driver, cgroup_path)
         {

@@ -3,6 +3,7 @@
 pub mod cgroups;
 pub mod container;
 pub mod exec;
+pub mod external;
 pub mod init;
 pub mod logs;
 pub mod monitor;

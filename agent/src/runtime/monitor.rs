@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use nix::fcntl::{OFlag, open};
@@ -73,12 +73,25 @@ fn report(v: &serde_json::Value) {
     let _ = out.flush();
 }
 
+/// How the monitor learns that `start` released the container.
+enum StartWaiter {
+    /// The built-in init says "start" on its sync pipe (EOF if it died before).
+    Builtin(BufReader<File>),
+    /// An external runtime's container: the monitor waits on exec.fifo itself, then runs
+    /// `RUNTIME start`.
+    External {
+        runtime: PathBuf,
+        root: PathBuf,
+        id: String,
+    },
+}
+
 /// A created container, as the monitor holds it.
 struct Created {
     pid: Pid,
     cgroup: Cgroup,
     state: State,
-    sync: BufReader<File>,
+    start: StartWaiter,
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
     opts: RuntimeOptions,
@@ -87,6 +100,23 @@ struct Created {
 fn create(sd: &StateDir) -> Result<Created, String> {
     let spec: Spec = read_json(&sd.config()).map_err(|e| e.to_string())?;
     let opts: RuntimeOptions = read_json(&sd.runtime()).map_err(|e| e.to_string())?;
+    if let Some(runtime) = opts.oci_runtime.clone() {
+        return super::external::create(sd, runtime, opts).map(
+            |(pid, cgroup, state, stdout, stderr, opts)| Created {
+                pid,
+                cgroup,
+                state,
+                start: StartWaiter::External {
+                    runtime: opts.oci_runtime.clone().unwrap_or_default(),
+                    root: sd.oci_root(),
+                    id: state_id(sd),
+                },
+                stdout: Some(stdout),
+                stderr: Some(stderr),
+                opts,
+            },
+        );
+    }
     let rootfs = spec
         .root()
         .as_ref()
@@ -124,7 +154,7 @@ fn create(sd: &StateDir) -> Result<Created, String> {
                 pid,
                 cgroup,
                 state,
-                sync,
+                start: StartWaiter::Builtin(sync),
                 stdout: Some(stdout),
                 stderr: Some(stderr),
                 opts,
@@ -247,6 +277,13 @@ fn clone_init(
     })
 }
 
+pub(crate) fn state_id(sd: &StateDir) -> String {
+    sd.path()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 fn opts_hook(sd: &StateDir) -> Option<String> {
     read_json::<RuntimeOptions>(&sd.runtime())
         .ok()
@@ -254,7 +291,7 @@ fn opts_hook(sd: &StateDir) -> Option<String> {
 }
 
 /// Pin the new network namespace and let the network plugin wire it.
-fn hand_over_network(sd: &StateDir, hook: Option<&str>, pid: Pid) -> Result<(), String> {
+pub(crate) fn hand_over_network(sd: &StateDir, hook: Option<&str>, pid: Pid) -> Result<(), String> {
     super::netns::pin(pid.as_raw(), &sd.netns())?;
     if let Some(hook) = hook {
         let id = sd
@@ -292,9 +329,17 @@ fn supervise(sd: &StateDir, c: &mut Created) {
         Err(e) => tracing::warn!(error = %e, "cannot open the container log"),
     }
 
-    // "start" when the process is released; EOF if it died before.
-    let mut line = String::new();
-    if c.sync.read_line(&mut line).is_ok() && line.trim() == "start" {
+    let started = match &mut c.start {
+        // "start" when the process is released; EOF if it died before.
+        StartWaiter::Builtin(sync) => {
+            let mut line = String::new();
+            sync.read_line(&mut line).is_ok() && line.trim() == "start"
+        }
+        StartWaiter::External { runtime, root, id } => {
+            super::external::wait_and_start(sd, runtime, root, id, c.pid)
+        }
+    };
+    if started {
         c.state.status = Status::Running;
         c.state.started_at = Some(now());
         let _ = sd.write_state(&c.state);

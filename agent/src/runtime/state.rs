@@ -8,6 +8,7 @@
 //! exec.fifo      opened by `start` to let the container's process exec
 //! container.log  JSON lines of stdout/stderr (rotated: .1, .2, ...)
 //! netns          the network namespace, pinned (bind mount) for the network plugin
+//! oci/           the external OCI runtime's own state (with --oci-runtime)
 //! monitor.log    the monitor's own diagnostics
 //! ```
 
@@ -83,6 +84,10 @@ pub struct RuntimeOptions {
     /// plugin's hand-over point.
     #[serde(default)]
     pub network_hook: Option<String>,
+    /// Run the container with this OCI runtime binary (runc, crun) instead of the built-in one;
+    /// the monitor still supervises it, logs its output and records its exit.
+    #[serde(default)]
+    pub oci_runtime: Option<PathBuf>,
 }
 
 pub fn now() -> u64 {
@@ -129,6 +134,11 @@ impl StateDir {
     /// The container's network namespace, pinned for the network plugin.
     pub fn netns(&self) -> PathBuf {
         self.path.join("netns")
+    }
+
+    /// The external OCI runtime's `--root`.
+    pub fn oci_root(&self) -> PathBuf {
+        self.path.join("oci")
     }
 
     pub fn monitor_log(&self) -> PathBuf {

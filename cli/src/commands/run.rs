@@ -106,6 +106,7 @@ pub fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<()> {
         log_max_bytes: 10 << 20,
         log_max_files: 3,
         network_hook: args.network_hook.clone(),
+        oci_runtime: args.oci_runtime.clone(),
     };
     if let Err(e) = runtime.create(&id, &spec, &opts) {
         remove_all_rootfs();

@@ -160,6 +160,7 @@ fn load_bundle(bundle: &Path, id: &str) -> anyhow::Result<(Spec, RuntimeOptions)
             log_max_bytes: 10 << 20,
             log_max_files: 3,
             network_hook: None,
+            oci_runtime: None,
         },
     ))
 }
