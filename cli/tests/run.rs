@@ -200,6 +200,27 @@ fn exit_codes_and_signals_propagate() -> TestResult {
     )?;
     assert_eq!(child.wait()?.code(), Some(42));
 
+    // Other signals are passed on as they are.
+    let mut child = bed
+        .tug()
+        .arg("run")
+        .arg("--rm")
+        .arg(&bed.image)
+        .args([
+            "--",
+            "/bin/sh",
+            "-c",
+            "trap 'exit 11' USR1; echo ready; while true; do sleep 0.1; done",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    wait_for_line(&mut child, "ready")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGUSR1,
+    )?;
+    assert_eq!(child.wait()?.code(), Some(11));
+
     // ...and one that ignores it is killed after the stop timeout: 128 + SIGKILL.
     let mut child = bed
         .tug()

@@ -25,11 +25,22 @@ use tug_api::manifest::{Cpu, Memory};
 
 use crate::args::{GlobalArgs, RunArgs};
 
+const FORWARDED: [Signal; 4] = [
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
+
 pub fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<()> {
-    // Signals are waited for by one thread; block them before any thread exists.
+    // Signals are waited for by one thread; block them before any thread exists. SIGINT and
+    // SIGTERM stop the container (TERM, grace, KILL); FORWARDED ones go to it as they are.
     let mut stop_signals = SigSet::empty();
     stop_signals.add(Signal::SIGINT);
     stop_signals.add(Signal::SIGTERM);
+    for sig in FORWARDED {
+        stop_signals.add(sig);
+    }
     stop_signals
         .thread_block()
         .context("block SIGINT/SIGTERM")?;
@@ -131,9 +142,14 @@ pub fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<()> {
         stopping.clone(),
     );
     std::thread::spawn(move || {
-        if stop_signals.wait().is_ok() {
+        while let Ok(sig) = stop_signals.wait() {
+            if FORWARDED.contains(&sig) {
+                let _ = rt2.kill(&id2, sig);
+                continue;
+            }
             stop2.store(true, Ordering::SeqCst);
             let _ = rt2.stop(&id2, grace);
+            return;
         }
     });
     let mut tracker = RestartTracker::new(restart, Backoff::default());
