@@ -5,5 +5,15 @@
 //! The leader schedules replicas onto nodes and reconciles. This crate links `tug-api` only:
 //! it meets the agent on the wire, never in code.
 //!
-//! Not built yet: the Raft node, state machine and API server arrive with the "Controller" issue;
-//! nodes, scheduler and reconciler with the "agents, scheduling, reconciliation" issue.
+//! - [`raft`]: durable log and snapshots, the node running raft-rs's Ready loop, the transport
+//!   seam, and the [`raft::NodeHandle`] the API server proposes and reads through;
+//! - [`fsm`]: the deterministic state machine (typed commands, snapshots);
+//! - [`state`]: the in-memory store it applies to, with the change log behind watches;
+//! - [`testing`]: an in-memory fault-injecting network and a cluster harness for tests.
+//!
+//! Not built yet: the API server (next), nodes, scheduler and reconciler (a later issue).
+
+pub mod fsm;
+pub mod raft;
+pub mod state;
+pub mod testing;

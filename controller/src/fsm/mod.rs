@@ -1,0 +1,246 @@
+//! The state machine: applies committed log entries, in order, to the [`Store`].
+//!
+//! Apply is deterministic: the result depends only on the entry and its index (which becomes
+//! the objects' revision), never on time, randomness or which replica runs it. An entry that
+//! cannot be decoded is a fatal error (the log or this binary is wrong, and continuing would
+//! diverge); a command the store refuses is an ordinary result that every replica reaches alike.
+
+pub mod command;
+pub mod snapshot;
+
+pub use command::{Command, CommandError, CommandType, Decoded, IGNORE_UNKNOWN};
+pub use snapshot::SnapshotError;
+
+use crate::state::{ServiceResult, SharedStore, Store, StoreError};
+
+/// What applying one command did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandResult {
+    Noop,
+    /// One result per service of the batch, in request order.
+    Services(Vec<ServiceResult>),
+    Deleted {
+        found: bool,
+    },
+    /// A command type this replica does not know, marked skippable by its writer.
+    Skipped,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsmError {
+    #[error("cannot apply the log entry at index {index}: {source}")]
+    Command {
+        index: u64,
+        #[source]
+        source: CommandError,
+    },
+    #[error("cannot restore the state snapshot at index {index}: {source}")]
+    Snapshot {
+        index: u64,
+        #[source]
+        source: SnapshotError,
+    },
+    #[error(
+        "snapshot at index {index} describes revision {revision}, which is ahead of its own index"
+    )]
+    SnapshotAhead { index: u64, revision: u64 },
+}
+
+/// The state machine over a shared store.
+#[derive(Debug, Clone)]
+pub struct Fsm {
+    store: SharedStore,
+}
+
+impl Fsm {
+    pub fn new(store: SharedStore) -> Self {
+        Self { store }
+    }
+
+    pub fn store(&self) -> &SharedStore {
+        &self.store
+    }
+
+    /// Applies the command entry at `index`. The outer error is fatal; the inner one is the
+    /// command's deterministic refusal.
+    pub fn apply(
+        &self,
+        index: u64,
+        data: &[u8],
+    ) -> Result<Result<CommandResult, StoreError>, FsmError> {
+        let decoded =
+            Command::decode(data).map_err(|source| FsmError::Command { index, source })?;
+        let mut store = self.store.write();
+        let result = match decoded {
+            Decoded::Skipped { type_byte } => {
+                tracing::warn!(
+                    index,
+                    type_byte,
+                    "skipping a command type this controller does not know"
+                );
+                Ok(CommandResult::Skipped)
+            }
+            Decoded::Command(command) => apply_command(&mut store, index, command),
+        };
+        store.advance(index);
+        Ok(result)
+    }
+
+    /// Records an entry that carries no command (a new leader's empty entry, a conf change).
+    pub fn apply_empty(&self, index: u64) {
+        self.store.write().advance(index);
+    }
+
+    /// The whole state, serialized.
+    pub fn snapshot(&self) -> Vec<u8> {
+        snapshot::encode(&self.store.read())
+    }
+
+    /// Replaces the state with a snapshot taken at log index `index`.
+    pub fn restore(&self, index: u64, data: &[u8]) -> Result<(), FsmError> {
+        let restored =
+            snapshot::decode(data).map_err(|source| FsmError::Snapshot { index, source })?;
+        if restored.revision > index {
+            return Err(FsmError::SnapshotAhead {
+                index,
+                revision: restored.revision,
+            });
+        }
+        self.store.write().replace(index, restored.services);
+        Ok(())
+    }
+}
+
+fn apply_command(
+    store: &mut Store,
+    index: u64,
+    command: Command,
+) -> Result<CommandResult, StoreError> {
+    match command {
+        Command::Noop => Ok(CommandResult::Noop),
+        Command::ApplyServices(services) => store
+            .apply_services(index, services)
+            .map(CommandResult::Services),
+        Command::DeleteService { namespace, name } => Ok(CommandResult::Deleted {
+            found: store.delete_service(index, &namespace, &name),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::ApplyOutcome;
+    use std::collections::HashMap;
+    use tug_api::v1::{ObjectMeta, Service, ServiceSpec};
+
+    fn service(name: &str, image: &str) -> Service {
+        Service {
+            metadata: Some(ObjectMeta {
+                name: name.into(),
+                ..Default::default()
+            }),
+            spec: Some(ServiceSpec {
+                image: image.into(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn services(fsm: &Fsm) -> Vec<Service> {
+        fsm.store()
+            .read()
+            .list_services(None, &HashMap::new())
+            .into_iter()
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn the_same_log_gives_the_same_state() -> Result<(), Box<dyn std::error::Error>> {
+        let log = [
+            Command::ApplyServices(vec![service("a", "x"), service("b", "y")]),
+            Command::Noop,
+            Command::ApplyServices(vec![service("a", "x2")]),
+            Command::DeleteService {
+                namespace: String::new(),
+                name: "b".into(),
+            },
+        ];
+        let replicas = [
+            Fsm::new(SharedStore::new(10)),
+            Fsm::new(SharedStore::new(10)),
+        ];
+        for fsm in &replicas {
+            for (i, command) in log.iter().enumerate() {
+                fsm.apply(i as u64 + 2, &command.encode())??;
+            }
+        }
+        assert_eq!(services(&replicas[0]), services(&replicas[1]));
+        assert_eq!(replicas[0].store().read().revision(), 5);
+        Ok(())
+    }
+
+    #[test]
+    fn results_say_created_configured_unchanged() -> Result<(), FsmError> {
+        let fsm = Fsm::new(SharedStore::new(10));
+        let apply = |index, image: &str| {
+            fsm.apply(
+                index,
+                &Command::ApplyServices(vec![service("web", image)]).encode(),
+            )
+        };
+        let outcome = |r: Result<CommandResult, StoreError>| match r {
+            Ok(CommandResult::Services(v)) => v.first().map(|r| (r.outcome, r.generation)),
+            _ => None,
+        };
+        assert_eq!(outcome(apply(2, "a")?), Some((ApplyOutcome::Created, 1)));
+        assert_eq!(outcome(apply(3, "a")?), Some((ApplyOutcome::Unchanged, 1)));
+        assert_eq!(outcome(apply(4, "b")?), Some((ApplyOutcome::Configured, 2)));
+        Ok(())
+    }
+
+    #[test]
+    fn an_undecodable_entry_is_fatal() {
+        let fsm = Fsm::new(SharedStore::new(10));
+        assert!(matches!(
+            fsm.apply(7, &[0x33]),
+            Err(FsmError::Command { index: 7, .. })
+        ));
+    }
+
+    #[test]
+    fn snapshot_round_trips_and_restore_replaces() -> Result<(), Box<dyn std::error::Error>> {
+        let fsm = Fsm::new(SharedStore::new(10));
+        let _ = fsm.apply(
+            2,
+            &Command::ApplyServices(vec![service("a", "x"), service("b", "y")]).encode(),
+        )?;
+        let snap = fsm.snapshot();
+
+        let other = Fsm::new(SharedStore::new(10));
+        let _ = other.apply(
+            2,
+            &Command::ApplyServices(vec![service("zzz", "q")]).encode(),
+        )?;
+        let mut watcher = other.store().read().watch(0)?;
+        other.restore(2, &snap)?;
+        assert_eq!(services(&fsm), services(&other));
+        assert_eq!(other.store().read().revision(), 2);
+        assert!(matches!(
+            watcher.try_next(),
+            Some(Err(crate::state::WatchError::Reset { revision: 2 }))
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn a_corrupt_snapshot_is_refused() {
+        let fsm = Fsm::new(SharedStore::new(10));
+        let mut snap = snapshot::encode_empty(4);
+        assert!(fsm.restore(3, &snap).is_err(), "revision ahead of index");
+        snap.truncate(snap.len() - 1);
+        assert!(fsm.restore(4, &snap).is_err());
+        assert!(fsm.restore(4, b"garbage!!").is_err());
+    }
+}

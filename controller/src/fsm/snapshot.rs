@@ -1,0 +1,157 @@
+//! The state machine's snapshot format: a versioned header, then typed records.
+//!
+//! ```text
+//! "TUGSNAP" version:u8  { kind:u8 len:u32le body[len] }*
+//! ```
+//! The first record is the [`SnapshotMeta`]; one record per object follows. Record kinds are
+//! append-only like command types; an unknown kind with [`IGNORE_UNKNOWN`] set is skipped.
+//! Restore builds a fresh state from the records and only then replaces the live one.
+
+use std::collections::BTreeMap;
+
+use prost::Message;
+use tug_api::v1::Service;
+
+use super::command::IGNORE_UNKNOWN;
+use crate::state::{ServiceKey, Store};
+
+const MAGIC: &[u8; 7] = b"TUGSNAP";
+const VERSION: u8 = 1;
+
+/// Record kinds. Append only.
+const KIND_META: u8 = 1;
+const KIND_SERVICE: u8 = 2;
+
+#[derive(Clone, PartialEq, Message)]
+pub struct SnapshotMeta {
+    /// The log index the snapshot was taken at.
+    #[prost(uint64, tag = "1")]
+    pub revision: u64,
+    #[prost(uint64, tag = "2")]
+    pub services: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("not a tug state snapshot (bad magic)")]
+    BadMagic,
+    #[error("snapshot format version {0} is newer than this controller understands")]
+    UnsupportedVersion(u8),
+    #[error("snapshot truncated at byte {offset}")]
+    Truncated { offset: usize },
+    #[error("unknown snapshot record kind {kind} at byte {offset}")]
+    UnknownRecord { kind: u8, offset: usize },
+    #[error("cannot decode snapshot record at byte {offset}: {source}")]
+    Decode {
+        offset: usize,
+        #[source]
+        source: prost::DecodeError,
+    },
+    #[error("snapshot has no metadata record")]
+    MissingMeta,
+    #[error("snapshot says it holds {expected} services but has {found}")]
+    Count { expected: u64, found: u64 },
+}
+
+/// The state a snapshot describes.
+#[derive(Debug, Default)]
+pub struct Restored {
+    pub revision: u64,
+    pub services: BTreeMap<ServiceKey, Service>,
+}
+
+/// Serializes the whole state.
+pub fn encode(store: &Store) -> Vec<u8> {
+    let services: Vec<&Service> = store.services().collect();
+    let meta = SnapshotMeta {
+        revision: store.revision(),
+        services: services.len() as u64,
+    };
+    let mut out =
+        Vec::with_capacity(64 + services.iter().map(|s| s.encoded_len() + 5).sum::<usize>());
+    out.extend_from_slice(MAGIC);
+    out.push(VERSION);
+    put_record(&mut out, KIND_META, &meta);
+    for svc in services {
+        put_record(&mut out, KIND_SERVICE, svc);
+    }
+    out
+}
+
+/// The snapshot of an empty state at `revision` (how a new cluster starts).
+pub fn encode_empty(revision: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(MAGIC);
+    out.push(VERSION);
+    put_record(
+        &mut out,
+        KIND_META,
+        &SnapshotMeta {
+            revision,
+            services: 0,
+        },
+    );
+    out
+}
+
+fn put_record(out: &mut Vec<u8>, kind: u8, msg: &impl Message) {
+    out.push(kind);
+    let len = msg.encoded_len() as u32;
+    out.extend_from_slice(&len.to_le_bytes());
+    msg.encode_raw(out);
+}
+
+pub fn decode(data: &[u8]) -> Result<Restored, SnapshotError> {
+    let header = MAGIC.len() + 1;
+    if data.len() < header || &data[..MAGIC.len()] != MAGIC {
+        return Err(SnapshotError::BadMagic);
+    }
+    if data[MAGIC.len()] != VERSION {
+        return Err(SnapshotError::UnsupportedVersion(data[MAGIC.len()]));
+    }
+    let mut offset = header;
+    let mut meta: Option<SnapshotMeta> = None;
+    let mut restored = Restored::default();
+    while offset < data.len() {
+        let start = offset;
+        let head = data
+            .get(offset..offset + 5)
+            .ok_or(SnapshotError::Truncated { offset })?;
+        let kind = head[0];
+        let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        offset += 5;
+        let body = data
+            .get(offset..offset + len)
+            .ok_or(SnapshotError::Truncated { offset: start })?;
+        offset += len;
+        let decode_err = |source| SnapshotError::Decode {
+            offset: start,
+            source,
+        };
+        match kind {
+            KIND_META => meta = Some(SnapshotMeta::decode(body).map_err(decode_err)?),
+            KIND_SERVICE => {
+                let svc = Service::decode(body).map_err(decode_err)?;
+                restored
+                    .services
+                    .insert(crate::state::service_key(&svc), svc);
+            }
+            k if k & IGNORE_UNKNOWN != 0 => {}
+            k => {
+                return Err(SnapshotError::UnknownRecord {
+                    kind: k,
+                    offset: start,
+                });
+            }
+        }
+    }
+    let meta = meta.ok_or(SnapshotError::MissingMeta)?;
+    if meta.services != restored.services.len() as u64 {
+        return Err(SnapshotError::Count {
+            expected: meta.services,
+            found: restored.services.len() as u64,
+        });
+    }
+    restored.revision = meta.revision;
+    Ok(restored)
+}

@@ -1,0 +1,333 @@
+//! [`NodeHandle`]: what the API server (and tests) use to talk to a running node: propose
+//! commands and membership changes, read linearizably or stale, watch, and feed peer messages.
+
+use std::time::Duration;
+
+use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{Instant, timeout_at};
+
+use super::status::NodeStatus;
+use super::transport::Mailbox;
+use crate::fsm::{Command, CommandResult};
+use crate::state::{SharedStore, Store, StoreError, WatchError, Watcher};
+
+/// A command that was committed and applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// Its log index: the revision of every object it changed.
+    pub index: u64,
+    pub result: CommandResult,
+}
+
+/// The voters and learners after a membership change, applied at `index`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    pub index: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+}
+
+fn leader_text(leader_id: &Option<u64>) -> String {
+    match leader_id {
+        Some(id) => format!("the leader is node {id}"),
+        None => "no leader is known right now".into(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    /// Writes go to the leader; forward there (or retry when one is elected).
+    #[error("this controller is not the Raft leader; {}", leader_text(.leader_id))]
+    NotLeader { leader_id: Option<u64> },
+    #[error(
+        "no leader was elected within {timeout:?}: a majority of the controllers is not \
+         reachable (no quorum); nothing was written"
+    )]
+    NoLeader { timeout: Duration },
+    #[error(
+        "the write was not committed within {timeout:?}: a majority of the controllers is not \
+         reachable (no quorum); it may still be applied if the leader regains its quorum"
+    )]
+    Timeout { timeout: Duration },
+    #[error(
+        "leadership was lost before the write was applied ({}); it may or may not have been \
+         committed",
+        leader_text(.leader_id)
+    )]
+    LeadershipLost { leader_id: Option<u64> },
+    #[error(
+        "the write at log index {index} was superseded (a new leader replaced it or raft refused it); it was not applied"
+    )]
+    Dropped { index: u64 },
+    #[error("raft refused the proposal: {0}")]
+    Refused(String),
+    #[error("the command was rejected: {0}")]
+    Rejected(StoreError),
+    #[error("the membership change failed: {0}")]
+    MembershipChange(String),
+    #[error("the controller's Raft node has stopped")]
+    Stopped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    #[error(
+        "cannot confirm the latest commit index within {timeout:?}: a majority of the \
+         controllers is not reachable (no quorum); use a stale read to read this replica anyway"
+    )]
+    Timeout { timeout: Duration },
+    #[error("the controller's Raft node has stopped")]
+    Stopped,
+}
+
+/// How fresh a read must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadConsistency {
+    /// Sees every write acknowledged before the read started (ReadIndex).
+    #[default]
+    Linearizable,
+    /// This replica's state as it is, possibly behind the leader.
+    Stale,
+}
+
+/// Requests from handles to the node task.
+#[derive(Debug)]
+pub(crate) enum Request {
+    Propose {
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<Applied, ProposeError>>,
+    },
+    ChangeMembership {
+        change: ConfChangeV2,
+        reply: oneshot::Sender<Result<Membership, ProposeError>>,
+    },
+    ReadIndex {
+        reply: oneshot::Sender<Result<u64, ReadError>>,
+    },
+    ReportUnreachable {
+        peer: u64,
+    },
+    ReportSnapshot {
+        peer: u64,
+        delivered: bool,
+    },
+    TransferLeadership {
+        to: u64,
+    },
+}
+
+/// A cheap, cloneable handle on a running node.
+#[derive(Debug, Clone)]
+pub struct NodeHandle {
+    id: u64,
+    requests: mpsc::Sender<Request>,
+    mailbox: Mailbox,
+    status: watch::Receiver<NodeStatus>,
+    store: SharedStore,
+    proposal_timeout: Duration,
+    read_timeout: Duration,
+}
+
+impl NodeHandle {
+    pub(crate) fn new(
+        id: u64,
+        requests: mpsc::Sender<Request>,
+        mailbox: Mailbox,
+        status: watch::Receiver<NodeStatus>,
+        store: SharedStore,
+        proposal_timeout: Duration,
+        read_timeout: Duration,
+    ) -> Self {
+        Self {
+            id,
+            requests,
+            mailbox,
+            status,
+            store,
+            proposal_timeout,
+            read_timeout,
+        }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Role, leader, term, indices and membership as of the node's last Ready cycle.
+    pub fn status(&self) -> NodeStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Status updates as they happen.
+    pub fn status_updates(&self) -> watch::Receiver<NodeStatus> {
+        self.status.clone()
+    }
+
+    /// Where a transport delivers this node's incoming peer messages.
+    pub fn mailbox(&self) -> &Mailbox {
+        &self.mailbox
+    }
+
+    /// This replica's store, for stale reads (or after [`Self::read_index`]).
+    pub fn store(&self) -> &SharedStore {
+        &self.store
+    }
+
+    /// Proposes a command and waits until it is applied here. Must be called on the leader
+    /// (otherwise [`ProposeError::NotLeader`] says where to forward it); when no leader is known
+    /// it waits for one. Fails after the proposal timeout rather than hanging.
+    pub async fn propose(&self, command: &Command) -> Result<Applied, ProposeError> {
+        let deadline = Instant::now() + self.proposal_timeout;
+        let data = command.encode();
+        loop {
+            self.ensure_leader(deadline).await?;
+            let (reply, rx) = oneshot::channel();
+            let request = Request::Propose {
+                data: data.clone(),
+                reply,
+            };
+            self.request(request, deadline).await?;
+            match self.await_reply(rx, deadline).await {
+                // Leadership moved between our look at the status and the node's: wait for
+                // the next leader (or the deadline), like a proposal made a moment later.
+                Err(ProposeError::NotLeader { leader_id: None }) => continue,
+                result => return result,
+            }
+        }
+    }
+
+    /// Adds `id` as a voter. It should start with an empty data dir and no initial members;
+    /// it catches up from the leader (by snapshot once the log is compacted).
+    pub async fn add_voter(&self, id: u64) -> Result<Membership, ProposeError> {
+        self.change_membership(ConfChangeType::AddNode, id).await
+    }
+
+    /// Removes `id` from the group.
+    pub async fn remove_voter(&self, id: u64) -> Result<Membership, ProposeError> {
+        self.change_membership(ConfChangeType::RemoveNode, id).await
+    }
+
+    async fn change_membership(
+        &self,
+        change_type: ConfChangeType,
+        id: u64,
+    ) -> Result<Membership, ProposeError> {
+        let deadline = Instant::now() + self.proposal_timeout;
+        self.ensure_leader(deadline).await?;
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(change_type);
+        single.node_id = id;
+        let mut change = ConfChangeV2::default();
+        change.mut_changes().push(single);
+        let (reply, rx) = oneshot::channel();
+        self.request(Request::ChangeMembership { change, reply }, deadline)
+            .await?;
+        self.await_reply(rx, deadline).await
+    }
+
+    /// Confirms with the leader (ReadIndex) the commit index as of now and waits until this
+    /// replica has applied it; a read of [`Self::store`] afterwards is linearizable. Works on
+    /// followers too. Returns the confirmed index.
+    pub async fn read_index(&self) -> Result<u64, ReadError> {
+        let deadline = Instant::now() + self.read_timeout;
+        let timeout = ReadError::Timeout {
+            timeout: self.read_timeout,
+        };
+        let (reply, rx) = oneshot::channel();
+        match timeout_at(deadline, self.requests.send(Request::ReadIndex { reply })).await {
+            Err(_) => return Err(timeout),
+            Ok(Err(_)) => return Err(ReadError::Stopped),
+            Ok(Ok(())) => {}
+        }
+        match timeout_at(deadline, rx).await {
+            Err(_) => Err(timeout),
+            Ok(Err(_)) => Err(ReadError::Stopped),
+            Ok(Ok(result)) => result,
+        }
+    }
+
+    /// Runs `f` on the store, after a ReadIndex round if `consistency` asks for it.
+    pub async fn read<R>(
+        &self,
+        consistency: ReadConsistency,
+        f: impl FnOnce(&Store) -> R,
+    ) -> Result<R, ReadError> {
+        if consistency == ReadConsistency::Linearizable {
+            self.read_index().await?;
+        }
+        Ok(f(&self.store.read()))
+    }
+
+    /// Changes to this replica's state from `from_revision` on (0: from now).
+    pub fn watch(&self, from_revision: u64) -> Result<Watcher, WatchError> {
+        self.store.read().watch(from_revision)
+    }
+
+    /// A transport could not reach `peer`.
+    pub fn report_unreachable(&self, peer: u64) {
+        let _ = self.requests.try_send(Request::ReportUnreachable { peer });
+    }
+
+    /// A snapshot sent to `peer` was delivered (or not).
+    pub fn report_snapshot(&self, peer: u64, delivered: bool) {
+        let _ = self
+            .requests
+            .try_send(Request::ReportSnapshot { peer, delivered });
+    }
+
+    /// Asks the leader (this node) to hand leadership to `to`.
+    pub async fn transfer_leadership(&self, to: u64) -> Result<(), ProposeError> {
+        let deadline = Instant::now() + self.proposal_timeout;
+        self.request(Request::TransferLeadership { to }, deadline)
+            .await
+    }
+
+    async fn ensure_leader(&self, deadline: Instant) -> Result<(), ProposeError> {
+        let mut status = self.status.clone();
+        loop {
+            match status.borrow_and_update().leader_id {
+                Some(id) if id == self.id => return Ok(()),
+                Some(id) => {
+                    return Err(ProposeError::NotLeader {
+                        leader_id: Some(id),
+                    });
+                }
+                None => {}
+            }
+            match timeout_at(deadline, status.changed()).await {
+                Err(_) => {
+                    return Err(ProposeError::NoLeader {
+                        timeout: self.proposal_timeout,
+                    });
+                }
+                Ok(Err(_)) => return Err(ProposeError::Stopped),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+
+    async fn request(&self, request: Request, deadline: Instant) -> Result<(), ProposeError> {
+        match timeout_at(deadline, self.requests.send(request)).await {
+            Err(_) => Err(ProposeError::Timeout {
+                timeout: self.proposal_timeout,
+            }),
+            Ok(Err(_)) => Err(ProposeError::Stopped),
+            Ok(Ok(())) => Ok(()),
+        }
+    }
+
+    async fn await_reply<T>(
+        &self,
+        rx: oneshot::Receiver<Result<T, ProposeError>>,
+        deadline: Instant,
+    ) -> Result<T, ProposeError> {
+        match timeout_at(deadline, rx).await {
+            Err(_) => Err(ProposeError::Timeout {
+                timeout: self.proposal_timeout,
+            }),
+            Ok(Err(_)) => Err(ProposeError::Stopped),
+            Ok(Ok(result)) => result,
+        }
+    }
+}

@@ -1,0 +1,747 @@
+//! The Raft node: owns raft-rs's `RawNode` over [`DiskStorage`] and the state machine, and runs
+//! one tokio task that ticks, steps peer messages, takes client requests, and handles each Ready
+//! in the order of STYLE.md §3:
+//!
+//! 1. send `messages` (they may leave before the local write);
+//! 2. install a snapshot (storage, then state machine);
+//! 3. apply committed entries (commands to the state machine, conf changes to raft + storage);
+//! 4. append `entries` and persist the hard state: one fdatasync;
+//! 5. only now send `persisted_messages` (votes, append acks);
+//! 6. `advance`; the LightReady's commit index, messages and committed entries likewise;
+//!    then `advance_apply_to(applied)`.
+//!
+//! Client requests queued while one cycle runs are all proposed before the next, so concurrent
+//! writers share Ready cycles and fsyncs.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use protobuf::Message as PbMessage;
+use raft::eraftpb::{
+    ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType,
+    Snapshot,
+};
+use raft::{ProgressState, RawNode, SnapshotStatus, StateRole};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::MissedTickBehavior;
+
+use super::config::NodeConfig;
+use super::handle::{Membership, NodeHandle, ProposeError, ReadError, Request};
+use super::logger::raft_logger;
+use super::proposals::{Output, Proposals, Reads, Reply, decode_ctx, encode_ctx};
+use super::status::NodeStatus;
+use super::storage::{DamageKind, DiskStorage, StorageError, StorageOptions};
+use super::transport::{Mailbox, Transport};
+use crate::fsm::{Fsm, FsmError, snapshot as fsm_snapshot};
+use crate::state::SharedStore;
+
+/// A node stops on these: continuing could diverge from the group or lose acknowledged data.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("invalid node configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Fsm(#[from] FsmError),
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    #[error("cannot decode the {what} at log index {index}: {source}")]
+    Decode {
+        what: &'static str,
+        index: u64,
+        #[source]
+        source: protobuf::ProtobufError,
+    },
+}
+
+/// Ticks a peer may stay in raft's snapshot state (a snapshot in flight) before the node
+/// reports the transfer failed so raft sends a new one, in election timeouts.
+const SNAPSHOT_WAIT_ELECTIONS: u64 = 5;
+/// Peer messages and client requests folded into one Ready cycle at most.
+const MAX_STEPS_PER_CYCLE: usize = 4096;
+
+/// A Raft member. Create with [`Node::open`], then drive with [`Node::run`] (or [`spawn`]).
+pub struct Node {
+    id: u64,
+    cfg: NodeConfig,
+    raw: RawNode<DiskStorage>,
+    fsm: Fsm,
+    transport: Arc<dyn Transport>,
+    requests: mpsc::Receiver<Request>,
+    inbox: mpsc::Receiver<Message>,
+    /// Keeps the inbox open while no transport holds the mailbox.
+    _mailbox: Mailbox,
+    status: watch::Sender<NodeStatus>,
+    proposals: Proposals,
+    reads: Reads,
+    incarnation: u64,
+    next_seq: u64,
+    applied: u64,
+    snapshot_index: u64,
+    ticks: u64,
+    /// Peers with a snapshot in flight: ticks spent waiting.
+    snapshot_waits: HashMap<u64, u64>,
+    role: StateRole,
+    /// Set while catching up after the log was found damaged on open.
+    catch_up: Option<CatchUp>,
+}
+
+#[derive(Debug)]
+struct CatchUp {
+    /// The commit index persisted before the damage.
+    min_commit: u64,
+    /// The highest commit index a leader has told us since.
+    leader_commit: u64,
+    heard_leader: bool,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.id)
+            .field("role", &self.role)
+            .field("applied", &self.applied)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens a node and runs it on a tokio task until `shutdown` resolves.
+pub fn spawn(
+    cfg: NodeConfig,
+    transport: Arc<dyn Transport>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(NodeHandle, JoinHandle<Result<(), NodeError>>), NodeError> {
+    let (node, handle) = Node::open(cfg, transport)?;
+    Ok((handle, tokio::spawn(node.run(shutdown))))
+}
+
+impl Node {
+    /// Opens the Raft state in `cfg.data_dir` (bootstrapping a new cluster or waiting to join
+    /// one if it is empty), restores the state machine from the latest snapshot, and returns
+    /// the node with a handle on it. Entries after the snapshot are re-applied once running.
+    pub fn open(
+        cfg: NodeConfig,
+        transport: Arc<dyn Transport>,
+    ) -> Result<(Self, NodeHandle), NodeError> {
+        cfg.validate().map_err(NodeError::Config)?;
+        let id = cfg.id;
+        let mut storage = DiskStorage::open(
+            &cfg.data_dir.join("raft"),
+            &StorageOptions {
+                segment_bytes: cfg.segment_bytes,
+            },
+        )?;
+        if !storage.is_initialized() && !cfg.initial_members.is_empty() {
+            storage.apply_snapshot(bootstrap_snapshot(&cfg.initial_members))?;
+            tracing::info!(node = id, members = ?cfg.initial_members, "bootstrapped a new Raft group");
+        }
+
+        let store = SharedStore::new(cfg.watch_history);
+        let fsm = Fsm::new(store.clone());
+        let snapshot = storage.latest_snapshot().clone();
+        let snapshot_index = snapshot.get_metadata().index;
+        if snapshot_index > 0 {
+            fsm.restore(snapshot_index, &snapshot.data)?;
+        }
+        let hard_state = storage.hard_state().clone();
+        let recovery = storage.recovery().clone();
+        let voters = storage.conf_state().voters.len();
+        // A torn last write lost nothing acknowledged; anything else may have.
+        let lost_acknowledged = recovery
+            .damage
+            .as_ref()
+            .is_some_and(|d| d.kind == DamageKind::Corrupt)
+            || recovery.commit_clamped.is_some();
+        let catch_up = lost_acknowledged
+            .then(|| CatchUp {
+                min_commit: recovery
+                    .commit_clamped
+                    .map_or(hard_state.commit, |(persisted, _)| persisted),
+                leader_commit: 0,
+                heard_leader: false,
+            })
+            .filter(|_| voters > 1);
+        if let Some(c) = &catch_up {
+            tracing::warn!(
+                node = id,
+                min_commit = c.min_commit,
+                "the raft log lost entries (crash or corruption); not voting until caught up \
+                 with a leader"
+            );
+        }
+        let raft_cfg = cfg.raft_config(snapshot_index);
+        raft_cfg.validate()?;
+        let raw = RawNode::new(&raft_cfg, storage, &raft_logger())?;
+        tracing::info!(
+            node = id,
+            term = hard_state.term,
+            commit = hard_state.commit,
+            snapshot_index,
+            last_index = raw.raft.raft_log.last_index(),
+            "raft node opened"
+        );
+
+        let (request_tx, requests) = mpsc::channel(cfg.max_batch.max(64));
+        let (inbox_tx, inbox) = mpsc::channel(cfg.mailbox_capacity);
+        let mailbox = Mailbox::new(id, inbox_tx);
+        let (status_tx, status_rx) = watch::channel(NodeStatus {
+            id,
+            ..NodeStatus::default()
+        });
+        let handle = NodeHandle::new(
+            id,
+            request_tx,
+            mailbox.clone(),
+            status_rx,
+            store,
+            cfg.proposal_timeout,
+            cfg.read_timeout,
+        );
+        let incarnation = RandomState::new().hash_one((
+            id,
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        ));
+        let mut node = Self {
+            id,
+            cfg,
+            raw,
+            fsm,
+            transport,
+            requests,
+            inbox,
+            _mailbox: mailbox,
+            status: status_tx,
+            proposals: Proposals::default(),
+            reads: Reads::default(),
+            incarnation,
+            next_seq: 1,
+            applied: snapshot_index,
+            snapshot_index,
+            ticks: 0,
+            snapshot_waits: HashMap::new(),
+            role: StateRole::Follower,
+            catch_up,
+        };
+        node.publish_status();
+        Ok((node, handle))
+    }
+
+    /// Runs until `shutdown` resolves, every handle is dropped, or a fatal error. Pending
+    /// requests fail with `Stopped` when it returns.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
+        let result = self.run_loop(shutdown).await;
+        if let Err(e) = &result {
+            tracing::error!(node = self.id, error = %e, "raft node stopped on a fatal error");
+        }
+        self.proposals.fail_all(|_| ProposeError::Stopped);
+        self.reads.fail_all(|| ReadError::Stopped);
+        result
+    }
+
+    async fn run_loop(&mut self, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
+        let mut ticker = tokio::time::interval(self.cfg.tick_interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                _ = ticker.tick() => self.on_tick(),
+                msg = self.inbox.recv() => {
+                    if let Some(msg) = msg {
+                        self.step(msg);
+                    }
+                }
+                request = self.requests.recv() => match request {
+                    Some(request) => self.on_request(request),
+                    None => return Ok(()),
+                },
+            }
+            self.drain_queued();
+            self.on_ready()?;
+            self.maybe_snapshot()?;
+            self.check_caught_up();
+            self.publish_status();
+        }
+    }
+
+    /// Takes whatever else is already queued, so it shares this Ready cycle.
+    fn drain_queued(&mut self) {
+        for _ in 0..MAX_STEPS_PER_CYCLE {
+            match self.inbox.try_recv() {
+                Ok(msg) => self.step(msg),
+                Err(_) => break,
+            }
+        }
+        for _ in 0..self.cfg.max_batch {
+            match self.requests.try_recv() {
+                Ok(request) => self.on_request(request),
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn step(&mut self, mut msg: Message) {
+        let (from, msg_type) = (msg.from, msg.get_msg_type());
+        match msg_type {
+            MessageType::MsgAppend | MessageType::MsgHeartbeat => {
+                if let Some(catch_up) = self.catch_up.as_mut()
+                    && msg.term >= self.raw.raft.term
+                {
+                    catch_up.leader_commit = catch_up.leader_commit.max(msg.commit);
+                    catch_up.heard_leader = true;
+                }
+                // A leader that still believes we hold entries our damaged log lost sends a
+                // commit index past our log, which raft treats as fatal: commit what we have.
+                let last = self.raw.raft.raft_log.last_index();
+                if msg_type == MessageType::MsgHeartbeat && msg.commit > last {
+                    tracing::debug!(
+                        node = self.id,
+                        from,
+                        commit = msg.commit,
+                        last,
+                        "heartbeat commit past our log"
+                    );
+                    msg.commit = last;
+                }
+            }
+            MessageType::MsgAppendResponse if msg.reject => {
+                self.forget_lost_entries(from, msg.index, msg.reject_hint);
+            }
+            MessageType::MsgRequestVote
+            | MessageType::MsgRequestPreVote
+            | MessageType::MsgTimeoutNow
+                if self.catch_up.is_some() =>
+            {
+                tracing::debug!(
+                    node = self.id,
+                    from,
+                    ?msg_type,
+                    "not voting until caught up after log damage"
+                );
+                return;
+            }
+            _ => {}
+        }
+        if let Err(e) = self.raw.step(msg) {
+            // Messages from removed or unknown peers, stale local messages: nothing to do.
+            tracing::debug!(node = self.id, from, ?msg_type, error = %e, "raft message ignored");
+        }
+    }
+
+    fn on_tick(&mut self) {
+        self.ticks += 1;
+        if self.catch_up.is_none() {
+            // (While catching up after log damage, no election timer: no campaigns.)
+            self.raw.tick();
+        }
+        self.watch_snapshot_transfers();
+        let retry_after = self.cfg.election_ticks as u64;
+        for seq in self.reads.due_for_retry(self.ticks, retry_after) {
+            self.raw.read_index(encode_ctx(self.incarnation, seq));
+        }
+        self.proposals.purge_closed();
+        self.reads.purge_closed();
+    }
+
+    fn next_ctx(&mut self) -> (u64, Vec<u8>) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        (seq, encode_ctx(self.incarnation, seq))
+    }
+
+    fn on_request(&mut self, request: Request) {
+        match request {
+            Request::Propose { data, reply } => {
+                self.propose(Proposal::Command(data), Reply::Command(reply))
+            }
+            Request::ChangeMembership { change, reply } => {
+                self.propose(Proposal::ConfChange(change), Reply::Membership(reply));
+            }
+            Request::ReadIndex { reply } => {
+                let (seq, ctx) = self.next_ctx();
+                self.raw.read_index(ctx);
+                self.reads.insert(seq, reply, self.ticks);
+            }
+            Request::ReportUnreachable { peer } => self.raw.report_unreachable(peer),
+            Request::ReportSnapshot { peer, delivered } => {
+                let status = if delivered {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.raw.report_snapshot(peer, status);
+            }
+            Request::TransferLeadership { to } => self.raw.transfer_leader(to),
+        }
+    }
+
+    fn propose(&mut self, proposal: Proposal, reply: Reply) {
+        if self.raw.raft.state != StateRole::Leader {
+            reply.fail(ProposeError::NotLeader {
+                leader_id: known(self.raw.raft.leader_id),
+            });
+            return;
+        }
+        if let Proposal::ConfChange(change) = &proposal
+            && change
+                .get_changes()
+                .iter()
+                .any(|c| c.node_id == self.id && c.get_change_type() == ConfChangeType::RemoveNode)
+        {
+            // raft-rs keeps a removed leader leading; hand leadership over first.
+            reply.fail(ProposeError::MembershipChange(format!(
+                "node {} is the leader: transfer leadership to another member before removing it",
+                self.id
+            )));
+            return;
+        }
+        let (_, ctx) = self.next_ctx();
+        let before = self.raw.raft.raft_log.last_index();
+        let result = match proposal {
+            Proposal::Command(data) => self.raw.propose(ctx.clone(), data),
+            Proposal::ConfChange(change) => self.raw.propose_conf_change(ctx.clone(), change),
+        };
+        let index = self.raw.raft.raft_log.last_index();
+        match result {
+            Ok(()) if index > before => {
+                self.proposals.insert(index, self.raw.raft.term, ctx, reply);
+            }
+            Ok(()) => reply.fail(ProposeError::Refused("no entry was appended".into())),
+            Err(e) => reply.fail(ProposeError::Refused(e.to_string())),
+        }
+    }
+
+    /// One Ready cycle, in the order of the module docs.
+    fn on_ready(&mut self) -> Result<(), NodeError> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.raw.ready();
+
+        if let Some(ss) = ready.ss() {
+            self.on_role_change(ss.raft_state, ss.leader_id);
+        }
+        if !ready.messages().is_empty() {
+            self.transport.send(ready.take_messages());
+        }
+        if !ready.snapshot().is_empty() {
+            self.install_snapshot(ready.snapshot().clone())?;
+        }
+        self.apply_entries(ready.take_committed_entries())?;
+        for rs in ready.take_read_states() {
+            match decode_ctx(&rs.request_ctx) {
+                Some((incarnation, seq)) if incarnation == self.incarnation => {
+                    self.reads.confirmed(seq, rs.index);
+                }
+                _ => {}
+            }
+        }
+        self.raw.mut_store().persist(ready.entries(), ready.hs())?;
+        if !ready.persisted_messages().is_empty() {
+            self.transport.send(ready.take_persisted_messages());
+        }
+
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().set_commit(commit);
+        }
+        if !light.messages().is_empty() {
+            self.transport.send(light.take_messages());
+        }
+        self.apply_entries(light.take_committed_entries())?;
+        self.raw.advance_apply_to(self.applied);
+
+        self.reads.resolve(self.applied);
+        Ok(())
+    }
+
+    fn on_role_change(&mut self, role: StateRole, leader_id: u64) {
+        let was_leader = self.role == StateRole::Leader;
+        self.role = role;
+        tracing::info!(
+            node = self.id,
+            term = self.raw.raft.term,
+            role = ?role,
+            leader = leader_id,
+            "raft role changed"
+        );
+        if was_leader && role != StateRole::Leader {
+            let leader_id = known(leader_id);
+            self.proposals
+                .fail_all(|_| ProposeError::LeadershipLost { leader_id });
+        }
+        if role != StateRole::Leader {
+            self.snapshot_waits.clear();
+        }
+    }
+
+    fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), NodeError> {
+        let meta = snapshot.get_metadata();
+        let (index, term) = (meta.index, meta.term);
+        tracing::info!(
+            node = self.id,
+            index,
+            term,
+            bytes = snapshot.data.len(),
+            "installing a snapshot from the leader"
+        );
+        let data = snapshot.data.clone();
+        self.raw.mut_store().apply_snapshot(snapshot)?;
+        self.fsm.restore(index, &data)?;
+        self.applied = index;
+        self.snapshot_index = index;
+        self.proposals
+            .fail_through(index, |i| ProposeError::Dropped { index: i });
+        Ok(())
+    }
+
+    fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<(), NodeError> {
+        for entry in entries {
+            let index = entry.index;
+            if index <= self.applied {
+                continue;
+            }
+            let output = match entry.get_entry_type() {
+                EntryType::EntryNormal if entry.data.is_empty() => {
+                    self.fsm.apply_empty(index);
+                    Output::Empty
+                }
+                EntryType::EntryNormal => Output::Command(self.fsm.apply(index, &entry.data)?),
+                EntryType::EntryConfChange => {
+                    let cc = ConfChange::parse_from_bytes(&entry.data).map_err(|source| {
+                        NodeError::Decode {
+                            what: "conf change",
+                            index,
+                            source,
+                        }
+                    })?;
+                    let changed = (index > self.raw.store().conf_index())
+                        .then(|| self.raw.apply_conf_change(&cc));
+                    self.record_conf_change(index, changed)?
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let cc = ConfChangeV2::parse_from_bytes(&entry.data).map_err(|source| {
+                        NodeError::Decode {
+                            what: "conf change",
+                            index,
+                            source,
+                        }
+                    })?;
+                    let changed = (index > self.raw.store().conf_index())
+                        .then(|| self.raw.apply_conf_change(&cc));
+                    self.record_conf_change(index, changed)?
+                }
+            };
+            self.applied = index;
+            self.proposals
+                .resolve(index, entry.term, &entry.context, output);
+        }
+        Ok(())
+    }
+
+    /// Persists the outcome of applying the conf change at `index` to raft (`None`: it was
+    /// already part of the conf state this node restarted with).
+    fn record_conf_change(
+        &mut self,
+        index: u64,
+        changed: Option<raft::Result<ConfState>>,
+    ) -> Result<Output, NodeError> {
+        let result = match changed {
+            None => Ok(self.raw.raft.prs().conf().to_conf_state()),
+            Some(changed) => match changed {
+                Ok(cs) => {
+                    self.raw.mut_store().set_conf_state(cs.clone(), index)?;
+                    tracing::info!(
+                        node = self.id,
+                        index,
+                        voters = ?sorted(&cs.voters),
+                        learners = ?sorted(&cs.learners),
+                        "membership changed"
+                    );
+                    Ok(cs)
+                }
+                Err(e) => {
+                    tracing::warn!(node = self.id, index, error = %e, "membership change refused");
+                    Err(e.to_string())
+                }
+            },
+        };
+        self.fsm.apply_empty(index);
+        Ok(Output::Membership(result.map(|cs| Membership {
+            index,
+            voters: sorted(&cs.voters),
+            learners: sorted(&cs.learners),
+        })))
+    }
+
+    /// Snapshots the state machine every `snapshot_threshold` applied entries, or when raft
+    /// needs a newer snapshot than the stored one (for a new member), and compacts the log
+    /// behind it.
+    fn maybe_snapshot(&mut self) -> Result<(), NodeError> {
+        let wanted = self.raw.store().take_snapshot_request();
+        let due = self.applied >= self.snapshot_index + self.cfg.snapshot_threshold;
+        if !(due || wanted)
+            || self.applied <= self.snapshot_index
+            // While replaying after a restart the conf state may be ahead of `applied`.
+            || self.applied < self.raw.store().conf_index()
+        {
+            return Ok(());
+        }
+        let index = self.applied;
+        let conf_state = self.raw.raft.prs().conf().to_conf_state();
+        let data = self.fsm.snapshot();
+        let bytes = data.len();
+        let store = self.raw.mut_store();
+        store.create_snapshot(index, conf_state, data)?;
+        let compact_to = (index + 1).saturating_sub(self.cfg.snapshot_catch_up_entries);
+        store.compact(compact_to)?;
+        self.snapshot_index = index;
+        tracing::info!(
+            node = self.id,
+            index,
+            bytes,
+            first_index = compact_to.max(1),
+            for_peer = wanted,
+            "state snapshot taken; log compacted"
+        );
+        Ok(())
+    }
+
+    /// After log damage this node neither votes nor campaigns (it may have lost entries it had
+    /// acknowledged, so its vote could help elect a leader missing committed entries) until it
+    /// has applied everything a leader says is committed.
+    fn check_caught_up(&mut self) {
+        if let Some(c) = &self.catch_up
+            && c.heard_leader
+            && self.applied >= c.leader_commit.max(c.min_commit)
+        {
+            tracing::info!(
+                node = self.id,
+                applied = self.applied,
+                "caught up with the leader after log damage; voting again"
+            );
+            self.catch_up = None;
+        }
+    }
+
+    /// Leader side of the same story: a follower rejecting an append with a last index below
+    /// what it acknowledged has lost entries. raft-rs would ignore the rejection as stale and
+    /// keep believing the old match index; lower it so the entries are sent again.
+    fn forget_lost_entries(&mut self, peer: u64, rejected: u64, peer_last: u64) {
+        if self.raw.raft.state != StateRole::Leader {
+            return;
+        }
+        let id = self.id;
+        if let Some(pr) = self.raw.raft.mut_prs().get_mut(peer)
+            && rejected >= pr.matched
+            && peer_last < pr.matched
+        {
+            tracing::warn!(
+                node = id,
+                peer,
+                matched = pr.matched,
+                peer_last,
+                "a follower lost log entries it had acknowledged; replicating them again"
+            );
+            pr.matched = peer_last;
+        }
+    }
+
+    /// raft-rs waits for a snapshot transfer to be reported; when the transport cannot tell
+    /// (a dropped message), give up after a while so raft sends a fresh one.
+    fn watch_snapshot_transfers(&mut self) {
+        if self.raw.raft.state != StateRole::Leader {
+            return;
+        }
+        let sending: Vec<u64> = self
+            .raw
+            .raft
+            .prs()
+            .iter()
+            .filter(|(_, pr)| pr.state == ProgressState::Snapshot)
+            .map(|(id, _)| *id)
+            .collect();
+        self.snapshot_waits.retain(|id, _| sending.contains(id));
+        let limit = SNAPSHOT_WAIT_ELECTIONS * self.cfg.election_ticks as u64;
+        for peer in sending {
+            let waited = self.snapshot_waits.entry(peer).or_insert(0);
+            *waited += 1;
+            if *waited > limit {
+                *waited = 0;
+                tracing::warn!(
+                    node = self.id,
+                    peer,
+                    "snapshot transfer unanswered; sending again"
+                );
+                self.raw.report_snapshot(peer, SnapshotStatus::Failure);
+            }
+        }
+    }
+
+    fn publish_status(&mut self) {
+        let raft = &self.raw.raft;
+        let conf = raft.prs().conf().to_conf_state();
+        let status = NodeStatus {
+            id: self.id,
+            role: raft.state.into(),
+            leader_id: known(raft.leader_id),
+            term: raft.term,
+            commit_index: raft.raft_log.committed,
+            applied_index: self.applied,
+            first_index: raft.raft_log.first_index(),
+            last_index: raft.raft_log.last_index(),
+            snapshot_index: self.snapshot_index,
+            voters: sorted(&conf.voters),
+            learners: sorted(&conf.learners),
+        };
+        self.status.send_if_modified(|current| {
+            if *current == status {
+                false
+            } else {
+                *current = status;
+                true
+            }
+        });
+    }
+}
+
+/// What a client asked to append.
+enum Proposal {
+    Command(Vec<u8>),
+    ConfChange(ConfChangeV2),
+}
+
+/// The first state of a new group: a snapshot at index 1, term 1, holding the initial voters
+/// and an empty state machine. Every initial member writes the same one, and members added
+/// later start from a leader's snapshot, so all replicas share one history from index 1.
+fn bootstrap_snapshot(members: &[u64]) -> Snapshot {
+    let mut snapshot = Snapshot {
+        data: fsm_snapshot::encode_empty(1).into(),
+        ..Default::default()
+    };
+    let meta = snapshot.mut_metadata();
+    meta.index = 1;
+    meta.term = 1;
+    meta.set_conf_state(ConfState {
+        voters: members.to_vec(),
+        ..Default::default()
+    });
+    snapshot
+}
+
+fn known(id: u64) -> Option<u64> {
+    (id != raft::INVALID_ID).then_some(id)
+}
+
+fn sorted(ids: &[u64]) -> Vec<u64> {
+    let mut v = ids.to_vec();
+    v.sort_unstable();
+    v
+}

@@ -1,0 +1,554 @@
+//! `DiskStorage` against the behaviour of raft-rs's `MemStorage` (its tests, ported: the
+//! storage is seeded through a snapshot at index 2, so the term of index 2 is known rather
+//! than compacted), plus durability: reopen, torn and corrupt tails, compaction, snapshots.
+
+use std::error::Error;
+use std::fs::{self, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use protobuf::Message as PbMessage;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, Storage, StorageError as RaftStorageError};
+
+use super::{DamageKind, DiskStorage, StorageError, StorageOptions};
+
+type TestResult = Result<(), Box<dyn Error>>;
+
+fn new_entry(index: u64, term: u64) -> Entry {
+    Entry {
+        index,
+        term,
+        data: format!("entry {index}/{term}").into_bytes().into(),
+        ..Default::default()
+    }
+}
+
+fn new_snapshot(index: u64, term: u64, voters: Vec<u64>) -> Snapshot {
+    let mut s = Snapshot::default();
+    s.mut_metadata().index = index;
+    s.mut_metadata().term = term;
+    s.mut_metadata().mut_conf_state().voters = voters;
+    s.data = b"state".to_vec().into();
+    s
+}
+
+fn open(dir: &Path) -> Result<DiskStorage, StorageError> {
+    DiskStorage::open(dir, &StorageOptions::default())
+}
+
+fn open_small(dir: &Path) -> Result<DiskStorage, StorageError> {
+    DiskStorage::open(dir, &StorageOptions { segment_bytes: 256 })
+}
+
+/// A storage whose log is `ents`, preceded by a snapshot at the index before them.
+fn storage_with(dir: &Path, ents: &[Entry]) -> Result<DiskStorage, StorageError> {
+    let mut s = open(dir)?;
+    let first = ents.first().map_or(1, |e| e.index);
+    s.apply_snapshot(new_snapshot(first - 1, first - 1, vec![1, 2, 3]))?;
+    s.append(ents)?;
+    Ok(s)
+}
+
+fn ents_3_4_5() -> Vec<Entry> {
+    vec![new_entry(3, 3), new_entry(4, 4), new_entry(5, 5)]
+}
+
+fn all_entries(s: &DiskStorage) -> Result<Vec<Entry>, raft::Error> {
+    let (first, last) = (s.first_index()?, s.last_index()?);
+    s.entries(first, last + 1, None, GetEntriesContext::empty(false))
+}
+
+fn segments(dir: &Path) -> Result<Vec<PathBuf>, std::io::Error> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir.join("log"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+fn last_segment(dir: &Path) -> Result<PathBuf, Box<dyn Error>> {
+    Ok(segments(dir)?.pop().ok_or("no segment")?)
+}
+
+#[test]
+fn term_like_memstorage() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let s = storage_with(tmp.path(), &ents_3_4_5())?;
+    assert_eq!(
+        s.term(1),
+        Err(raft::Error::Store(RaftStorageError::Compacted))
+    );
+    assert_eq!(s.term(2), Ok(2), "the snapshot's term");
+    assert_eq!(s.term(3), Ok(3));
+    assert_eq!(s.term(4), Ok(4));
+    assert_eq!(s.term(5), Ok(5));
+    assert_eq!(
+        s.term(6),
+        Err(raft::Error::Store(RaftStorageError::Unavailable))
+    );
+    Ok(())
+}
+
+#[test]
+fn entries_like_memstorage() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let ents = vec![
+        new_entry(3, 3),
+        new_entry(4, 4),
+        new_entry(5, 5),
+        new_entry(6, 6),
+    ];
+    let s = storage_with(tmp.path(), &ents)?;
+    let size = |i: usize| u64::from(ents[i].compute_size());
+    let max = u64::MAX;
+    let cases: Vec<(u64, u64, u64, raft::Result<Vec<Entry>>)> = vec![
+        (
+            2,
+            6,
+            max,
+            Err(raft::Error::Store(RaftStorageError::Compacted)),
+        ),
+        (3, 4, max, Ok(vec![new_entry(3, 3)])),
+        (4, 5, max, Ok(vec![new_entry(4, 4)])),
+        (4, 6, max, Ok(vec![new_entry(4, 4), new_entry(5, 5)])),
+        (4, 7, max, Ok(ents[1..].to_vec())),
+        // even with a zero budget the first entry is returned
+        (4, 7, 0, Ok(vec![new_entry(4, 4)])),
+        (4, 7, size(1) + size(2), Ok(ents[1..3].to_vec())),
+        (
+            4,
+            7,
+            size(1) + size(2) + size(3) / 2,
+            Ok(ents[1..3].to_vec()),
+        ),
+        (
+            4,
+            7,
+            size(1) + size(2) + size(3) - 1,
+            Ok(ents[1..3].to_vec()),
+        ),
+        (4, 7, size(1) + size(2) + size(3), Ok(ents[1..].to_vec())),
+    ];
+    for (i, (lo, hi, max_size, want)) in cases.into_iter().enumerate() {
+        let got = s.entries(lo, hi, max_size, GetEntriesContext::empty(false));
+        assert_eq!(got, want, "case {i}");
+    }
+    assert_eq!(
+        s.entries(4, 8, None, GetEntriesContext::empty(false)),
+        Err(raft::Error::Store(RaftStorageError::Unavailable)),
+        "past the end"
+    );
+    Ok(())
+}
+
+#[test]
+fn first_and_last_index_like_memstorage() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut s = storage_with(tmp.path(), &ents_3_4_5())?;
+    assert_eq!(s.first_index()?, 3);
+    assert_eq!(s.last_index()?, 5);
+    s.append(&[new_entry(6, 5)])?;
+    assert_eq!(s.last_index()?, 6);
+    s.compact(4)?;
+    assert_eq!(s.first_index()?, 4);
+    Ok(())
+}
+
+#[test]
+fn compact_like_memstorage() -> TestResult {
+    // (compact index, first index, its term, entries left)
+    for (i, (idx, windex, wterm, wlen)) in [(2, 3, 3, 3), (3, 3, 3, 3), (4, 4, 4, 2), (5, 5, 5, 1)]
+        .into_iter()
+        .enumerate()
+    {
+        let tmp = tempfile::tempdir()?;
+        let mut s = storage_with(tmp.path(), &ents_3_4_5())?;
+        s.compact(idx)?;
+        let index = s.first_index()?;
+        assert_eq!(index, windex, "case {i}");
+        let first = s.entries(index, index + 1, 1, GetEntriesContext::empty(false))?;
+        assert_eq!(first.first().map(|e| e.term), Some(wterm), "case {i}");
+        assert_eq!(all_entries(&s)?.len(), wlen, "case {i}");
+    }
+    let tmp = tempfile::tempdir()?;
+    let mut s = storage_with(tmp.path(), &ents_3_4_5())?;
+    assert!(s.compact(7).is_err(), "cannot compact past the end");
+    Ok(())
+}
+
+#[test]
+fn append_like_memstorage() -> TestResult {
+    let cases: Vec<(Vec<Entry>, Option<Vec<Entry>>)> = vec![
+        (ents_3_4_5(), Some(ents_3_4_5())),
+        (
+            vec![new_entry(3, 3), new_entry(4, 6), new_entry(5, 6)],
+            Some(vec![new_entry(3, 3), new_entry(4, 6), new_entry(5, 6)]),
+        ),
+        (
+            vec![
+                new_entry(3, 3),
+                new_entry(4, 4),
+                new_entry(5, 5),
+                new_entry(6, 5),
+            ],
+            Some(vec![
+                new_entry(3, 3),
+                new_entry(4, 4),
+                new_entry(5, 5),
+                new_entry(6, 5),
+            ]),
+        ),
+        // overwriting compacted entries is refused
+        (
+            vec![new_entry(2, 3), new_entry(3, 3), new_entry(4, 5)],
+            None,
+        ),
+        // truncate the existing entries and append
+        (
+            vec![new_entry(4, 5)],
+            Some(vec![new_entry(3, 3), new_entry(4, 5)]),
+        ),
+        // direct append
+        (
+            vec![new_entry(6, 6)],
+            Some(vec![
+                new_entry(3, 3),
+                new_entry(4, 4),
+                new_entry(5, 5),
+                new_entry(6, 6),
+            ]),
+        ),
+        // a gap is refused
+        (vec![new_entry(8, 6)], None),
+    ];
+    for (i, (entries, want)) in cases.into_iter().enumerate() {
+        let tmp = tempfile::tempdir()?;
+        let mut s = storage_with(tmp.path(), &ents_3_4_5())?;
+        let res = s.append(&entries);
+        match want {
+            Some(want) => {
+                res?;
+                assert_eq!(all_entries(&s)?, want, "case {i}");
+                // and the same after a restart
+                drop(s);
+                assert_eq!(all_entries(&open(tmp.path())?)?, want, "case {i} reopened");
+            }
+            None => {
+                assert!(res.is_err(), "case {i}");
+                assert_eq!(all_entries(&s)?, ents_3_4_5(), "case {i} unchanged");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn apply_snapshot_like_memstorage() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut s = open(tmp.path())?;
+    assert!(!s.is_initialized());
+    s.apply_snapshot(new_snapshot(4, 4, vec![1, 2, 3]))?;
+    assert!(s.is_initialized());
+    assert!(matches!(
+        s.apply_snapshot(new_snapshot(3, 3, vec![1, 2, 3])),
+        Err(StorageError::SnapshotOutOfDate { .. })
+    ));
+    Ok(())
+}
+
+#[test]
+fn snapshot_is_served_unless_too_old() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut s = open(tmp.path())?;
+    let unavailable = Err(raft::Error::Store(
+        RaftStorageError::SnapshotTemporarilyUnavailable,
+    ));
+    assert_eq!(s.snapshot(0, 2), unavailable, "nothing to serve yet");
+    assert!(s.take_snapshot_request());
+    s.apply_snapshot(new_snapshot(4, 4, vec![1, 2]))?;
+    assert_eq!(s.snapshot(3, 2)?, new_snapshot(4, 4, vec![1, 2]));
+    assert!(!s.take_snapshot_request());
+    assert_eq!(s.snapshot(5, 2), unavailable);
+    assert!(s.take_snapshot_request());
+    // A peer added after the snapshot would refuse it: a fresh one is needed.
+    assert_eq!(s.snapshot(0, 3), unavailable);
+    assert!(s.take_snapshot_request());
+    Ok(())
+}
+
+#[test]
+fn everything_survives_a_restart() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut s = storage_with(tmp.path(), &ents_3_4_5())?;
+    let mut hs = HardState {
+        term: 5,
+        vote: 2,
+        commit: 4,
+        ..Default::default()
+    };
+    s.set_hard_state(&hs)?;
+    let cs = ConfState {
+        voters: vec![1, 2, 3, 4],
+        ..Default::default()
+    };
+    s.set_conf_state(cs.clone(), 5)?;
+    s.set_commit(5);
+    s.append(&[new_entry(6, 5)])?; // carries the commit record
+    drop(s);
+
+    let s = open(tmp.path())?;
+    let state = s.initial_state()?;
+    hs.commit = 5;
+    assert_eq!(state.hard_state, hs);
+    assert_eq!(state.conf_state, cs);
+    assert_eq!(s.conf_index(), 5);
+    assert_eq!(
+        all_entries(&s)?,
+        vec![
+            new_entry(3, 3),
+            new_entry(4, 4),
+            new_entry(5, 5),
+            new_entry(6, 5)
+        ]
+    );
+    assert_eq!(s.term(2)?, 2);
+    assert_eq!(s.recovery().damage, None);
+    Ok(())
+}
+
+#[test]
+fn an_overwritten_suffix_stays_overwritten_after_restart() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut s = storage_with(tmp.path(), &ents_3_4_5())?;
+    s.append(&[new_entry(6, 5), new_entry(7, 5)])?;
+    s.append(&[new_entry(5, 7)])?;
+    drop(s);
+    let s = open(tmp.path())?;
+    assert_eq!(
+        all_entries(&s)?,
+        vec![new_entry(3, 3), new_entry(4, 4), new_entry(5, 7)]
+    );
+    Ok(())
+}
+
+#[test]
+fn a_torn_tail_is_truncated_to_the_last_good_record() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut s = storage_with(tmp.path(), &ents_3_4_5())?;
+    s.append(&[new_entry(6, 5)])?;
+    drop(s);
+    // Cut the last record in half, as a crash during the write would.
+    let seg = last_segment(tmp.path())?;
+    let len = fs::metadata(&seg)?.len();
+    OpenOptions::new()
+        .write(true)
+        .open(&seg)?
+        .set_len(len - 7)?;
+
+    let mut s = open(tmp.path())?;
+    let damage = s.recovery().damage.clone().ok_or("damage not reported")?;
+    assert!(damage.reason.contains("torn"), "{}", damage.reason);
+    assert_eq!(damage.kind, DamageKind::TornWrite);
+    assert_eq!(s.last_index()?, 5);
+    assert_eq!(all_entries(&s)?, ents_3_4_5());
+    // The log is clean again: appends continue and survive another restart.
+    s.append(&[new_entry(6, 6)])?;
+    drop(s);
+    let s = open(tmp.path())?;
+    assert_eq!(s.recovery().damage, None);
+    assert_eq!(s.last_index()?, 6);
+    assert_eq!(s.term(6)?, 6);
+    Ok(())
+}
+
+#[test]
+fn a_flipped_byte_cuts_the_log_there() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut s = storage_with(tmp.path(), &ents_3_4_5())?;
+    s.append(&[new_entry(6, 5)])?;
+    s.append(&[new_entry(7, 5)])?;
+    drop(s);
+    // Flip a byte inside the record of entry 6 (the second to last record).
+    let seg = last_segment(tmp.path())?;
+    let bytes = fs::read(&seg)?;
+    let needle = b"entry 6/5";
+    let pos = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .ok_or("entry 6 not found")?;
+    let mut f = OpenOptions::new().write(true).open(&seg)?;
+    f.seek(SeekFrom::Start(pos as u64))?;
+    f.write_all(&[bytes[pos] ^ 0x40])?;
+    drop(f);
+
+    let s = open(tmp.path())?;
+    let damage = s.recovery().damage.clone().ok_or("damage not reported")?;
+    assert!(damage.reason.contains("checksum"), "{}", damage.reason);
+    assert_eq!(
+        damage.kind,
+        DamageKind::Corrupt,
+        "complete records follow it"
+    );
+    assert_eq!(
+        all_entries(&s)?,
+        ents_3_4_5(),
+        "entry 7 is after the damage"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_zero_filled_tail_is_a_torn_write() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let s = storage_with(tmp.path(), &ents_3_4_5())?;
+    drop(s);
+    // The file grew but its last blocks never got their data.
+    let seg = last_segment(tmp.path())?;
+    OpenOptions::new()
+        .append(true)
+        .open(&seg)?
+        .write_all(&[0u8; 100])?;
+    let s = open(tmp.path())?;
+    let damage = s.recovery().damage.clone().ok_or("damage not reported")?;
+    assert_eq!(damage.kind, DamageKind::TornWrite);
+    assert_eq!(damage.dropped_bytes, 100);
+    assert_eq!(all_entries(&s)?, ents_3_4_5());
+    Ok(())
+}
+
+#[test]
+fn a_commit_past_the_surviving_log_is_lowered() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut s = storage_with(tmp.path(), &ents_3_4_5())?;
+    s.append(&[new_entry(6, 5)])?;
+    let hs = HardState {
+        term: 5,
+        commit: 6,
+        ..Default::default()
+    };
+    s.set_hard_state(&hs)?;
+    drop(s);
+    let seg = last_segment(tmp.path())?;
+    let len = fs::metadata(&seg)?.len();
+    // Remove the commit record and half of entry 6.
+    let bytes = fs::read(&seg)?;
+    let needle = b"entry 6/5";
+    let pos = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .ok_or("entry 6 not found")?;
+    OpenOptions::new()
+        .write(true)
+        .open(&seg)?
+        .set_len(pos as u64)?;
+    assert!((pos as u64) < len);
+
+    let s = open(tmp.path())?;
+    assert_eq!(s.recovery().commit_clamped, Some((6, 5)));
+    assert_eq!(s.initial_state()?.hard_state.commit, 5);
+    assert_eq!(
+        s.initial_state()?.hard_state.term,
+        5,
+        "term and vote are kept"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_snapshot_compacts_the_log_and_removes_whole_segments() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut s = open_small(tmp.path())?;
+    s.apply_snapshot(new_snapshot(2, 2, vec![1]))?;
+    for i in 3..=40 {
+        s.append(&[new_entry(i, 3)])?;
+    }
+    let before = segments(tmp.path())?.len();
+    assert!(before > 3, "small segments rotate: {before}");
+
+    let cs = ConfState {
+        voters: vec![1],
+        ..Default::default()
+    };
+    s.create_snapshot(30, cs.clone(), b"fsm at 30".to_vec())?;
+    s.compact(31)?;
+    assert_eq!(s.first_index()?, 31);
+    assert_eq!(s.term(30)?, 3);
+    assert_eq!(
+        s.term(29),
+        Err(raft::Error::Store(RaftStorageError::Compacted))
+    );
+    let after = segments(tmp.path())?.len();
+    assert!(after < before, "segments {before} -> {after}");
+    assert!(s.initial_state()?.hard_state.commit >= 30);
+
+    drop(s);
+    let s = open_small(tmp.path())?;
+    assert_eq!(s.first_index()?, 31);
+    assert_eq!(s.last_index()?, 40);
+    assert_eq!(s.latest_snapshot().get_metadata().index, 30);
+    assert_eq!(&s.latest_snapshot().data[..], b"fsm at 30");
+    assert_eq!(s.latest_snapshot().get_metadata().get_conf_state(), &cs);
+    assert_eq!(s.initial_state()?.hard_state.commit, 30);
+    Ok(())
+}
+
+#[test]
+fn a_received_snapshot_replaces_the_log() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut s = storage_with(tmp.path(), &ents_3_4_5())?;
+    s.append(&[new_entry(6, 5), new_entry(7, 5)])?;
+    // The leader's snapshot at 10 does not contain our (uncommitted) 6 and 7.
+    s.apply_snapshot(new_snapshot(10, 8, vec![1, 2]))?;
+    assert_eq!(s.first_index()?, 11);
+    assert_eq!(s.last_index()?, 10);
+    assert_eq!(s.term(10)?, 8);
+    s.append(&[new_entry(11, 8)])?;
+    drop(s);
+
+    let s = open(tmp.path())?;
+    assert_eq!(all_entries(&s)?, vec![new_entry(11, 8)]);
+    let state = s.initial_state()?;
+    assert_eq!(state.hard_state.commit, 10);
+    assert_eq!(state.hard_state.term, 8);
+    assert_eq!(state.conf_state.voters, vec![1, 2]);
+    assert_eq!(s.segment_count(), 1, "old segments removed");
+    Ok(())
+}
+
+#[test]
+fn create_snapshot_refuses_unknown_or_old_indices() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut s = storage_with(tmp.path(), &ents_3_4_5())?;
+    assert!(s.create_snapshot(9, ConfState::default(), vec![]).is_err());
+    assert!(s.create_snapshot(2, ConfState::default(), vec![]).is_err());
+    assert_eq!(
+        s.create_snapshot(4, ConfState::default(), vec![1])?
+            .get_metadata()
+            .term,
+        4
+    );
+    Ok(())
+}
+
+#[test]
+fn a_damaged_state_file_is_an_error_not_a_reset() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut s = storage_with(tmp.path(), &ents_3_4_5())?;
+    let hs = HardState {
+        term: 9,
+        ..Default::default()
+    };
+    s.set_hard_state(&hs)?;
+    drop(s);
+    let path = tmp.path().join("state");
+    let mut bytes = fs::read(&path)?;
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    fs::write(&path, bytes)?;
+    assert!(matches!(
+        open(tmp.path()),
+        Err(StorageError::Corrupt { .. })
+    ));
+    Ok(())
+}

@@ -1,0 +1,368 @@
+//! The in-memory object store. Writes come only from the state machine, in log order, and are
+//! deterministic: the same commands at the same indices give the same objects on every replica.
+
+use std::collections::{BTreeMap, HashMap};
+
+use tug_api::v1::{ObjectMeta, Service};
+
+use super::watch::{EventKind, WatchError, WatchEvent, WatchHub, Watcher};
+
+/// Objects are keyed by (namespace, name).
+pub type ServiceKey = (String, String);
+
+/// The namespace an object without one lands in.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// What an apply did to one object (like kubectl's created / configured / unchanged).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    Created,
+    Configured,
+    Unchanged,
+}
+
+/// The result of applying one service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceResult {
+    pub namespace: String,
+    pub name: String,
+    pub outcome: ApplyOutcome,
+    pub generation: u64,
+}
+
+/// A command the store refuses; deterministic, so every replica refuses it the same way, and
+/// nothing of the command is applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("service #{position} of the request has no metadata")]
+    MissingMetadata { position: usize },
+    #[error("service #{position} of the request has an empty name")]
+    EmptyName { position: usize },
+    #[error("service {namespace}/{name} has no spec")]
+    MissingSpec { namespace: String, name: String },
+}
+
+/// Services (tasks, nodes and subnet allocations join later), the revision of the last applied
+/// log entry, and the change log for watches.
+#[derive(Debug)]
+pub struct Store {
+    services: BTreeMap<ServiceKey, Service>,
+    revision: u64,
+    watch: WatchHub,
+}
+
+impl Store {
+    pub(crate) fn new(watch_history: usize) -> Self {
+        Self {
+            services: BTreeMap::new(),
+            revision: 0,
+            watch: WatchHub::new(watch_history),
+        }
+    }
+
+    /// The log index of the last entry applied to this store.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    pub fn get_service(&self, namespace: &str, name: &str) -> Option<&Service> {
+        self.services
+            .get(&(normalize_namespace(namespace).to_string(), name.to_string()))
+    }
+
+    /// Services in `namespace` (every namespace if `None`) whose labels include all of
+    /// `selector`, ordered by namespace and name.
+    pub fn list_services(
+        &self,
+        namespace: Option<&str>,
+        selector: &HashMap<String, String>,
+    ) -> Vec<&Service> {
+        self.services
+            .iter()
+            .filter(|((ns, _), _)| namespace.is_none_or(|want| ns == normalize_namespace(want)))
+            .filter(|(_, svc)| {
+                let labels = svc.metadata.as_ref().map(|m| &m.labels);
+                selector
+                    .iter()
+                    .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+            })
+            .map(|(_, svc)| svc)
+            .collect()
+    }
+
+    /// Every service, ordered by namespace and name.
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.services.values()
+    }
+
+    /// Changes with revision `>= from_revision` (0: from the next change on). A revision older
+    /// than the kept history fails with [`WatchError::Compacted`]: list, then watch from
+    /// `revision() + 1` under the same read lock.
+    pub fn watch(&self, from_revision: u64) -> Result<Watcher, WatchError> {
+        self.watch.subscribe(from_revision, self.revision)
+    }
+
+    /// Changes at or below this revision are no longer available to watches.
+    pub fn compacted_revision(&self) -> u64 {
+        self.watch.compacted()
+    }
+
+    /// Marks the entry at `index` applied (every entry, whatever it changed).
+    pub(crate) fn advance(&mut self, index: u64) {
+        self.revision = self.revision.max(index);
+    }
+
+    /// Create-or-update a batch of services at log index `index`. All of the batch is applied or,
+    /// if any service is invalid, none of it.
+    pub(crate) fn apply_services(
+        &mut self,
+        index: u64,
+        services: Vec<Service>,
+    ) -> Result<Vec<ServiceResult>, StoreError> {
+        for (position, svc) in services.iter().enumerate() {
+            let meta = svc
+                .metadata
+                .as_ref()
+                .ok_or(StoreError::MissingMetadata { position })?;
+            if meta.name.is_empty() {
+                return Err(StoreError::EmptyName { position });
+            }
+            if svc.spec.is_none() {
+                return Err(StoreError::MissingSpec {
+                    namespace: normalize_namespace(&meta.namespace).to_string(),
+                    name: meta.name.clone(),
+                });
+            }
+        }
+        let mut results = Vec::with_capacity(services.len());
+        for svc in services {
+            results.push(self.apply_service(index, svc));
+        }
+        Ok(results)
+    }
+
+    fn apply_service(&mut self, index: u64, svc: Service) -> ServiceResult {
+        let meta = svc.metadata.unwrap_or_default();
+        let namespace = normalize_namespace(&meta.namespace).to_string();
+        let key = (namespace.clone(), meta.name.clone());
+        let (outcome, stored) = match self.services.get(&key) {
+            None => {
+                let stored = Service {
+                    metadata: Some(ObjectMeta {
+                        name: meta.name,
+                        namespace,
+                        labels: meta.labels,
+                        create_revision: index,
+                        revision: index,
+                        generation: 1,
+                    }),
+                    spec: svc.spec,
+                };
+                (ApplyOutcome::Created, stored)
+            }
+            Some(old) => {
+                let old_meta = old.metadata.clone().unwrap_or_default();
+                let spec_changed = old.spec != svc.spec;
+                if !spec_changed && old_meta.labels == meta.labels {
+                    return ServiceResult {
+                        namespace: key.0,
+                        name: key.1,
+                        outcome: ApplyOutcome::Unchanged,
+                        generation: old_meta.generation,
+                    };
+                }
+                let stored = Service {
+                    metadata: Some(ObjectMeta {
+                        labels: meta.labels,
+                        revision: index,
+                        generation: old_meta.generation + u64::from(spec_changed),
+                        ..old_meta
+                    }),
+                    spec: svc.spec,
+                };
+                (ApplyOutcome::Configured, stored)
+            }
+        };
+        let generation = stored.metadata.as_ref().map_or(0, |m| m.generation);
+        self.services.insert(key.clone(), stored.clone());
+        self.watch.publish(WatchEvent {
+            kind: EventKind::Put,
+            service: stored,
+            revision: index,
+        });
+        ServiceResult {
+            namespace: key.0,
+            name: key.1,
+            outcome,
+            generation,
+        }
+    }
+
+    /// Deletes a service at log index `index`; false if there was none.
+    pub(crate) fn delete_service(&mut self, index: u64, namespace: &str, name: &str) -> bool {
+        let key = (normalize_namespace(namespace).to_string(), name.to_string());
+        match self.services.remove(&key) {
+            Some(old) => {
+                self.watch.publish(WatchEvent {
+                    kind: EventKind::Delete,
+                    service: old,
+                    revision: index,
+                });
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Replaces everything with restored state at `revision` (snapshot install); watchers resync.
+    pub(crate) fn replace(&mut self, revision: u64, services: BTreeMap<ServiceKey, Service>) {
+        self.services = services;
+        self.revision = revision;
+        self.watch.reset(revision);
+    }
+}
+
+/// The empty namespace is the default one.
+pub fn normalize_namespace(namespace: &str) -> &str {
+    if namespace.is_empty() {
+        DEFAULT_NAMESPACE
+    } else {
+        namespace
+    }
+}
+
+/// The key a service is stored under.
+pub(crate) fn service_key(svc: &Service) -> ServiceKey {
+    let meta = svc.metadata.as_ref();
+    (
+        normalize_namespace(meta.map_or("", |m| m.namespace.as_str())).to_string(),
+        meta.map_or(String::new(), |m| m.name.clone()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tug_api::v1::ServiceSpec;
+
+    pub(crate) fn service(name: &str, image: &str) -> Service {
+        Service {
+            metadata: Some(ObjectMeta {
+                name: name.into(),
+                labels: [("app".to_string(), name.to_string())].into(),
+                ..Default::default()
+            }),
+            spec: Some(ServiceSpec {
+                image: image.into(),
+                replicas: 1,
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn meta(store: &Store, name: &str) -> ObjectMeta {
+        store
+            .get_service("default", name)
+            .and_then(|s| s.metadata.clone())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn apply_creates_configures_and_leaves_unchanged() -> Result<(), StoreError> {
+        let mut store = Store::new(100);
+        let r = store.apply_services(5, vec![service("web", "nginx:1")])?;
+        assert_eq!(r[0].outcome, ApplyOutcome::Created);
+        assert_eq!(r[0].generation, 1);
+        assert_eq!(r[0].namespace, "default");
+        let m = meta(&store, "web");
+        assert_eq!((m.create_revision, m.revision, m.generation), (5, 5, 1));
+
+        let r = store.apply_services(6, vec![service("web", "nginx:1")])?;
+        assert_eq!(r[0].outcome, ApplyOutcome::Unchanged);
+        assert_eq!(
+            meta(&store, "web").revision,
+            5,
+            "unchanged keeps the revision"
+        );
+
+        let r = store.apply_services(7, vec![service("web", "nginx:2")])?;
+        assert_eq!(
+            (r[0].outcome, r[0].generation),
+            (ApplyOutcome::Configured, 2)
+        );
+        let m = meta(&store, "web");
+        assert_eq!((m.create_revision, m.revision, m.generation), (5, 7, 2));
+
+        // A label-only change is configured but not a new generation.
+        let mut relabeled = service("web", "nginx:2");
+        if let Some(m) = relabeled.metadata.as_mut() {
+            m.labels.insert("tier".into(), "front".into());
+        }
+        let r = store.apply_services(8, vec![relabeled])?;
+        assert_eq!(
+            (r[0].outcome, r[0].generation),
+            (ApplyOutcome::Configured, 2)
+        );
+        assert_eq!(meta(&store, "web").revision, 8);
+        Ok(())
+    }
+
+    #[test]
+    fn an_invalid_service_rejects_the_whole_batch() {
+        let mut store = Store::new(100);
+        let mut nameless = service("", "x");
+        if let Some(m) = nameless.metadata.as_mut() {
+            m.name.clear();
+        }
+        let err = store.apply_services(3, vec![service("ok", "x"), nameless]);
+        assert_eq!(err, Err(StoreError::EmptyName { position: 1 }));
+        assert!(store.get_service("default", "ok").is_none());
+    }
+
+    #[test]
+    fn list_filters_by_namespace_and_labels() -> Result<(), StoreError> {
+        let mut store = Store::new(100);
+        let mut other = service("db", "pg");
+        if let Some(m) = other.metadata.as_mut() {
+            m.namespace = "prod".into();
+        }
+        store.apply_services(2, vec![service("web", "x"), service("api", "y"), other])?;
+        let none = HashMap::new();
+        assert_eq!(store.list_services(None, &none).len(), 3);
+        assert_eq!(store.list_services(Some("default"), &none).len(), 2);
+        assert_eq!(store.list_services(Some(""), &none).len(), 2);
+        let sel = [("app".to_string(), "api".to_string())].into();
+        let names: Vec<_> = store
+            .list_services(None, &sel)
+            .iter()
+            .map(|s| service_key(s).1)
+            .collect();
+        assert_eq!(names, vec!["api".to_string()]);
+        Ok(())
+    }
+
+    #[test]
+    fn delete_removes_and_reports_absence() -> Result<(), StoreError> {
+        let mut store = Store::new(100);
+        store.apply_services(2, vec![service("web", "x")])?;
+        assert!(store.delete_service(3, "", "web"));
+        assert!(!store.delete_service(4, "default", "web"));
+        assert!(store.get_service("default", "web").is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn changes_reach_watchers_in_order() -> Result<(), Box<dyn std::error::Error>> {
+        let mut store = Store::new(100);
+        let mut w = store.watch(0)?;
+        store.apply_services(2, vec![service("web", "x")])?;
+        store.apply_services(3, vec![service("web", "x")])?; // unchanged: no event
+        store.delete_service(4, "default", "web");
+        let first = w.try_next().ok_or("no event")??;
+        assert_eq!((first.kind, first.revision), (EventKind::Put, 2));
+        let second = w.try_next().ok_or("no event")??;
+        assert_eq!((second.kind, second.revision), (EventKind::Delete, 4));
+        assert!(w.try_next().is_none());
+        Ok(())
+    }
+}

@@ -1,0 +1,265 @@
+//! The change log behind watches: every replica keeps its most recent changes in memory and
+//! streams them, in apply order, to subscribers from a given revision on.
+//!
+//! A subscriber asking for a revision older than what is kept, one that falls too far behind,
+//! and every subscriber of a replica that restores a snapshot (its history is replaced
+//! wholesale) gets an error saying so; the API answers that with a full resync
+//! (list at a revision, then watch from the next one).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use tokio::sync::broadcast;
+use tug_api::v1::Service;
+
+/// What happened to an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// Created or changed; the event carries the new object.
+    Put,
+    /// Deleted; the event carries the object as it was before the delete.
+    Delete,
+}
+
+/// One change, at the revision (log index) that made it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatchEvent {
+    pub kind: EventKind,
+    pub service: Service,
+    pub revision: u64,
+}
+
+/// Why a watch cannot continue from where it is; every case means "resync, then watch again".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WatchError {
+    #[error(
+        "revision {requested} has been compacted (changes up to {compacted} are no longer kept); \
+         resync with a full list"
+    )]
+    Compacted { requested: u64, compacted: u64 },
+    #[error(
+        "the watcher fell {missed} changes behind and they were dropped; resync with a full list"
+    )]
+    Lagged { missed: u64 },
+    #[error("the replica restored a snapshot at revision {revision}; resync with a full list")]
+    Reset { revision: u64 },
+    #[error("the store was shut down")]
+    Closed,
+}
+
+#[derive(Debug, Clone)]
+enum Change {
+    Event(Arc<WatchEvent>),
+    Reset { revision: u64 },
+}
+
+/// Recent history plus the fan-out channel. Mutated only under the store's write lock, so a
+/// subscriber (under the read lock) sees history and live events without gap or overlap.
+#[derive(Debug)]
+pub(crate) struct WatchHub {
+    history: VecDeque<Arc<WatchEvent>>,
+    capacity: usize,
+    /// Changes at revisions `<= compacted` are not in `history` any more.
+    compacted: u64,
+    tx: broadcast::Sender<Change>,
+}
+
+impl WatchHub {
+    pub(crate) fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        let (tx, _) = broadcast::channel(capacity.clamp(64, 65_536));
+        Self {
+            history: VecDeque::new(),
+            capacity,
+            compacted: 0,
+            tx,
+        }
+    }
+
+    pub(crate) fn publish(&mut self, event: WatchEvent) {
+        let event = Arc::new(event);
+        if self.history.len() >= self.capacity
+            && let Some(old) = self.history.pop_front()
+        {
+            self.compacted = self.compacted.max(old.revision);
+        }
+        self.history.push_back(Arc::clone(&event));
+        // No receivers is fine: nobody is watching.
+        let _ = self.tx.send(Change::Event(event));
+    }
+
+    /// The state was replaced (snapshot restore) at `revision`: history is gone, and every
+    /// current subscriber must resync.
+    pub(crate) fn reset(&mut self, revision: u64) {
+        self.history.clear();
+        self.compacted = revision;
+        let _ = self.tx.send(Change::Reset { revision });
+    }
+
+    /// Changes with revision `>= from`, or from the next change on if `from` is 0.
+    pub(crate) fn subscribe(&self, from: u64, current: u64) -> Result<Watcher, WatchError> {
+        let from = if from == 0 { current + 1 } else { from };
+        if from <= self.compacted {
+            return Err(WatchError::Compacted {
+                requested: from,
+                compacted: self.compacted,
+            });
+        }
+        let backlog = self
+            .history
+            .iter()
+            .filter(|e| e.revision >= from)
+            .cloned()
+            .collect();
+        Ok(Watcher {
+            backlog,
+            rx: self.tx.subscribe(),
+            from,
+        })
+    }
+
+    pub(crate) fn compacted(&self) -> u64 {
+        self.compacted
+    }
+}
+
+/// A stream of changes in apply order. Dropping it unsubscribes.
+#[derive(Debug)]
+pub struct Watcher {
+    backlog: VecDeque<Arc<WatchEvent>>,
+    rx: broadcast::Receiver<Change>,
+    from: u64,
+}
+
+impl Watcher {
+    /// The next change, waiting for one if none is pending.
+    pub async fn next(&mut self) -> Result<Arc<WatchEvent>, WatchError> {
+        if let Some(event) = self.backlog.pop_front() {
+            return Ok(event);
+        }
+        loop {
+            let change = self.rx.recv().await;
+            if let Some(result) = self.filter(change) {
+                return result;
+            }
+        }
+    }
+
+    /// The next change if one is already pending, without waiting.
+    pub fn try_next(&mut self) -> Option<Result<Arc<WatchEvent>, WatchError>> {
+        if let Some(event) = self.backlog.pop_front() {
+            return Some(Ok(event));
+        }
+        loop {
+            let change = match self.rx.try_recv() {
+                Err(broadcast::error::TryRecvError::Empty) => return None,
+                Ok(change) => Ok(change),
+                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                    Err(broadcast::error::RecvError::Lagged(n))
+                }
+                Err(broadcast::error::TryRecvError::Closed) => {
+                    Err(broadcast::error::RecvError::Closed)
+                }
+            };
+            if let Some(result) = self.filter(change) {
+                return Some(result);
+            }
+        }
+    }
+
+    fn filter(
+        &mut self,
+        change: Result<Change, broadcast::error::RecvError>,
+    ) -> Option<Result<Arc<WatchEvent>, WatchError>> {
+        match change {
+            Ok(Change::Event(event)) if event.revision >= self.from => Some(Ok(event)),
+            Ok(Change::Event(_)) => None,
+            Ok(Change::Reset { revision }) => Some(Err(WatchError::Reset { revision })),
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                Some(Err(WatchError::Lagged { missed }))
+            }
+            Err(broadcast::error::RecvError::Closed) => Some(Err(WatchError::Closed)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tug_api::v1::ObjectMeta;
+
+    fn event(name: &str, revision: u64) -> WatchEvent {
+        WatchEvent {
+            kind: EventKind::Put,
+            service: Service {
+                metadata: Some(ObjectMeta {
+                    name: name.into(),
+                    ..Default::default()
+                }),
+                spec: None,
+            },
+            revision,
+        }
+    }
+
+    fn name(e: &WatchEvent) -> &str {
+        e.service.metadata.as_ref().map_or("", |m| m.name.as_str())
+    }
+
+    #[tokio::test]
+    async fn history_then_live_events_without_gap_or_overlap() -> Result<(), WatchError> {
+        let mut hub = WatchHub::new(10);
+        hub.publish(event("a", 2));
+        hub.publish(event("b", 3));
+        let mut w = hub.subscribe(3, 3)?;
+        hub.publish(event("c", 4));
+        assert_eq!(name(&*w.next().await?), "b");
+        assert_eq!(name(&*w.next().await?), "c");
+        assert!(w.try_next().is_none());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn zero_means_from_now_on() -> Result<(), WatchError> {
+        let mut hub = WatchHub::new(10);
+        hub.publish(event("a", 2));
+        let mut w = hub.subscribe(0, 2)?;
+        assert!(w.try_next().is_none());
+        hub.publish(event("b", 3));
+        assert_eq!(name(&*w.next().await?), "b");
+        Ok(())
+    }
+
+    #[test]
+    fn an_evicted_revision_is_reported_compacted() {
+        let mut hub = WatchHub::new(2);
+        for rev in 2..6 {
+            hub.publish(event("x", rev));
+        }
+        assert_eq!(hub.compacted(), 3);
+        assert_eq!(
+            hub.subscribe(3, 5).err(),
+            Some(WatchError::Compacted {
+                requested: 3,
+                compacted: 3
+            })
+        );
+        assert!(hub.subscribe(4, 5).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_reset_makes_every_watcher_resync() -> Result<(), WatchError> {
+        let mut hub = WatchHub::new(10);
+        let mut w = hub.subscribe(0, 1)?;
+        hub.reset(50);
+        assert_eq!(
+            w.next().await.err(),
+            Some(WatchError::Reset { revision: 50 })
+        );
+        assert!(matches!(
+            hub.subscribe(50, 50),
+            Err(WatchError::Compacted { .. })
+        ));
+        Ok(())
+    }
+}
