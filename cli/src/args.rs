@@ -89,7 +89,7 @@ pub enum Command {
     /// Allow scheduling onto a drained node again.
     Uncordon(NodeArgs),
     /// Run one container on this machine, without a controller (like `docker run`).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List this machine's containers (running ones; -a for all).
     Ps {
         #[arg(short, long)]

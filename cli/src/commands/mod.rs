@@ -52,7 +52,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Nodes => not_built("nodes", "agents, scheduling, reconciliation"),
         Command::Drain(_) => not_built("drain", "agents, scheduling, reconciliation"),
         Command::Uncordon(_) => not_built("uncordon", "agents, scheduling, reconciliation"),
-        Command::Run(args) => run::run(&cli.global, args),
+        Command::Run(args) => run::run(&cli.global, *args),
         Command::Runtime(cmd) => runtime::run(&cli.global, cmd),
         Command::Image(cmd) => image::run(&cli.global, cmd),
         Command::Monitor { state_dir } => {
