@@ -16,7 +16,7 @@ use nix::unistd::{Pid, pipe2};
 use oci_spec::runtime::Spec;
 
 use super::cgroups::{Cgroup, CgroupDriver};
-use super::state::{RuntimeOptions, State, StateDir, Status, now, read_json, write_json};
+use super::state::{RuntimeOptions, State, StateDir, read_json, write_json};
 
 type Created = (Pid, Cgroup, State, OwnedFd, OwnedFd, RuntimeOptions);
 
@@ -75,18 +75,7 @@ pub fn create(sd: &StateDir, runtime: PathBuf, opts: RuntimeOptions) -> Result<C
     let cgroup = CgroupDriver::detect()
         .and_then(|d| Cgroup::open(&d, &opts.cgroup_path))
         .map_err(|e| cleanup(e.to_string()))?;
-    let state = State {
-        id,
-        status: Status::Created,
-        pid: Some(pid.as_raw()),
-        monitor_pid: std::process::id() as i32,
-        created_at: now(),
-        started_at: None,
-        finished_at: None,
-        exit_code: None,
-        signal: None,
-        oom_killed: false,
-    };
+    let state = State::created(id, pid.as_raw());
     sd.write_state(&state).map_err(|e| e.to_string())?;
     Ok((pid, cgroup, state, out_r, err_r, opts))
 }

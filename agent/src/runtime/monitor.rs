@@ -133,22 +133,7 @@ fn create(sd: &StateDir) -> Result<Created, String> {
     let result = clone_init(sd, spec, rootfs, seccomp, &cgroup);
     match result {
         Ok((pid, sync, stdout, stderr)) => {
-            let state = State {
-                id: sd
-                    .path()
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-                status: Status::Created,
-                pid: Some(pid.as_raw()),
-                monitor_pid: std::process::id() as i32,
-                created_at: now(),
-                started_at: None,
-                finished_at: None,
-                exit_code: None,
-                signal: None,
-                oom_killed: false,
-            };
+            let state = State::created(state_id(sd), pid.as_raw());
             sd.write_state(&state).map_err(|e| e.to_string())?;
             Ok(Created {
                 pid,

@@ -61,6 +61,22 @@ pub struct State {
 }
 
 impl State {
+    /// A container just created (its process waits for start), supervised by this process.
+    pub fn created(id: String, pid: i32) -> State {
+        State {
+            id,
+            status: Status::Created,
+            pid: Some(pid),
+            monitor_pid: std::process::id() as i32,
+            created_at: now(),
+            started_at: None,
+            finished_at: None,
+            exit_code: None,
+            signal: None,
+            oom_killed: false,
+        }
+    }
+
     /// What a shell would report: the exit code, or 128 + the signal.
     pub fn exit_status(&self) -> Option<i32> {
         match (self.exit_code, self.signal) {
