@@ -3,13 +3,19 @@
 
 use std::error::Error;
 
-const PROTOS: &[&str] = &["tug/v1/objects.proto", "tug/v1/control.proto"];
+const PROTOS: &[&str] = &[
+    "tug/v1/objects.proto",
+    "tug/v1/control.proto",
+    "tug/v1/raft.proto",
+];
 
 fn main() -> Result<(), Box<dyn Error>> {
     let fds = protox::compile(PROTOS, ["proto"])?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Clients print objects as JSON or YAML.
+        .type_attribute(".tug.v1", "#[derive(serde::Serialize)]")
         .compile_fds(fds)?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())

@@ -6,7 +6,7 @@
 
 pub mod manifest;
 
-/// `tug.v1`: objects, the operator's Control service.
+/// `tug.v1`: objects, the operator's Control service, and the Raft peer service.
 pub mod v1 {
     #![allow(missing_debug_implementations, clippy::all)]
     tonic::include_proto!("tug.v1");

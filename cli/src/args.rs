@@ -13,8 +13,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     long_about = "tug: a multi-host container orchestrator in one binary.\n\n\
         Roles: `controller` (a Raft replica and API server), `agent` (one per machine), `up` \
         (a single-host cluster in one process). Client: `apply`, `get`, `describe`, `delete`, \
-        `logs`, `exec`, `scale`, `rollout`, `nodes`, `drain`, `uncordon`. This machine only: \
-        `run`, `runtime`, `image`.",
+        `cluster status`, `logs`, `exec`, `scale`, `rollout`, `nodes`, `drain`, `uncordon`. \
+        This machine only: `run`, `runtime`, `image`.",
     propagate_version = true
 )]
 pub struct Cli {
@@ -73,6 +73,9 @@ pub enum Command {
     Describe(ObjectArgs),
     /// Delete objects by name or by manifest file.
     Delete(ObjectArgs),
+    /// The controller cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Print a container's output.
     Logs(LogsArgs),
     /// Run a command inside a running container.
@@ -158,12 +161,35 @@ pub struct ApplyArgs {
 #[derive(Debug, Args)]
 pub struct ObjectArgs {
     /// Object kind: service, task or node.
-    pub kind: String,
+    #[arg(required_unless_present = "files")]
+    pub kind: Option<String>,
     /// Object name.
     pub name: Option<String>,
-    /// Namespace.
-    #[arg(short, long, default_value = "default")]
-    pub namespace: String,
+    /// Namespace (default: `default`; `get` without a name lists every namespace).
+    #[arg(short, long)]
+    pub namespace: Option<String>,
+    /// The objects described in these manifest files or directories (`delete -f`).
+    #[arg(short = 'f', long = "filename")]
+    pub files: Vec<PathBuf>,
+    /// Output format (`get`): a table by default.
+    #[arg(short, long, value_enum)]
+    pub output: Option<OutputFormat>,
+    /// Read this controller's state as it is, without confirming it with the leader.
+    #[arg(long)]
+    pub stale: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Json,
+    Yaml,
+    Wide,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// The controllers: members, leader, term, commit and applied index.
+    Status,
 }
 
 #[derive(Debug, Args)]

@@ -62,10 +62,9 @@ fn runtime_help_lists_the_oci_verbs() {
 #[test]
 fn unbuilt_roles_say_so_in_one_line_and_fail() {
     for args in [
-        &["controller", "--id", "1"][..],
-        &["agent", "--join", "127.0.0.1:7440"],
+        &["agent", "--join", "127.0.0.1:7440"][..],
         &["up"],
-        &["apply", "-f", "manifests/"],
+        &["describe", "service", "web"],
     ] {
         let out = tug(args);
         assert_eq!(out.status.code(), Some(69), "{args:?}");

@@ -9,11 +9,18 @@
 //!   seam, and the [`raft::NodeHandle`] the API server proposes and reads through;
 //! - [`fsm`]: the deterministic state machine (typed commands, snapshots);
 //! - [`state`]: the in-memory store it applies to, with the change log behind watches;
-//! - [`testing`]: an in-memory fault-injecting network and a cluster harness for tests.
+//! - [`testing`]: an in-memory fault-injecting network and a cluster harness for tests;
+//! - [`api_server`]: the operator's Control API (any replica accepts any call; writes are
+//!   forwarded to the leader);
+//! - [`server`]: one replica (node, gRPC peer transport and API on one listener), [`run`].
 //!
-//! Not built yet: the API server (next), nodes, scheduler and reconciler (a later issue).
+//! Not built yet: nodes, scheduler and reconciler (a later issue).
 
+pub mod api_server;
 pub mod fsm;
 pub mod raft;
+pub mod server;
 pub mod state;
 pub mod testing;
+
+pub use server::{ControllerConfig, ServerError, run};

@@ -3,12 +3,14 @@
 
 use std::fmt;
 
+mod client;
 mod containers;
+mod controller;
 pub mod image;
 mod run;
 pub mod runtime;
 
-use crate::args::{Cli, Command};
+use crate::args::{Cli, ClusterCommand, Command};
 
 /// A role or command that exists in the interface but whose implementation has not landed.
 /// It fails loudly with one line instead of pretending to work.
@@ -33,13 +35,14 @@ impl std::error::Error for NotBuilt {}
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let not_built = |command, issue| Err(NotBuilt { command, issue }.into());
     match cli.command {
-        Command::Controller(_) => not_built("controller", "Controller"),
+        Command::Controller(args) => controller::run(&cli.global, args),
         Command::Agent(_) => not_built("agent", "agents, scheduling, reconciliation"),
         Command::Up => not_built("up", "agents, scheduling, reconciliation"),
-        Command::Apply(_) => not_built("apply", "Controller"),
-        Command::Get(_) => not_built("get", "Controller"),
+        Command::Apply(args) => client::apply(&cli.global, &args.files),
+        Command::Get(args) => client::get(&cli.global, &args),
         Command::Describe(_) => not_built("describe", "agents, scheduling, reconciliation"),
-        Command::Delete(_) => not_built("delete", "Controller"),
+        Command::Delete(args) => client::delete(&cli.global, &args),
+        Command::Cluster(ClusterCommand::Status) => client::cluster_status(&cli.global),
         Command::Logs(args) => containers::logs(&cli.global, &args.task, args.follow),
         Command::Exec(args) => containers::exec(&cli.global, &args.task, &args.command, &args.env),
         Command::Ps { all } => containers::ps(&cli.global, all),

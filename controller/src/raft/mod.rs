@@ -8,6 +8,7 @@
 //! incoming messages to the node's [`Mailbox`].
 
 mod config;
+pub mod grpc_transport;
 mod handle;
 mod logger;
 mod node;
@@ -17,6 +18,7 @@ pub mod storage;
 pub mod transport;
 
 pub use config::NodeConfig;
+pub use grpc_transport::{GrpcTransport, RaftService, Reachability};
 pub use handle::{Applied, Membership, NodeHandle, ProposeError, ReadConsistency, ReadError};
 pub use node::{Node, NodeError, spawn};
 pub use status::{NodeStatus, Role};

@@ -1,0 +1,303 @@
+//! The operator's client commands: `apply`, `get`, `delete`, `cluster status`. Each talks to any
+//! controller of `--controller ADDR[,ADDR]` (or `TUG_CONTROLLER`), trying the next address when
+//! one cannot be reached.
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Response, Status};
+use tug_api::v1::control_client::ControlClient;
+use tug_api::v1::{
+    self, ApplyRequest, ClusterStatusRequest, DeleteRequest, GetRequest, ListRequest, ReadOptions,
+    apply_result,
+};
+
+use crate::args::{GlobalArgs, ObjectArgs, OutputFormat};
+use crate::output::table;
+
+/// Where a client goes without `--controller`.
+const DEFAULT_CONTROLLER: &str = "127.0.0.1:7440";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longer than a controller's own write timeout, so its clear error arrives first.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn addresses(global: &GlobalArgs) -> Vec<String> {
+    let addrs: Vec<String> = global
+        .controller
+        .iter()
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .collect();
+    if addrs.is_empty() {
+        vec![DEFAULT_CONTROLLER.to_string()]
+    } else {
+        addrs
+    }
+}
+
+fn block_on<T>(f: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(f)
+}
+
+/// Runs `call` against the first controller that answers; an unreachable or unavailable one
+/// gives way to the next address.
+async fn call<T, F, Fut>(addrs: &[String], call: F) -> anyhow::Result<T>
+where
+    F: Fn(ControlClient<Channel>) -> Fut,
+    Fut: Future<Output = Result<Response<T>, Status>>,
+{
+    let mut last = None;
+    for addr in addrs {
+        let url = if addr.contains("://") {
+            addr.clone()
+        } else {
+            format!("http://{addr}")
+        };
+        let endpoint = Endpoint::from_shared(url)
+            .with_context(|| format!("{addr:?} is not a controller address (HOST:PORT)"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(CALL_TIMEOUT);
+        let channel = match endpoint.connect().await {
+            Ok(channel) => channel,
+            Err(err) => {
+                tracing::debug!(addr = %addr, cause = %err, "controller unreachable");
+                last = Some(anyhow!("cannot reach the controller at {addr}"));
+                continue;
+            }
+        };
+        match call(ControlClient::new(channel)).await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status) if status.code() == Code::Unavailable => {
+                tracing::debug!(addr = %addr, ?status, "controller unavailable");
+                last = Some(anyhow!("{addr}: {}", status.message()));
+            }
+            Err(status) => return Err(anyhow!("{}", status.message())),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow!("no controller address given")))
+}
+
+/// One line (or block) to stdout; a closed pipe (`| head`) ends output quietly.
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}") {
+        Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow!("cannot write the output: {err}"))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn check_kind(kind: Option<&str>) -> anyhow::Result<()> {
+    match kind {
+        Some("service" | "services" | "svc") => Ok(()),
+        Some(other) => bail!("unknown kind {other:?}; known kinds: service"),
+        None => bail!("name a kind (e.g. `service`) or give manifests with -f"),
+    }
+}
+
+/// Loads manifests; invalid ones print every error (file:line:col: ...) and fail.
+fn load(files: &[std::path::PathBuf]) -> anyhow::Result<Vec<v1::Service>> {
+    match tug_api::manifest::load(files) {
+        Ok(loaded) => Ok(loaded.iter().map(|l| l.manifest.to_proto()).collect()),
+        Err(errors) => {
+            for error in &errors.0 {
+                eprintln!("{error}");
+            }
+            bail!(
+                "{} error(s) in the manifests; nothing was applied",
+                errors.0.len()
+            )
+        }
+    }
+}
+
+pub fn apply(global: &GlobalArgs, files: &[std::path::PathBuf]) -> anyhow::Result<()> {
+    let services = load(files)?;
+    let addrs = addresses(global);
+    let response = block_on(call(&addrs, |mut c| {
+        let request = ApplyRequest {
+            services: services.clone(),
+        };
+        async move { c.apply(request).await }
+    }))?;
+    for result in &response.results {
+        let outcome = match result.outcome() {
+            apply_result::Outcome::Created => "created",
+            apply_result::Outcome::Configured => "configured",
+            apply_result::Outcome::Unchanged => "unchanged",
+            apply_result::Outcome::Unspecified => "applied",
+        };
+        emit(&format!("service/{} {outcome}", result.name))?;
+    }
+    Ok(())
+}
+
+pub fn get(global: &GlobalArgs, args: &ObjectArgs) -> anyhow::Result<()> {
+    check_kind(args.kind.as_deref())?;
+    let addrs = addresses(global);
+    let read = Some(ReadOptions { stale: args.stale });
+    match &args.name {
+        Some(name) => {
+            let request = GetRequest {
+                namespace: args.namespace.clone().unwrap_or_default(),
+                name: name.clone(),
+                read,
+            };
+            let response = block_on(call(&addrs, |mut c| {
+                let request = request.clone();
+                async move { c.get(request).await }
+            }))?;
+            let service = response.service.unwrap_or_default();
+            match args.output {
+                Some(OutputFormat::Json) => emit(&serde_json::to_string_pretty(&service)?)?,
+                Some(OutputFormat::Yaml) => emit(serde_yaml_ng::to_string(&service)?.trim_end())?,
+                wide => emit(&services_table(&[service], wide))?,
+            }
+        }
+        None => {
+            let request = ListRequest {
+                namespace: args.namespace.clone().unwrap_or_default(),
+                label_selector: Default::default(),
+                read,
+            };
+            let response = block_on(call(&addrs, |mut c| {
+                let request = request.clone();
+                async move { c.list(request).await }
+            }))?;
+            match args.output {
+                Some(OutputFormat::Json) => emit(&serde_json::to_string_pretty(&response)?)?,
+                Some(OutputFormat::Yaml) => emit(serde_yaml_ng::to_string(&response)?.trim_end())?,
+                _ if response.services.is_empty() => eprintln!("No services found."),
+                wide => emit(&services_table(&response.services, wide))?,
+            }
+        }
+    }
+    Ok(())
+}
+
+fn services_table(services: &[v1::Service], wide: Option<OutputFormat>) -> String {
+    let wide = wide == Some(OutputFormat::Wide);
+    let mut header = vec![
+        "NAME",
+        "NAMESPACE",
+        "IMAGE",
+        "REPLICAS",
+        "GENERATION",
+        "REVISION",
+    ];
+    if wide {
+        header.extend(["PORTS", "LABELS"]);
+    }
+    let rows: Vec<Vec<String>> = services
+        .iter()
+        .map(|svc| {
+            let meta = svc.metadata.clone().unwrap_or_default();
+            let spec = svc.spec.clone().unwrap_or_default();
+            let mut row = vec![
+                meta.name,
+                meta.namespace,
+                spec.image,
+                spec.replicas.to_string(),
+                meta.generation.to_string(),
+                meta.revision.to_string(),
+            ];
+            if wide {
+                let ports: Vec<String> = spec
+                    .ports
+                    .iter()
+                    .map(|p| match p.host_port {
+                        0 => p.container_port.to_string(),
+                        host => format!("{host}:{}", p.container_port),
+                    })
+                    .collect();
+                let mut labels: Vec<String> = meta
+                    .labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                labels.sort();
+                row.push(ports.join(","));
+                row.push(labels.join(","));
+            }
+            row
+        })
+        .collect();
+    table(&header, &rows)
+}
+
+pub fn delete(global: &GlobalArgs, args: &ObjectArgs) -> anyhow::Result<()> {
+    let targets: Vec<(String, String)> = if args.files.is_empty() {
+        check_kind(args.kind.as_deref())?;
+        let Some(name) = &args.name else {
+            bail!("name the service to delete, or give manifests with -f");
+        };
+        vec![(args.namespace.clone().unwrap_or_default(), name.clone())]
+    } else {
+        load(&args.files)?
+            .into_iter()
+            .filter_map(|s| s.metadata)
+            .map(|m| (m.namespace, m.name))
+            .collect()
+    };
+    let addrs = addresses(global);
+    let mut failed = 0;
+    for (namespace, name) in targets {
+        let request = DeleteRequest {
+            namespace,
+            name: name.clone(),
+        };
+        let result = block_on(call(&addrs, |mut c| {
+            let request = request.clone();
+            async move { c.delete(request).await }
+        }));
+        match result {
+            Ok(_) => emit(&format!("service/{name} deleted"))?,
+            Err(err) => {
+                eprintln!("tug: {err:#}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} service(s) could not be deleted");
+    }
+    Ok(())
+}
+
+pub fn cluster_status(global: &GlobalArgs) -> anyhow::Result<()> {
+    let addrs = addresses(global);
+    let status = block_on(call(&addrs, |mut c| async move {
+        c.cluster_status(ClusterStatusRequest {}).await
+    }))?;
+    let rows: Vec<Vec<String>> = status
+        .members
+        .iter()
+        .map(|m| {
+            let role = if m.is_leader {
+                "leader"
+            } else if m.voter {
+                "follower"
+            } else {
+                "learner"
+            };
+            vec![m.id.to_string(), m.address.clone(), role.to_string()]
+        })
+        .collect();
+    emit(&table(&["ID", "ADDRESS", "ROLE"], &rows))?;
+    let leader = match status.leader_id {
+        0 => "none".to_string(),
+        id => id.to_string(),
+    };
+    emit(&format!(
+        "leader: {leader}  term: {}  commit: {}  applied: {}",
+        status.term, status.commit_index, status.applied_index
+    ))
+}

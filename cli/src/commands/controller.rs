@@ -1,0 +1,92 @@
+//! `tug controller`: one controller replica until Ctrl-C or SIGTERM.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, bail};
+use tug_controller::ControllerConfig;
+use tug_controller::raft::NodeConfig;
+
+use crate::args::{ControllerArgs, GlobalArgs};
+
+pub fn run(global: &GlobalArgs, args: ControllerArgs) -> anyhow::Result<()> {
+    let peers = parse_peers(args.id, &args.listen, &args.peers)?;
+    let mut node = NodeConfig::new(args.id, global.data_dir.join("controller"));
+    node.initial_members = peers.keys().copied().collect();
+    let cfg = ControllerConfig { node, peers };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        tug_controller::run(cfg, listener, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// `ID=ADDR` entries; none means a one-node cluster of this replica at `listen`.
+fn parse_peers(id: u64, listen: &str, entries: &[String]) -> anyhow::Result<BTreeMap<u64, String>> {
+    if id == 0 {
+        bail!("--id must be 1 or more");
+    }
+    let mut peers = BTreeMap::new();
+    for entry in entries.iter().filter(|e| !e.trim().is_empty()) {
+        let Some((peer, addr)) = entry.split_once('=') else {
+            bail!("--peers entry {entry:?} is not ID=ADDR (e.g. 1=10.0.0.1:7440)");
+        };
+        let peer: u64 = peer
+            .trim()
+            .parse()
+            .ok()
+            .filter(|p| *p != 0)
+            .with_context(|| format!("--peers entry {entry:?}: the id must be a number from 1"))?;
+        if peers.insert(peer, addr.trim().to_string()).is_some() {
+            bail!("--peers names node {peer} twice");
+        }
+    }
+    if peers.is_empty() {
+        peers.insert(id, listen.to_string());
+    }
+    if !peers.contains_key(&id) {
+        bail!("--peers does not include this controller (--id {id})");
+    }
+    Ok(peers)
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sig) => {
+                sig.recv().await;
+            }
+            Err(err) => {
+                tracing::warn!(cause = %err, "cannot watch for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+    tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse_and_must_include_this_replica() -> anyhow::Result<()> {
+        let peers = parse_peers(2, "x", &["1=a:1".into(), "2=b:2".into()])?;
+        assert_eq!(peers.get(&2).map(String::as_str), Some("b:2"));
+        assert_eq!(parse_peers(1, "h:7440", &[])?.len(), 1);
+        assert!(parse_peers(3, "x", &["1=a:1".into()]).is_err());
+        assert!(parse_peers(1, "x", &["1a:1".into()]).is_err());
+        assert!(parse_peers(1, "x", &["1=a".into(), "1=b".into()]).is_err());
+        Ok(())
+    }
+}
