@@ -126,16 +126,43 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct ControllerArgs {
     /// This replica's Raft id (1, 2, ...).
-    #[arg(long)]
-    pub id: u64,
+    #[arg(long, required = true)]
+    pub id: Option<u64>,
     /// Address to serve the API and peer traffic on.
     #[arg(long, default_value = "127.0.0.1:7440")]
     pub listen: String,
     /// Every replica as ID=ADDR, comma-separated (this one included).
     #[arg(long, value_delimiter = ',')]
     pub peers: Vec<String>,
+    /// Start empty and wait to be added to a running cluster (`tug controller add-member`),
+    /// instead of bootstrapping a new cluster from --peers.
+    #[arg(long)]
+    pub join: bool,
+    /// Change the membership of a running cluster (through `--controller`).
+    #[command(subcommand)]
+    pub member: Option<MemberCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MemberCommand {
+    /// Add a controller (started with --join) to the cluster as a voter.
+    AddMember {
+        /// Its Raft id.
+        #[arg(long)]
+        id: u64,
+        /// host:port its peers and clients reach it at (its --listen address).
+        #[arg(long)]
+        address: String,
+    },
+    /// Remove a controller from the cluster (a leader hands leadership over first).
+    RemoveMember {
+        /// Its Raft id.
+        #[arg(long)]
+        id: u64,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -376,3 +376,191 @@ fn three_controller_processes_survive_kill_9_of_the_leader() -> TestResult {
     }
     Ok(())
 }
+
+/// One controller process for tests that need no quorum games; killed when dropped.
+struct Single {
+    addr: String,
+    log: PathBuf,
+    _proc: Proc,
+}
+
+/// Starts `tug controller --id ID --listen ADDR EXTRA...` with its own data dir under `base`.
+fn start_controller(base: &Path, id: u64, port: u16, extra: &[&str]) -> TestResult<Single> {
+    let addr = format!("127.0.0.1:{port}");
+    let log_path = base.join(format!("controller-{id}.log"));
+    let log = File::options().create(true).append(true).open(&log_path)?;
+    let child = tug()
+        .env("RUST_LOG", "info")
+        .args(["controller", "--id", &id.to_string()])
+        .arg("--data-dir")
+        .arg(base.join(format!("node-{id}")))
+        .args(["--listen", &addr])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    Ok(Single {
+        addr,
+        log: log_path,
+        _proc: Proc { child },
+    })
+}
+
+impl Single {
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `tug cluster status` through this controller names a leader.
+    fn wait_for_leader(&self) -> TestResult<u64> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let out = client(&self.addr, &["cluster", "status"])?;
+            let stdout = text(&out.stdout);
+            let leader = stdout
+                .lines()
+                .find_map(|l| l.strip_prefix("leader: "))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|id| id.parse::<u64>().ok());
+            if out.status.success()
+                && let Some(id) = leader
+            {
+                return Ok(id);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("no leader within {WAIT:?}: {stdout}\n{}", self.log()).into());
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn describe_service_prints_metadata_and_spec() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let controller = start_controller(dir.path(), 1, free_port()?, &[])?;
+    controller.wait_for_leader()?;
+    let out = client(&controller.addr, &["apply", "-f", MANIFESTS])?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let out = client(
+        &controller.addr,
+        &["describe", "service", "web", "-n", "shop"],
+    )?;
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for want in [
+        "Name:                web",
+        "Namespace:           shop",
+        "Labels:              app=web, tier=front",
+        "Generation:          1",
+        "  Image:             127.0.0.1:5000/tug-test/busybox:oci",
+        "  Replicas:          3",
+        "  Command:           /bin/sh -c",
+        "    MODE=production",
+        "    http 8080/TCP (published on the node's port 80)",
+        "  Resources:         cpu 250m, memory 64Mi",
+        "    Probe:           http GET :8080/index.html",
+        "    Interval:        5s",
+        "  Stop grace period: 15s",
+        "      role!=db",
+        "    Spread:          zone",
+        "    Order:           start-first",
+        "Tasks:               none (scheduling is not built yet)",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l == want),
+            "{want:?} missing from:\n{stdout}"
+        );
+    }
+    let revision = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Revision:"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .ok_or("no revision line")?;
+    assert!(revision > 1, "{stdout}");
+
+    // A missing service: one clear line, exit 1, nothing on stdout.
+    let out = client(&controller.addr, &["describe", "service", "nope"])?;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("service \"nope\" not found in namespace \"default\""),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+    Ok(())
+}
+
+#[test]
+fn controller_members_are_added_and_removed_by_the_cli() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (p1, p2) = (free_port()?, free_port()?);
+    let peers = format!("1=127.0.0.1:{p1},2=127.0.0.1:{p2}");
+    // Controller 1 founds a one-member cluster; it knows nothing of 2.
+    let one = start_controller(dir.path(), 1, p1, &[])?;
+    one.wait_for_leader()?;
+    let out = client(&one.addr, &["apply", "-f", MANIFESTS])?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Controller 2 starts empty and waits to be added.
+    let two = start_controller(dir.path(), 2, p2, &["--peers", &peers, "--join"])?;
+
+    let out = client(
+        &one.addr,
+        &[
+            "controller",
+            "add-member",
+            "--id",
+            "2",
+            "--address",
+            &two.addr,
+        ],
+    )?;
+    assert!(
+        out.status.success(),
+        "{}\n{}\n{}",
+        text(&out.stderr),
+        one.log(),
+        two.log()
+    );
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("controller 2 added"), "{stdout}");
+    assert!(stdout.contains(&two.addr), "{stdout}");
+
+    // It catches up: its own (stale) view holds every service.
+    let deadline = Instant::now() + WAIT;
+    while names(&two.addr, true).unwrap_or_default().len() < 4 {
+        if Instant::now() > deadline {
+            return Err(format!("controller 2 did not catch up\n{}", two.log()).into());
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+
+    // Removing the leader (1) hands leadership to 2 first; 2 then runs alone.
+    let both = format!("{},{}", one.addr, two.addr);
+    let out = client(&both, &["controller", "remove-member", "--id", "1"])?;
+    assert!(
+        out.status.success(),
+        "{}\n{}\n{}",
+        text(&out.stderr),
+        one.log(),
+        two.log()
+    );
+    assert!(text(&out.stdout).contains("controller 1 removed"));
+    assert_eq!(two.wait_for_leader()?, 2);
+    drop(one);
+    let out = client(&two.addr, &["delete", "service", "hello"])?;
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), two.log());
+    let out = client(&two.addr, &["cluster", "status"])?;
+    let status = text(&out.stdout);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.contains(&two.addr) && l.contains("leader")),
+        "{status}"
+    );
+    assert!(!status.contains(&format!("127.0.0.1:{p1}")), "{status}");
+    Ok(())
+}

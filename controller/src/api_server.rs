@@ -2,10 +2,13 @@
 //!
 //! Writes are proposed to the local node; when it is not the leader the request is forwarded to
 //! the leader (its address comes from the peers map) and the leader's answer is returned. Reads
-//! are linearizable (ReadIndex, on any replica) unless the request asks for a stale read. Every
-//! error becomes a [`Status`] with one clear sentence.
+//! are linearizable (ReadIndex, on any replica) unless the request asks for a stale read.
+//! Membership changes (AddMember, RemoveMember) travel the same way to the leader, which
+//! proposes a Raft conf change carrying the new member's address; a leader asked to remove
+//! itself hands leadership over first and lets the new leader do it. Every error becomes a
+//! [`Status`] with one clear sentence.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -20,13 +23,17 @@ use tonic::{Request, Response, Status};
 use tug_api::v1::control_client::ControlClient;
 use tug_api::v1::control_server::Control;
 use tug_api::v1::{
-    self, ApplyRequest, ApplyResponse, ApplyResult, ClusterStatusRequest, ClusterStatusResponse,
-    DeleteRequest, DeleteResponse, GetRequest, GetResponse, ListRequest, ListResponse, Member,
-    ReadOptions, WatchRequest, apply_result, watch_event,
+    self, AddMemberRequest, ApplyRequest, ApplyResponse, ApplyResult, ClusterStatusRequest,
+    ClusterStatusResponse, DeleteRequest, DeleteResponse, GetRequest, GetResponse, ListRequest,
+    ListResponse, Member, MemberResponse, ReadOptions, RemoveMemberRequest, WatchRequest,
+    apply_result, watch_event,
 };
 
 use crate::fsm::{Command, CommandResult};
-use crate::raft::{Applied, NodeHandle, ProposeError, Reachability, ReadConsistency, ReadError};
+use crate::raft::{
+    Applied, Membership, NodeHandle, NodeStatus, PeerAddresses, ProposeError, Reachability,
+    ReadConsistency, ReadError,
+};
 use crate::state::{ApplyOutcome, EventKind, Store, WatchError, normalize_namespace};
 
 /// Metadata key set on a request one controller forwards to another, so it is never forwarded
@@ -38,6 +45,9 @@ const FORWARDED: &str = "tug-forwarded";
 const FORWARD_RETRY: Duration = Duration::from_secs(5);
 const FORWARD_PAUSE: Duration = Duration::from_millis(200);
 
+/// How long a leader that is being removed waits for one voter to take leadership over.
+const TRANSFER_WAIT: Duration = Duration::from_secs(3);
+
 /// Watch events buffered per client before the stream waits for it.
 const WATCH_BUFFER: usize = 256;
 
@@ -45,35 +55,36 @@ const WATCH_BUFFER: usize = 256;
 #[derive(Debug, Clone)]
 pub struct ControlApi {
     handle: NodeHandle,
-    peers: Arc<BTreeMap<u64, String>>,
+    peers: PeerAddresses,
     reachability: Reachability,
     clients: Arc<Mutex<HashMap<u64, ControlClient<Channel>>>>,
     stopping: watch::Receiver<bool>,
 }
 
-enum Write {
-    Done(Applied),
+enum Write<T> {
+    Done(T),
     Forward(ControlClient<Channel>, u64),
 }
 
 /// A write applied here, or the leader's answer to it.
-enum Written<R> {
-    Here(Applied),
+enum Written<T, R> {
+    Here(T),
     Forwarded(Response<R>),
 }
 
 impl ControlApi {
-    /// `peers`: every replica's id and `host:port`, this one included. `stopping` turning true
-    /// (or its sender going away) ends every open watch.
+    /// `peers`: every replica's id and `host:port`, this one included (the transport keeps it
+    /// current as members change). `stopping` turning true (or its sender going away) ends
+    /// every open watch.
     pub fn new(
         handle: NodeHandle,
-        peers: BTreeMap<u64, String>,
+        peers: PeerAddresses,
         reachability: Reachability,
         stopping: watch::Receiver<bool>,
     ) -> Self {
         Self {
             handle,
-            peers: Arc::new(peers),
+            peers,
             reachability,
             clients: Arc::default(),
             stopping,
@@ -95,7 +106,7 @@ impl ControlApi {
         if let Some(client) = clients.get(&id) {
             return Ok(client.clone());
         }
-        let addr = self.peers.get(&id).ok_or_else(|| {
+        let addr = self.peers.get(id).ok_or_else(|| {
             Status::unavailable(format!(
                 "the leader is node {id}, but this controller does not know its address"
             ))
@@ -112,9 +123,16 @@ impl ControlApi {
         Ok(client)
     }
 
-    /// Proposes `command` here, or says where to forward it.
-    async fn write<T>(&self, request: &Request<T>, command: &Command) -> Result<Write, Status> {
-        match self.handle.propose(command).await {
+    /// Runs the write `op` here (on the leader), or says where to forward it.
+    async fn write<Req, T, Fut>(
+        &self,
+        request: &Request<Req>,
+        op: impl FnOnce() -> Fut,
+    ) -> Result<Write<T>, Status>
+    where
+        Fut: Future<Output = Result<T, ProposeError>>,
+    {
+        match op().await {
             Ok(applied) => Ok(Write::Done(applied)),
             Err(ProposeError::NotLeader {
                 leader_id: Some(id),
@@ -132,22 +150,41 @@ impl ControlApi {
     }
 
     /// Proposes `command` here when this replica leads, or forwards the request to the leader
-    /// with `forward`. A leader that cannot be reached (it may just have died) is retried, as
-    /// soon as another leader is known or after a short pause, for [`FORWARD_RETRY`].
+    /// with `forward`.
     async fn write_or_forward<Req, Resp, F, Fut>(
         &self,
         request: &Request<Req>,
         command: &Command,
         forward: F,
-    ) -> Result<Written<Resp>, Status>
+    ) -> Result<Written<Applied, Resp>, Status>
     where
         Req: Clone,
         F: Fn(ControlClient<Channel>, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
+        self.run_or_forward(request, || self.handle.propose(command), forward)
+            .await
+    }
+
+    /// Runs the write `op` here when this replica leads, or forwards the request to the leader
+    /// with `forward`. A leader that cannot be reached (it may just have died) is retried, as
+    /// soon as another leader is known or after a short pause, for [`FORWARD_RETRY`].
+    async fn run_or_forward<Req, Resp, T, Op, OpFut, F, Fut>(
+        &self,
+        request: &Request<Req>,
+        op: Op,
+        forward: F,
+    ) -> Result<Written<T, Resp>, Status>
+    where
+        Req: Clone,
+        Op: Fn() -> OpFut,
+        OpFut: Future<Output = Result<T, ProposeError>>,
+        F: Fn(ControlClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
         let deadline = Instant::now() + FORWARD_RETRY;
         loop {
-            let (client, leader) = match self.write(request, command).await? {
+            let (client, leader) = match self.write(request, &op).await? {
                 Write::Done(applied) => return Ok(Written::Here(applied)),
                 Write::Forward(client, leader) => (client, leader),
             };
@@ -169,6 +206,73 @@ impl ControlApi {
                 Err(status) => return Err(forward_error(status)),
             }
         }
+    }
+
+    /// The members of `membership` with their addresses and roles.
+    fn members(&self, voters: &[u64], learners: &[u64], leader_id: Option<u64>) -> Vec<Member> {
+        let mut ids: Vec<(u64, bool)> = voters.iter().map(|id| (*id, true)).collect();
+        ids.extend(learners.iter().map(|id| (*id, false)));
+        ids.sort_unstable();
+        ids.into_iter()
+            .map(|(id, voter)| Member {
+                id,
+                address: self.peers.get(id).unwrap_or_default(),
+                is_leader: leader_id == Some(id),
+                voter,
+            })
+            .collect()
+    }
+
+    fn member_response(&self, membership: &Membership) -> MemberResponse {
+        let leader_id = self.handle.status().leader_id;
+        MemberResponse {
+            members: self.members(&membership.voters, &membership.learners, leader_id),
+            revision: membership.index,
+        }
+    }
+
+    /// This replica leads and is to be removed: hands leadership to another voter (trying each
+    /// in turn) and returns the new leader's id.
+    async fn hand_over_leadership(&self) -> Result<u64, Status> {
+        let me = self.handle.id();
+        let candidates: Vec<u64> = self
+            .handle
+            .status()
+            .voters
+            .into_iter()
+            .filter(|id| *id != me)
+            .collect();
+        if candidates.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "node {me} is the only voter; a cluster cannot remove its last member"
+            )));
+        }
+        let moved = |s: &NodeStatus| s.leader_id.is_some_and(|l| l != me);
+        for to in candidates {
+            tracing::info!(
+                node = me,
+                to,
+                "handing leadership over before leaving the group"
+            );
+            self.handle
+                .transfer_leadership(to)
+                .await
+                .map_err(|err| self.propose_status(err))?;
+            let mut updates = self.handle.status_updates();
+            let waited = tokio::time::timeout(TRANSFER_WAIT, async move {
+                updates.wait_for(moved).await.map(|s| s.leader_id).ok()
+            })
+            .await;
+            if let Ok(Some(Some(leader))) = waited {
+                return Ok(leader);
+            }
+            if let Some(leader) = self.handle.status().leader_id.filter(|l| *l != me) {
+                return Ok(leader);
+            }
+        }
+        Err(Status::unavailable(format!(
+            "node {me} leads and could not hand leadership to another member within              {TRANSFER_WAIT:?} each; nothing was changed, retry"
+        )))
     }
 
     fn propose_status(&self, err: ProposeError) -> Status {
@@ -415,18 +519,7 @@ impl Control for ControlApi {
         _request: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
         let status = self.handle.status();
-        let mut ids: Vec<(u64, bool)> = status.voters.iter().map(|id| (*id, true)).collect();
-        ids.extend(status.learners.iter().map(|id| (*id, false)));
-        ids.sort_unstable();
-        let members = ids
-            .into_iter()
-            .map(|(id, voter)| Member {
-                id,
-                address: self.peers.get(&id).cloned().unwrap_or_default(),
-                is_leader: status.leader_id == Some(id),
-                voter,
-            })
-            .collect();
+        let members = self.members(&status.voters, &status.learners, status.leader_id);
         Ok(Response::new(ClusterStatusResponse {
             members,
             leader_id: status.leader_id.unwrap_or(0),
@@ -434,6 +527,79 @@ impl Control for ControlApi {
             commit_index: status.commit_index,
             applied_index: status.applied_index,
         }))
+    }
+
+    async fn add_member(
+        &self,
+        request: Request<AddMemberRequest>,
+    ) -> Result<Response<MemberResponse>, Status> {
+        let req = request.get_ref();
+        if req.id == 0 {
+            return Err(Status::invalid_argument("a member id must be 1 or more"));
+        }
+        let address = req.address.trim().to_string();
+        if address.is_empty() || !address.contains(':') || address.contains('/') {
+            return Err(Status::invalid_argument(format!(
+                "member address {:?} is not HOST:PORT",
+                req.address
+            )));
+        }
+        let id = req.id;
+        let status = self.handle.status();
+        if status.voters.contains(&id) || status.learners.contains(&id) {
+            return Err(Status::already_exists(format!(
+                "node {id} is already a member of the cluster"
+            )));
+        }
+        let forward = |mut client: ControlClient<Channel>, request| async move {
+            client.add_member(request).await
+        };
+        let op = || self.handle.add_voter_at(id, &address);
+        match self.run_or_forward(&request, op, forward).await? {
+            Written::Here(membership) => {
+                tracing::info!(node = id, %address, index = membership.index, "member added");
+                Ok(Response::new(self.member_response(&membership)))
+            }
+            Written::Forwarded(response) => Ok(response),
+        }
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<RemoveMemberRequest>,
+    ) -> Result<Response<MemberResponse>, Status> {
+        let id = request.get_ref().id;
+        if id == 0 {
+            return Err(Status::invalid_argument("a member id must be 1 or more"));
+        }
+        let status = self.handle.status();
+        if !status.voters.contains(&id) && !status.learners.contains(&id) {
+            return Err(Status::not_found(format!(
+                "node {id} is not a member of the cluster"
+            )));
+        }
+        let me = self.handle.id();
+        if id == me && status.leader_id == Some(me) {
+            // raft-rs keeps a removed leader leading: hand over first, then let the new
+            // leader remove this replica.
+            let leader = self.hand_over_leadership().await?;
+            let mut client = self.leader_client(leader)?;
+            return client
+                .remove_member(forwarded(request.into_inner()))
+                .await
+                .map_err(forward_error);
+        }
+        let forward = |mut client: ControlClient<Channel>, request| async move {
+            client.remove_member(request).await
+        };
+        let op = || self.handle.remove_voter(id);
+        match self.run_or_forward(&request, op, forward).await? {
+            Written::Here(membership) => {
+                tracing::info!(node = id, index = membership.index, "member removed");
+                Ok(Response::new(self.member_response(&membership)))
+            }
+            Written::Forwarded(response) => Ok(response),
+        }
     }
 }
 

@@ -21,6 +21,9 @@ use crate::raft::{Node, NodeConfig, NodeError};
 /// How long open calls (peer streams, watches, forwarded writes) get to finish at shutdown.
 const DRAIN: Duration = Duration::from_secs(3);
 
+/// The addresses of members learned from membership changes, kept across restarts.
+const PEER_ADDRESSES_FILE: &str = "peers";
+
 /// Largest API request or response (a big apply, a full list).
 const MAX_API_MESSAGE_BYTES: usize = 64 << 20;
 
@@ -55,8 +58,10 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let id = cfg.node.id;
     let cell = Arc::new(OnceLock::new());
-    let transport = GrpcTransport::new(id, &cfg.peers, cell.clone());
+    let transport = GrpcTransport::new(id, &cfg.peers, cell.clone())
+        .persist_addresses(cfg.node.data_dir.join(PEER_ADDRESSES_FILE));
     let reachability = transport.reachability();
+    let addresses = transport.addresses();
     let (node, handle) = Node::open(cfg.node, Arc::new(transport)).map_err(ServerError::Open)?;
     // The cell was created just above and is set only here.
     let _ = cell.set(handle.clone());
@@ -73,7 +78,7 @@ pub async fn run(
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let control = ControlServer::new(ControlApi::new(
         handle,
-        cfg.peers,
+        addresses,
         reachability,
         stopping.clone(),
     ))

@@ -1,4 +1,5 @@
-//! The operator's client commands: `apply`, `get`, `delete`, `cluster status`. Each talks to any
+//! The operator's client commands: `apply`, `get`, `delete`, `cluster status`, `controller
+//! add-member` / `remove-member` (and `describe`, in its own module). Each talks to any
 //! controller of `--controller ADDR[,ADDR]` (or `TUG_CONTROLLER`), trying the next address when
 //! one cannot be reached.
 
@@ -10,8 +11,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Response, Status};
 use tug_api::v1::control_client::ControlClient;
 use tug_api::v1::{
-    self, ApplyRequest, ClusterStatusRequest, DeleteRequest, GetRequest, ListRequest, ReadOptions,
-    apply_result,
+    self, AddMemberRequest, ApplyRequest, ClusterStatusRequest, DeleteRequest, GetRequest,
+    ListRequest, Member, ReadOptions, RemoveMemberRequest, apply_result,
 };
 
 use crate::args::{GlobalArgs, ObjectArgs, OutputFormat};
@@ -23,7 +24,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longer than a controller's own write timeout, so its clear error arrives first.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn addresses(global: &GlobalArgs) -> Vec<String> {
+pub(super) fn addresses(global: &GlobalArgs) -> Vec<String> {
     let addrs: Vec<String> = global
         .controller
         .iter()
@@ -37,7 +38,7 @@ fn addresses(global: &GlobalArgs) -> Vec<String> {
     }
 }
 
-fn block_on<T>(f: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+pub(super) fn block_on<T>(f: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -47,7 +48,7 @@ fn block_on<T>(f: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> 
 
 /// Runs `call` against the first controller that answers; an unreachable or unavailable one
 /// gives way to the next address.
-async fn call<T, F, Fut>(addrs: &[String], call: F) -> anyhow::Result<T>
+pub(super) async fn call<T, F, Fut>(addrs: &[String], call: F) -> anyhow::Result<T>
 where
     F: Fn(ControlClient<Channel>) -> Fut,
     Fut: Future<Output = Result<Response<T>, Status>>,
@@ -84,7 +85,7 @@ where
 }
 
 /// One line (or block) to stdout; a closed pipe (`| head`) ends output quietly.
-fn emit(text: &str) -> anyhow::Result<()> {
+pub(super) fn emit(text: &str) -> anyhow::Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     match writeln!(out, "{text}") {
@@ -95,7 +96,7 @@ fn emit(text: &str) -> anyhow::Result<()> {
     }
 }
 
-fn check_kind(kind: Option<&str>) -> anyhow::Result<()> {
+pub(super) fn check_kind(kind: Option<&str>) -> anyhow::Result<()> {
     match kind {
         Some("service" | "services" | "svc") => Ok(()),
         Some(other) => bail!("unknown kind {other:?}; known kinds: service"),
@@ -277,8 +278,19 @@ pub fn cluster_status(global: &GlobalArgs) -> anyhow::Result<()> {
     let status = block_on(call(&addrs, |mut c| async move {
         c.cluster_status(ClusterStatusRequest {}).await
     }))?;
-    let rows: Vec<Vec<String>> = status
-        .members
+    emit(&members_table(&status.members))?;
+    let leader = match status.leader_id {
+        0 => "none".to_string(),
+        id => id.to_string(),
+    };
+    emit(&format!(
+        "leader: {leader}  term: {}  commit: {}  applied: {}",
+        status.term, status.commit_index, status.applied_index
+    ))
+}
+
+fn members_table(members: &[Member]) -> String {
+    let rows: Vec<Vec<String>> = members
         .iter()
         .map(|m| {
             let role = if m.is_leader {
@@ -291,13 +303,36 @@ pub fn cluster_status(global: &GlobalArgs) -> anyhow::Result<()> {
             vec![m.id.to_string(), m.address.clone(), role.to_string()]
         })
         .collect();
-    emit(&table(&["ID", "ADDRESS", "ROLE"], &rows))?;
-    let leader = match status.leader_id {
-        0 => "none".to_string(),
-        id => id.to_string(),
+    table(&["ID", "ADDRESS", "ROLE"], &rows)
+}
+
+/// `tug controller add-member --id N --address ADDR`.
+pub fn add_member(global: &GlobalArgs, id: u64, address: &str) -> anyhow::Result<()> {
+    let addrs = addresses(global);
+    let request = AddMemberRequest {
+        id,
+        address: address.to_string(),
     };
+    let response = block_on(call(&addrs, |mut c| {
+        let request = request.clone();
+        async move { c.add_member(request).await }
+    }))?;
     emit(&format!(
-        "leader: {leader}  term: {}  commit: {}  applied: {}",
-        status.term, status.commit_index, status.applied_index
-    ))
+        "controller {id} added at {address} (revision {})",
+        response.revision
+    ))?;
+    emit(&members_table(&response.members))
+}
+
+/// `tug controller remove-member --id N`.
+pub fn remove_member(global: &GlobalArgs, id: u64) -> anyhow::Result<()> {
+    let addrs = addresses(global);
+    let response = block_on(call(&addrs, |mut c| async move {
+        c.remove_member(RemoveMemberRequest { id }).await
+    }))?;
+    emit(&format!(
+        "controller {id} removed (revision {})",
+        response.revision
+    ))?;
+    emit(&members_table(&response.members))
 }

@@ -6,12 +6,32 @@ use anyhow::{Context, bail};
 use tug_controller::ControllerConfig;
 use tug_controller::raft::NodeConfig;
 
-use crate::args::{ControllerArgs, GlobalArgs};
+use crate::args::{ControllerArgs, GlobalArgs, MemberCommand};
 
 pub fn run(global: &GlobalArgs, args: ControllerArgs) -> anyhow::Result<()> {
-    let peers = parse_peers(args.id, &args.listen, &args.peers)?;
-    let mut node = NodeConfig::new(args.id, global.data_dir.join("controller"));
-    node.initial_members = peers.keys().copied().collect();
+    match args.member {
+        Some(MemberCommand::AddMember { id, address }) => {
+            return super::client::add_member(global, id, &address);
+        }
+        Some(MemberCommand::RemoveMember { id }) => {
+            return super::client::remove_member(global, id);
+        }
+        None => {}
+    }
+    let Some(id) = args.id else {
+        bail!("--id is required to run a controller");
+    };
+    let peers = parse_peers(id, &args.listen, &args.peers)?;
+    let mut node = NodeConfig::new(id, global.data_dir.join("controller"));
+    if args.join {
+        // No initial members: the node waits for a leader to add it and send it a snapshot.
+        tracing::info!(
+            node = id,
+            "starting empty, waiting to be added to the cluster"
+        );
+    } else {
+        node.initial_members = peers.keys().copied().collect();
+    }
     let cfg = ControllerConfig { node, peers };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

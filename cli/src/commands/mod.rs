@@ -6,6 +6,7 @@ use std::fmt;
 mod client;
 mod containers;
 mod controller;
+mod describe;
 pub mod image;
 mod run;
 pub mod runtime;
@@ -40,7 +41,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up => not_built("up", "agents, scheduling, reconciliation"),
         Command::Apply(args) => client::apply(&cli.global, &args.files),
         Command::Get(args) => client::get(&cli.global, &args),
-        Command::Describe(_) => not_built("describe", "agents, scheduling, reconciliation"),
+        Command::Describe(args) => describe::describe(&cli.global, &args),
         Command::Delete(args) => client::delete(&cli.global, &args),
         Command::Cluster(ClusterCommand::Status) => client::cluster_status(&cli.global),
         Command::Logs(args) => containers::logs(&cli.global, &args.task, args.follow),

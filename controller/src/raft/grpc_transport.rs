@@ -10,8 +10,9 @@
 //! [`Mailbox`](super::Mailbox).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use protobuf::Message as _;
@@ -44,35 +45,100 @@ pub type HandleCell = Arc<OnceLock<NodeHandle>>;
 
 /// Which peers have a live stream right now (for "M reachable" in error messages).
 #[derive(Debug, Clone, Default)]
-pub struct Reachability(Arc<HashMap<u64, AtomicBool>>);
+pub struct Reachability(Arc<Mutex<HashMap<u64, bool>>>);
 
 impl Reachability {
     fn new(peers: impl Iterator<Item = u64>) -> Self {
-        Self(Arc::new(
-            peers.map(|id| (id, AtomicBool::new(false))).collect(),
-        ))
+        Self(Arc::new(Mutex::new(peers.map(|id| (id, false)).collect())))
+    }
+
+    fn flags(&self) -> MutexGuard<'_, HashMap<u64, bool>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn set(&self, peer: u64, up: bool) {
-        if let Some(flag) = self.0.get(&peer) {
-            flag.store(up, Ordering::Relaxed);
+        if let Some(flag) = self.flags().get_mut(&peer) {
+            *flag = up;
         }
+    }
+
+    fn add(&self, peer: u64) {
+        self.flags().entry(peer).or_insert(false);
+    }
+
+    fn remove(&self, peer: u64) {
+        self.flags().remove(&peer);
     }
 
     /// Peers (this replica not counted) with a live stream.
     pub fn reachable_peers(&self) -> usize {
-        self.0
-            .values()
-            .filter(|flag| flag.load(Ordering::Relaxed))
-            .count()
+        self.flags().values().filter(|up| **up).count()
     }
 }
 
-/// Sends Raft messages to peers over gRPC, one stream per peer.
+/// Every replica's id and `host:port` (this one included), shared by the transport (which
+/// updates it when membership changes) and the API server (which forwards writes with it).
+#[derive(Debug, Clone, Default)]
+pub struct PeerAddresses(Arc<RwLock<BTreeMap<u64, String>>>);
+
+impl PeerAddresses {
+    pub fn new(peers: BTreeMap<u64, String>) -> Self {
+        Self(Arc::new(RwLock::new(peers)))
+    }
+
+    /// `id`'s address, if known.
+    pub fn get(&self, id: u64) -> Option<String> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .cloned()
+    }
+
+    fn snapshot(&self) -> BTreeMap<u64, String> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// How many replicas have a known address.
+    pub fn len(&self) -> usize {
+        self.0.read().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Records `id`'s address; returns the one it replaces.
+    fn insert(&self, id: u64, addr: String) -> Option<String> {
+        self.0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, addr)
+    }
+
+    fn remove(&self, id: u64) {
+        self.0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+    }
+}
+
+/// Sends Raft messages to peers over gRPC, one stream per peer. Peers come from the static
+/// map it is created with, plus (at run time) [`Transport::add_peer`] / `remove_peer` as
+/// membership changes carrying addresses are applied.
 #[derive(Debug)]
 pub struct GrpcTransport {
-    queues: HashMap<u64, mpsc::Sender<Message>>,
+    self_id: u64,
+    queues: Mutex<HashMap<u64, mpsc::Sender<Message>>>,
+    addresses: PeerAddresses,
     reachability: Reachability,
+    handle: HandleCell,
+    /// Where the address map is saved whenever membership changes it.
+    address_file: Option<PathBuf>,
 }
 
 impl GrpcTransport {
@@ -81,35 +147,110 @@ impl GrpcTransport {
     /// transport is dropped.
     pub fn new(self_id: u64, peers: &BTreeMap<u64, String>, handle: HandleCell) -> Self {
         let ids = peers.keys().copied().filter(|id| *id != self_id);
-        let reachability = Reachability::new(ids);
-        let mut queues = HashMap::new();
+        let transport = Self {
+            self_id,
+            queues: Mutex::default(),
+            addresses: PeerAddresses::new(peers.clone()),
+            reachability: Reachability::new(ids),
+            handle,
+            address_file: None,
+        };
         for (&peer, addr) in peers.iter().filter(|(id, _)| **id != self_id) {
-            let (tx, rx) = mpsc::channel(QUEUE);
-            queues.insert(peer, tx);
-            let sender = PeerSender {
-                self_id,
-                peer,
-                addr: addr.clone(),
-                handle: handle.clone(),
-                reachability: reachability.clone(),
-            };
-            tokio::spawn(sender.run(rx));
+            transport.start_sender(peer, addr.clone());
         }
-        Self {
-            queues,
-            reachability,
-        }
+        transport
     }
 
     pub fn reachability(&self) -> Reachability {
         self.reachability.clone()
     }
+
+    /// Keeps the address map in `path` (one `ID=ADDR` a line), rewritten whenever a
+    /// membership change adds or removes a member, so a restarted replica still reaches
+    /// members added at run time after the conf change that named them was compacted into a
+    /// snapshot. Addresses recorded there for ids missing from the static peers map are used
+    /// now; the static map wins for ids it names.
+    pub fn persist_addresses(mut self, path: PathBuf) -> Self {
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                for (id, addr) in parse_address_file(&text) {
+                    if self.addresses.get(id).is_none() {
+                        tracing::info!(node = self.self_id, peer = id, %addr, "raft peer address from the last run");
+                        self.addresses.insert(id, addr.clone());
+                        if id != self.self_id {
+                            self.start_sender(id, addr);
+                        }
+                    }
+                }
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => {
+                tracing::warn!(path = %path.display(), cause = %err, "cannot read the saved peer addresses");
+            }
+        }
+        self.address_file = Some(path);
+        self
+    }
+
+    /// Rewrites the address file (write, fsync, rename); a failure is logged, not fatal: the
+    /// static peers map still works.
+    fn save_addresses(&self) {
+        let Some(path) = &self.address_file else {
+            return;
+        };
+        let text: String = self
+            .addresses
+            .snapshot()
+            .iter()
+            .map(|(id, addr)| format!("{id}={addr}\n"))
+            .collect();
+        let tmp = path.with_extension("tmp");
+        let written = (|| -> std::io::Result<()> {
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(text.as_bytes())?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        if let Err(err) = written {
+            tracing::warn!(path = %path.display(), cause = %err, "cannot save the peer addresses");
+        }
+    }
+
+    /// The address map, kept current as members are added and removed.
+    pub fn addresses(&self) -> PeerAddresses {
+        self.addresses.clone()
+    }
+
+    fn queues(&self) -> MutexGuard<'_, HashMap<u64, mpsc::Sender<Message>>> {
+        self.queues.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts (or restarts, with a new address) the sender task of `peer`; the previous task,
+    /// if any, ends when its queue is dropped here.
+    fn start_sender(&self, peer: u64, addr: String) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(peer, "no async runtime to run a raft peer sender on");
+            return;
+        };
+        let (tx, rx) = mpsc::channel(QUEUE);
+        self.queues().insert(peer, tx);
+        self.reachability.add(peer);
+        let sender = PeerSender {
+            self_id: self.self_id,
+            peer,
+            addr,
+            handle: self.handle.clone(),
+            reachability: self.reachability.clone(),
+        };
+        runtime.spawn(sender.run(rx));
+    }
 }
 
 impl Transport for GrpcTransport {
     fn send(&self, msgs: Vec<Message>) {
+        let queues = self.queues();
         for msg in msgs {
-            let Some(queue) = self.queues.get(&msg.to) else {
+            let Some(queue) = queues.get(&msg.to) else {
                 tracing::debug!(to = msg.to, "no address for raft peer; message dropped");
                 continue;
             };
@@ -118,6 +259,46 @@ impl Transport for GrpcTransport {
             }
         }
     }
+
+    fn add_peer(&self, id: u64, addr: &str) {
+        let previous = self.addresses.insert(id, addr.to_string());
+        if previous.as_deref() != Some(addr) {
+            self.save_addresses();
+        }
+        if id == self.self_id
+            || (previous.as_deref() == Some(addr) && self.queues().contains_key(&id))
+        {
+            return;
+        }
+        tracing::info!(node = self.self_id, peer = id, addr, "raft peer added");
+        self.start_sender(id, addr.to_string());
+    }
+
+    fn remove_peer(&self, id: u64) {
+        if id == self.self_id {
+            return;
+        }
+        if self.addresses.get(id).is_some() {
+            self.addresses.remove(id);
+            self.save_addresses();
+        }
+        self.reachability.remove(id);
+        if self.queues().remove(&id).is_some() {
+            tracing::info!(node = self.self_id, peer = id, "raft peer removed");
+        }
+    }
+}
+
+/// `ID=ADDR` lines; anything else is skipped.
+fn parse_address_file(text: &str) -> Vec<(u64, String)> {
+    text.lines()
+        .filter_map(|line| {
+            let (id, addr) = line.trim().split_once('=')?;
+            let id: u64 = id.trim().parse().ok().filter(|id| *id != 0)?;
+            let addr = addr.trim();
+            (!addr.is_empty()).then(|| (id, addr.to_string()))
+        })
+        .collect()
 }
 
 struct PeerSender {

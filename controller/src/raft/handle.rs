@@ -200,18 +200,28 @@ impl NodeHandle {
     /// Adds `id` as a voter. It should start with an empty data dir and no initial members;
     /// it catches up from the leader (by snapshot once the log is compacted).
     pub async fn add_voter(&self, id: u64) -> Result<Membership, ProposeError> {
-        self.change_membership(ConfChangeType::AddNode, id).await
+        self.change_membership(ConfChangeType::AddNode, id, Vec::new())
+            .await
+    }
+
+    /// Adds `id` as a voter reachable at `address` (`host:port`). The address travels in the
+    /// conf change, so every replica's transport learns it when it applies the change.
+    pub async fn add_voter_at(&self, id: u64, address: &str) -> Result<Membership, ProposeError> {
+        self.change_membership(ConfChangeType::AddNode, id, address.as_bytes().to_vec())
+            .await
     }
 
     /// Removes `id` from the group.
     pub async fn remove_voter(&self, id: u64) -> Result<Membership, ProposeError> {
-        self.change_membership(ConfChangeType::RemoveNode, id).await
+        self.change_membership(ConfChangeType::RemoveNode, id, Vec::new())
+            .await
     }
 
     async fn change_membership(
         &self,
         change_type: ConfChangeType,
         id: u64,
+        context: Vec<u8>,
     ) -> Result<Membership, ProposeError> {
         let deadline = Instant::now() + self.proposal_timeout;
         self.ensure_leader(deadline).await?;
@@ -220,6 +230,7 @@ impl NodeHandle {
         single.node_id = id;
         let mut change = ConfChangeV2::default();
         change.mut_changes().push(single);
+        change.context = context.into();
         let (reply, rx) = oneshot::channel();
         self.request(Request::ChangeMembership { change, reply }, deadline)
             .await?;

@@ -18,7 +18,7 @@ pub mod storage;
 pub mod transport;
 
 pub use config::NodeConfig;
-pub use grpc_transport::{GrpcTransport, RaftService, Reachability};
+pub use grpc_transport::{GrpcTransport, PeerAddresses, RaftService, Reachability};
 pub use handle::{Applied, Membership, NodeHandle, ProposeError, ReadConsistency, ReadError};
 pub use node::{Node, NodeError, spawn};
 pub use status::{NodeStatus, Role};

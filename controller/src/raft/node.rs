@@ -536,6 +536,9 @@ impl Node {
                     })?;
                     let changed = (index > self.raw.store().conf_index())
                         .then(|| self.raw.apply_conf_change(&cc));
+                    if !changed.as_ref().is_some_and(|c| c.is_err()) {
+                        self.update_peers(&cc);
+                    }
                     self.record_conf_change(index, changed)?
                 }
             };
@@ -544,6 +547,26 @@ impl Node {
                 .resolve(index, entry.term, &entry.context, output);
         }
         Ok(())
+    }
+
+    /// Tells the transport about members added with an address (the change's context) and
+    /// members removed, on every replica that applies the change (also when replaying it after
+    /// a restart).
+    fn update_peers(&self, cc: &ConfChangeV2) {
+        let address = std::str::from_utf8(&cc.context)
+            .ok()
+            .map(str::trim)
+            .filter(|a| !a.is_empty());
+        for change in cc.get_changes() {
+            match change.get_change_type() {
+                ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                    if let Some(addr) = address {
+                        self.transport.add_peer(change.node_id, addr);
+                    }
+                }
+                ConfChangeType::RemoveNode => self.transport.remove_peer(change.node_id),
+            }
+        }
     }
 
     /// Persists the outcome of applying the conf change at `index` to raft (`None`: it was

@@ -13,6 +13,13 @@ use tokio::sync::mpsc;
 /// Sends Raft messages to peers. Must not block: queue, or drop what cannot be sent.
 pub trait Transport: Send + Sync {
     fn send(&self, msgs: Vec<Message>);
+
+    /// A membership change that names `id`'s address was applied: reach it at `addr` from now
+    /// on (replacing any older address). Transports that route by id alone ignore it.
+    fn add_peer(&self, _id: u64, _addr: &str) {}
+
+    /// `id` was removed from the group: stop sending to it.
+    fn remove_peer(&self, _id: u64) {}
 }
 
 /// The inbox of one node.
