@@ -22,6 +22,7 @@ PACKAGES=(
 if [ "${1:-}" = --bench ]; then
   PACKAGES+=(
     containerd      # ctr image pull (the image pull benchmark's peer)
+    etcd-server     # etcd, 3 members on loopback (the controller benchmark's peer)
   )
 fi
 
@@ -43,4 +44,9 @@ apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 if [[ " ${missing[*]} " == *" docker-registry "* ]] && command -v systemctl >/dev/null \
    && [ -d /run/systemd/system ]; then
   systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
+fi
+# Likewise etcd-server's system service: the controller benchmark starts its own members.
+if [[ " ${missing[*]} " == *" etcd-server "* ]] && command -v systemctl >/dev/null \
+   && [ -d /run/systemd/system ]; then
+  systemctl disable --now etcd.service >/dev/null 2>&1 || true
 fi

@@ -37,17 +37,34 @@ impl Samples {
 
     /// The value 90% of runs were at or under.
     pub fn p90(&self) -> Duration {
+        self.percentile(90.0)
+    }
+
+    /// The value 99% of runs were at or under.
+    pub fn p99(&self) -> Duration {
+        self.percentile(99.0)
+    }
+
+    /// The value `p` percent of runs were at or under (nearest rank); zero without runs.
+    pub fn percentile(&self, p: f64) -> Duration {
         let mut v = self.runs.clone();
-        v.sort();
-        match v.len() {
-            0 => Duration::ZERO,
-            n => v[((n * 9).div_ceil(10)).saturating_sub(1).min(n - 1)],
-        }
+        v.sort_unstable();
+        percentile_of_sorted(&v, p)
     }
 
     pub fn min(&self) -> Duration {
         self.runs.iter().min().copied().unwrap_or_default()
     }
+}
+
+/// The value `p` percent of `sorted` are at or under (nearest rank); zero when empty.
+pub fn percentile_of_sorted(sorted: &[Duration], p: f64) -> Duration {
+    let n = sorted.len();
+    if n == 0 {
+        return Duration::ZERO;
+    }
+    let rank = (p.clamp(0.0, 100.0) * n as f64 / 100.0).ceil() as usize;
+    sorted[rank.saturating_sub(1).min(n - 1)]
 }
 
 /// A table: contender, median, min, and each median relative to the first row (ours).
@@ -89,5 +106,9 @@ mod tests {
         assert_eq!(s.min(), Duration::from_millis(1));
         s.runs = (1..=10).map(Duration::from_millis).collect();
         assert_eq!(s.p90(), Duration::from_millis(9));
+        s.runs = (1..=200).map(Duration::from_millis).collect();
+        assert_eq!(s.p99(), Duration::from_millis(198));
+        assert_eq!(s.percentile(50.0), Duration::from_millis(100));
+        assert_eq!(s.percentile(100.0), Duration::from_millis(200));
     }
 }

@@ -15,6 +15,7 @@ pub mod bench;
 pub mod bench_image;
 pub mod bundle;
 pub mod error;
+
 pub mod exec;
 pub mod http;
 pub mod images;
@@ -25,6 +26,13 @@ pub mod process;
 pub mod redirect;
 pub mod registry;
 pub mod token_server;
+
+/// `etcdserverpb`: the subset of etcd's KV service (Put) that the controller benchmark drives;
+/// see `e2e/proto/etcd/rpc.proto`.
+pub mod etcdpb {
+    #![allow(missing_debug_implementations, clippy::all)]
+    tonic::include_proto!("etcdserverpb");
+}
 
 pub use error::{Error, Result};
 pub use http::Credentials;

@@ -1,0 +1,700 @@
+//! Writes through a 3-replica tug controller cluster and through a 3-member etcd cluster, both
+//! started here on loopback with fsync on (their defaults), in the same run: the same number of
+//! concurrent writers (tokio tasks, each with its own gRPC connection to the leader) do
+//! sequential small writes for a fixed time per concurrency level; print writes/s and p50/p99
+//! latency side by side with ratios.
+//!
+//! - tug: `Control.Apply` of one small `Service` per write (unique name, image busybox, 1
+//!   replica) to the leader replica.
+//! - etcd: `KV.Put` to the leader member, key = the same unique name, value = that `Service`
+//!   encoded as protobuf (so both store about the same bytes).
+//!
+//! Run: `e2e/bench.sh controller [--duration SECS] [--warmup SECS] [--levels 1,16,256]
+//! [--dir DIR]` (builds release binaries, installs etcd). Data dirs go under DIR (default: the
+//! system temp dir), which should be on the disk being measured, not tmpfs.
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use tonic::transport::{Channel, Endpoint};
+use tug_api::v1::control_client::ControlClient;
+use tug_api::v1::{ApplyRequest, ClusterStatusRequest, ObjectMeta, Service, ServiceSpec};
+use tug_e2e::bench::percentile_of_sorted;
+use tug_e2e::etcdpb::kv_client::KvClient;
+use tug_e2e::etcdpb::maintenance_client::MaintenanceClient;
+use tug_e2e::etcdpb::{PutRequest, StatusRequest};
+use tug_e2e::{ChildGuard, exec, spawn};
+
+type Error = Box<dyn std::error::Error>;
+type Result<T> = std::result::Result<T, Error>;
+
+/// How long a cluster may take to elect a leader and accept a first write.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+const REPLICAS: usize = 3;
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("bench-controller: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Args {
+    duration: Duration,
+    warmup: Duration,
+    levels: Vec<usize>,
+    dir: PathBuf,
+}
+
+const USAGE: &str =
+    "usage: bench-controller [--duration SECS] [--warmup SECS] [--levels 1,16,256] [--dir DIR]";
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        duration: Duration::from_secs(5),
+        warmup: Duration::from_secs(1),
+        levels: vec![1, 16, 256],
+        dir: std::env::temp_dir(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "-h" || flag == "--help" {
+            println!("{USAGE}");
+            std::process::exit(0);
+        }
+        let value = it
+            .next()
+            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
+        match flag.as_str() {
+            "--duration" | "--warmup" => {
+                let secs: f64 = value
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+                    .ok_or_else(|| format!("{flag} {value:?}: not a number of seconds"))?;
+                let d = Duration::from_secs_f64(secs);
+                if flag == "--duration" {
+                    if d.is_zero() {
+                        return Err("--duration must be more than 0".into());
+                    }
+                    args.duration = d;
+                } else {
+                    args.warmup = d;
+                }
+            }
+            "--levels" => {
+                args.levels = value
+                    .split(',')
+                    .map(|l| l.trim().parse::<usize>().ok().filter(|n| *n > 0))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| {
+                        format!("--levels {value:?}: give client counts from 1, e.g. 1,16,256")
+                    })?;
+            }
+            "--dir" => args.dir = PathBuf::from(value),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}").into()),
+        }
+    }
+    Ok(args)
+}
+
+fn tug_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    let tug = exe.with_file_name("tug");
+    if tug.is_file() {
+        Ok(tug)
+    } else {
+        Err(format!(
+            "{} not found: build it first (cargo build --release -p tug)",
+            tug.display()
+        )
+        .into())
+    }
+}
+
+/// `n` distinct free loopback ports (all bound at once, then released).
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| format!("cannot find a free loopback port: {e}"))?;
+    listeners
+        .iter()
+        .map(|l| {
+            l.local_addr()
+                .map(|a| a.port())
+                .map_err(|e| format!("cannot read a bound port: {e}").into())
+        })
+        .collect()
+}
+
+/// A process's log file, opened for its stdout and stderr.
+fn log_to(cmd: &mut Command, path: &Path) -> Result<()> {
+    let out = File::create(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    let err = out
+        .try_clone()
+        .map_err(|e| format!("cannot clone the handle of {}: {e}", path.display()))?;
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    Ok(())
+}
+
+/// The last lines of every log, for an error message.
+fn log_tails(logs: &[PathBuf]) -> String {
+    let mut out = String::new();
+    for log in logs {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(15)..];
+        let _ = write!(out, "\n--- {} ---\n{}", log.display(), tail.join("\n"));
+    }
+    out
+}
+
+/// Three replicas of one system: stopped by PID (guards) before their data dir is removed.
+struct Cluster {
+    name: &'static str,
+    guards: Vec<ChildGuard>,
+    logs: Vec<PathBuf>,
+    /// Client addresses, `http://127.0.0.1:PORT`, in replica order.
+    urls: Vec<String>,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// An error if a replica has exited.
+    fn check_alive(&mut self) -> Result<()> {
+        for (i, guard) in self.guards.iter_mut().enumerate() {
+            if let Some(status) = guard.try_wait()? {
+                return Err(format!(
+                    "{} replica {} exited ({status}){}",
+                    self.name,
+                    i + 1,
+                    log_tails(&self.logs)
+                )
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        for guard in &mut self.guards {
+            if let Err(err) = guard.stop(Duration::from_secs(10)) {
+                eprintln!("bench-controller: stopping {}: {err}", self.name);
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Every replica gets SIGTERM first, so none waits for the others' grace period.
+        self.stop();
+    }
+}
+
+fn temp_dir_in(root: &Path, prefix: &str) -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(root)
+        .map_err(|e| format!("cannot create a data dir under {}: {e}", root.display()).into())
+}
+
+fn start_tug(tug: &Path, root: &Path) -> Result<Cluster> {
+    let dir = temp_dir_in(root, "bench-controller-tug-")?;
+    let ports = free_ports(REPLICAS)?;
+    let peers = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut cluster = Cluster {
+        name: "tug",
+        guards: Vec::new(),
+        logs: Vec::new(),
+        urls: ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect(),
+        dir,
+    };
+    for (i, port) in ports.iter().enumerate() {
+        let id = i + 1;
+        let data = cluster.dir.path().join(format!("node{id}"));
+        let log = cluster.dir.path().join(format!("node{id}.log"));
+        let mut cmd = Command::new(tug);
+        cmd.arg("--data-dir")
+            .arg(&data)
+            .arg("controller")
+            .args(["--id", &id.to_string()])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--peers", &peers]);
+        log_to(&mut cmd, &log)?;
+        cluster.logs.push(log);
+        cluster.guards.push(spawn(&mut cmd)?);
+    }
+    Ok(cluster)
+}
+
+fn start_etcd(root: &Path) -> Result<Cluster> {
+    let etcd = exec::require("etcd")?;
+    let dir = temp_dir_in(root, "bench-controller-etcd-")?;
+    let ports = free_ports(2 * REPLICAS)?;
+    let (client_ports, peer_ports) = ports.split_at(REPLICAS);
+    let initial = peer_ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("m{}=http://127.0.0.1:{p}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut cluster = Cluster {
+        name: "etcd",
+        guards: Vec::new(),
+        logs: Vec::new(),
+        urls: client_ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect(),
+        dir,
+    };
+    for (i, peer_port) in peer_ports.iter().enumerate() {
+        let name = format!("m{}", i + 1);
+        let data = cluster.dir.path().join(&name);
+        let log = cluster.dir.path().join(format!("{name}.log"));
+        let client = &cluster.urls[i];
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let mut cmd = Command::new(&etcd);
+        cmd.arg("--name")
+            .arg(&name)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen-client-urls", client])
+            .args(["--advertise-client-urls", client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &initial])
+            .args(["--initial-cluster-state", "new"])
+            .args([
+                "--initial-cluster-token",
+                &format!("bench-controller-{}", std::process::id()),
+            ])
+            // Keep ETCD_* settings of the environment out of the benchmark.
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        log_to(&mut cmd, &log)?;
+        cluster.logs.push(log);
+        cluster.guards.push(spawn(&mut cmd)?);
+    }
+    Ok(cluster)
+}
+
+async fn connect(url: &str) -> Result<Channel> {
+    Endpoint::from_shared(url.to_string())
+        .map_err(|e| format!("{url}: not an address: {e}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(CALL_TIMEOUT)
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {url}: {e}").into())
+}
+
+/// Retries `probe` every 100 ms until it yields a value, a replica dies, or the time is up.
+async fn wait_ready<T, F, Fut>(cluster: &mut Cluster, what: &str, mut probe: F) -> Result<T>
+where
+    F: FnMut(Vec<String>) -> Fut,
+    Fut: Future<Output = std::result::Result<T, String>>,
+{
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        cluster.check_alive()?;
+        let last = match probe(cluster.urls.clone()).await {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{} not ready after {:?} ({what}): {last}{}",
+                cluster.name,
+                READY_TIMEOUT,
+                log_tails(&cluster.logs)
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The leader's client URL, once a replica reports one.
+async fn tug_leader(urls: Vec<String>) -> std::result::Result<String, String> {
+    let mut last = String::from("no replica answered");
+    for url in &urls {
+        let channel = match connect(url).await {
+            Ok(c) => c,
+            Err(e) => {
+                last = e.to_string();
+                continue;
+            }
+        };
+        match ControlClient::new(channel)
+            .cluster_status(ClusterStatusRequest {})
+            .await
+        {
+            Ok(resp) => {
+                let status = resp.into_inner();
+                if status.leader_id == 0 {
+                    last = format!("{url}: no leader yet");
+                    continue;
+                }
+                if let Some(m) = status.members.iter().find(|m| m.id == status.leader_id) {
+                    let addr = &m.address;
+                    return Ok(if addr.contains("://") {
+                        addr.clone()
+                    } else {
+                        format!("http://{addr}")
+                    });
+                }
+                last = format!("{url}: leader {} is not a member", status.leader_id);
+            }
+            Err(s) => last = format!("{url}: {}", s.message()),
+        }
+    }
+    Err(last)
+}
+
+/// The leader's client URL: the member whose own id is the leader id it reports.
+async fn etcd_leader(urls: Vec<String>) -> std::result::Result<String, String> {
+    let mut last = String::from("no member answered");
+    for url in &urls {
+        let channel = match connect(url).await {
+            Ok(c) => c,
+            Err(e) => {
+                last = e.to_string();
+                continue;
+            }
+        };
+        match MaintenanceClient::new(channel)
+            .status(StatusRequest {})
+            .await
+        {
+            Ok(resp) => {
+                let status = resp.into_inner();
+                let me = status.header.map(|h| h.member_id).unwrap_or_default();
+                if status.leader != 0 && status.leader == me {
+                    return Ok(url.clone());
+                }
+                last = format!("{url}: not the leader (leader {:x})", status.leader);
+            }
+            Err(s) => last = format!("{url}: {}", s.message()),
+        }
+    }
+    Err(last)
+}
+
+fn service(name: String) -> Service {
+    Service {
+        metadata: Some(ObjectMeta {
+            name,
+            ..Default::default()
+        }),
+        spec: Some(ServiceSpec {
+            image: "busybox".into(),
+            replicas: 1,
+            ..Default::default()
+        }),
+    }
+}
+
+/// One client's sequential writes.
+trait Writer: Clone + Send + 'static {
+    fn write(
+        &mut self,
+        name: String,
+    ) -> impl Future<Output = std::result::Result<(), String>> + Send;
+}
+
+#[derive(Clone)]
+struct TugWriter(ControlClient<Channel>);
+
+impl Writer for TugWriter {
+    async fn write(&mut self, name: String) -> std::result::Result<(), String> {
+        self.0
+            .apply(ApplyRequest {
+                services: vec![service(name)],
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| format!("apply: {:?}: {}", s.code(), s.message()))
+    }
+}
+
+#[derive(Clone)]
+struct EtcdWriter(KvClient<Channel>);
+
+impl Writer for EtcdWriter {
+    async fn write(&mut self, name: String) -> std::result::Result<(), String> {
+        let value = service(name.clone()).encode_to_vec();
+        self.0
+            .put(PutRequest {
+                key: name.into_bytes(),
+                value,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| format!("put: {:?}: {}", s.code(), s.message()))
+    }
+}
+
+#[derive(Debug, Default)]
+struct Measured {
+    /// Sorted.
+    latencies: Vec<Duration>,
+    errors: u64,
+    first_error: Option<String>,
+    elapsed: Duration,
+}
+
+impl Measured {
+    fn per_sec(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.latencies.len() as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    fn p(&self, p: f64) -> Duration {
+        percentile_of_sorted(&self.latencies, p)
+    }
+}
+
+/// `writers` (one per client, each its own connection) write sequentially until `duration` is
+/// over; names are `w-<tag>-<client>-<n>`, unique per write.
+async fn drive<W: Writer>(writers: &[W], tag: &str, duration: Duration) -> Result<Measured> {
+    let start = Instant::now();
+    let end = start + duration;
+    let mut tasks = Vec::with_capacity(writers.len());
+    for (c, w) in writers.iter().enumerate() {
+        let mut w = w.clone();
+        let tag = tag.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut m = Measured::default();
+            let mut n = 0u64;
+            while Instant::now() < end {
+                let t = Instant::now();
+                match w.write(format!("w-{tag}-{c}-{n}")).await {
+                    Ok(()) => m.latencies.push(t.elapsed()),
+                    Err(e) => {
+                        m.errors += 1;
+                        m.first_error.get_or_insert(e);
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+                n += 1;
+            }
+            m
+        }));
+    }
+    let mut total = Measured::default();
+    for task in tasks {
+        let m = task
+            .await
+            .map_err(|e| format!("a writer task failed: {e}"))?;
+        total.latencies.extend(m.latencies);
+        total.errors += m.errors;
+        if total.first_error.is_none() {
+            total.first_error = m.first_error;
+        }
+    }
+    // Until the last write in flight at the end came back: every counted write is inside.
+    total.elapsed = start.elapsed();
+    total.latencies.sort_unstable();
+    Ok(total)
+}
+
+/// A warm-up round (not counted), then the measured one.
+async fn level<W: Writer>(
+    writers: &[W],
+    clients: usize,
+    args: &Args,
+    system: &str,
+) -> Result<Measured> {
+    if !args.warmup.is_zero() {
+        drive(writers, &format!("{clients}w"), args.warmup).await?;
+    }
+    let m = drive(writers, &format!("{clients}m"), args.duration).await?;
+    eprintln!(
+        "  {system:<4} {clients:>4} clients: {:>8.0} writes/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
+        m.per_sec(),
+        ms(m.p(50.0)),
+        ms(m.p(99.0)),
+        m.errors
+    );
+    Ok(m)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}x", a / b)
+    } else {
+        "-".into()
+    }
+}
+
+fn table(rows: &[(usize, Measured, Measured)]) -> String {
+    let mut out = format!(
+        "{:>7} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+        "clients",
+        "tug w/s",
+        "etcd w/s",
+        "tug/etcd",
+        "tug p50",
+        "etcd p50",
+        "tug p99",
+        "etcd p99",
+        "p99 t/e"
+    );
+    for (clients, tug, etcd) in rows {
+        let _ = writeln!(
+            out,
+            "{clients:>7} {:>10.0} {:>10.0} {:>9} {:>7.2}ms {:>7.2}ms {:>7.2}ms {:>7.2}ms {:>9}",
+            tug.per_sec(),
+            etcd.per_sec(),
+            ratio(tug.per_sec(), etcd.per_sec()),
+            ms(tug.p(50.0)),
+            ms(etcd.p(50.0)),
+            ms(tug.p(99.0)),
+            ms(etcd.p(99.0)),
+            ratio(ms(tug.p(99.0)), ms(etcd.p(99.0))),
+        );
+    }
+    for (clients, tug, etcd) in rows {
+        for (name, m) in [("tug", tug), ("etcd", etcd)] {
+            if m.errors > 0 {
+                let _ = writeln!(
+                    out,
+                    "{name} at {clients} clients: {} failed writes (not counted), first: {}",
+                    m.errors,
+                    m.first_error.as_deref().unwrap_or("?")
+                );
+            }
+        }
+    }
+    out
+}
+
+async fn writers<W, F>(url: &str, n: usize, make: F) -> Result<Vec<W>>
+where
+    F: Fn(Channel) -> W,
+{
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(make(connect(url).await?));
+    }
+    Ok(out)
+}
+
+fn run() -> Result<()> {
+    let args = parse_args()?;
+    let tug = tug_binary()?;
+    exec::require("etcd")?;
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    // Started from this (the main) thread: the kernel kills them if it dies.
+    let mut tug_cluster = start_tug(&tug, &args.dir)?;
+    let mut etcd_cluster = start_etcd(&args.dir)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let result = runtime.block_on(async {
+        let tug_leader = wait_ready(
+            &mut tug_cluster,
+            "a leader and a first apply",
+            |urls| async move {
+                let leader = tug_leader(urls).await?;
+                let channel = connect(&leader).await.map_err(|e| e.to_string())?;
+                TugWriter(ControlClient::new(channel))
+                    .write("w-ready".into())
+                    .await?;
+                Ok(leader)
+            },
+        )
+        .await?;
+        let etcd_leader = wait_ready(
+            &mut etcd_cluster,
+            "a leader and a first put",
+            |urls| async move {
+                let leader = etcd_leader(urls).await?;
+                let channel = connect(&leader).await.map_err(|e| e.to_string())?;
+                EtcdWriter(KvClient::new(channel))
+                    .write("w-ready".into())
+                    .await?;
+                Ok(leader)
+            },
+        )
+        .await?;
+        println!(
+            "tug controller vs etcd {}: 3 replicas each on loopback, both fsync every write \
+             (their defaults), data under {} (one disk), {cores} cores shared by both clusters \
+             and the clients; writes to the leader ({} / {}), one connection per client; \
+             {:.1} s per level after {:.1} s warm-up\n",
+            etcd_version(),
+            args.dir.display(),
+            tug_leader,
+            etcd_leader,
+            args.duration.as_secs_f64(),
+            args.warmup.as_secs_f64(),
+        );
+        let mut rows = Vec::new();
+        for &clients in &args.levels {
+            let tug_writers = writers(&tug_leader, clients, |c| TugWriter(ControlClient::new(c)));
+            let tug_writers = tug_writers.await?;
+            let t = level(&tug_writers, clients, &args, "tug").await?;
+            drop(tug_writers);
+            tug_cluster.check_alive()?;
+            let etcd_writers = writers(&etcd_leader, clients, |c| EtcdWriter(KvClient::new(c)));
+            let etcd_writers = etcd_writers.await?;
+            let e = level(&etcd_writers, clients, &args, "etcd").await?;
+            drop(etcd_writers);
+            etcd_cluster.check_alive()?;
+            rows.push((clients, t, e));
+        }
+        println!("{}", table(&rows));
+        Ok::<(), Error>(())
+    });
+    drop(runtime);
+    tug_cluster.stop();
+    etcd_cluster.stop();
+    result
+}
+
+fn etcd_version() -> String {
+    Command::new("etcd")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .find_map(|l| l.strip_prefix("etcd Version: ").map(str::to_string))
+        })
+        .unwrap_or_default()
+}
