@@ -13,8 +13,9 @@ use oci_client::client::{BlobResponse, LayerDescriptor};
 use sha2::{Digest as _, Sha256};
 
 use super::digest::Digest;
+use super::durability::Kind;
 use super::error::{ImageError, Result, chain};
-use super::layout::{Layout, sync_dir};
+use super::layout::Layout;
 use super::progress::{Progress, PullEvent};
 use super::reference::ImageRef;
 
@@ -74,8 +75,8 @@ pub async fn ensure_blob(
             Err(err) => return Err(err),
         }
     }
+    super::durability::mark_unsynced(layout, Kind::Blob, &blob.digest)?;
     fs::rename(&partial, &dest).map_err(ImageError::io("store blob", &dest))?;
-    sync_dir(&layout.blobs_dir())?;
     progress.emit(PullEvent::BlobDone {
         digest: blob.digest.clone(),
         size: blob.size,
@@ -153,8 +154,8 @@ async fn download(
                 total: blob.size,
             });
         }
-        file.sync_all()
-            .map_err(ImageError::io("sync download", partial))?;
+        // Not fsynced: verified below, and durable by the `durability` rules once renamed.
+        drop(file);
     }
     if have != blob.size {
         // Short: the registry hung up. What we have is kept for the next attempt.

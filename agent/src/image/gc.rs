@@ -78,8 +78,14 @@ pub fn prune(layout: &Layout, keep_chain_ids: &HashSet<String>) -> Result<PruneS
             };
         }
     }
-    for (hex, path) in entries(&layout.unsynced_dir())? {
-        if !layout.layers_dir().join(&hex).exists() {
+    // Markers of what is gone.
+    for (name, path) in entries(&layout.unsynced_dir())? {
+        let target = match (name.strip_prefix("layer-"), name.strip_prefix("blob-")) {
+            (Some(hex), _) => layout.layers_dir().join(hex),
+            (_, Some(hex)) => layout.blobs_dir().join(hex),
+            _ => path.clone(),
+        };
+        if !target.exists() {
             let _ = fs::remove_file(&path);
         }
     }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::digest::Digest;
 use super::error::{ImageError, Result};
-use super::layout::{Layout, sync_dir};
+use super::layout::Layout;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerRecord {
@@ -76,12 +76,10 @@ pub fn write(layout: &Layout, record: &ImageRecord) -> Result<()> {
         what: "image record".into(),
         source,
     })?;
+    // Atomic, not fsynced: a record lost in a crash only means pulling again, which finds its
+    // blobs and layers in place (see `durability`).
     fs::write(&tmp, json).map_err(ImageError::io("write image record", &tmp))?;
-    fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(ImageError::io("sync image record", &tmp))?;
-    fs::rename(&tmp, &path).map_err(ImageError::io("store image record", &path))?;
-    sync_dir(&layout.refs_dir())
+    fs::rename(&tmp, &path).map_err(ImageError::io("store image record", &path))
 }
 
 pub fn read(layout: &Layout, key: &str) -> Result<Option<ImageRecord>> {

@@ -14,7 +14,7 @@ use super::credentials::{CredentialStore, Credentials};
 use super::digest::Digest;
 use super::error::{ImageError, Result};
 use super::fetch::{BlobSpec, ensure_blob, registry_error};
-use super::layout::{Layout, sync_dir};
+use super::layout::Layout;
 use super::manifest::{self, ACCEPT, Descriptor, Document};
 use super::platform::Platform;
 use super::progress::{Progress, PullEvent};
@@ -31,6 +31,10 @@ pub struct StoreConfig {
     pub credentials: CredentialStore,
     /// Layers downloaded and unpacked at the same time.
     pub parallel_layers: usize,
+    /// After a pull, sync the new layers on a background thread (see `durability`). For
+    /// long-running processes (the agent); a short-lived one would only wait for it at exit,
+    /// so without it new layers stay marked and are re-unpacked after a reboot.
+    pub sync_in_background: bool,
 }
 
 impl StoreConfig {
@@ -40,6 +44,7 @@ impl StoreConfig {
             insecure_registries: Vec::new(),
             credentials: CredentialStore::empty(),
             parallel_layers: 4,
+            sync_in_background: false,
         }
     }
 }
@@ -49,6 +54,7 @@ pub struct ImageStore {
     client: oci_client::Client,
     credentials: CredentialStore,
     parallel_layers: usize,
+    sync_in_background: bool,
 }
 
 impl std::fmt::Debug for ImageStore {
@@ -76,6 +82,7 @@ impl ImageStore {
             client,
             credentials: config.credentials,
             parallel_layers: config.parallel_layers.max(1),
+            sync_in_background: config.sync_in_background,
         })
     }
 
@@ -156,12 +163,23 @@ impl ImageStore {
             size: manifest.layers.iter().map(|l| l.size).sum(),
         });
 
+        // Two phases, like containerd: every blob downloaded, verified and fsynced first, then
+        // the unpacking. Interleaved, each blob's fsync would (on ext4's ordered mode) also have
+        // to write out whatever the layers unpacked so far left dirty.
+        let fetches = manifest
+            .layers
+            .iter()
+            .map(|desc| self.fetch_layer(reference, desc, progress));
+        futures_util::stream::iter(fetches)
+            .buffer_unordered(self.parallel_layers)
+            .try_collect::<Vec<()>>()
+            .await?;
         let jobs = manifest
             .layers
             .iter()
             .zip(&diff_ids)
             .zip(&chains)
-            .map(|((desc, diff), chain)| self.ensure_layer(reference, desc, diff, chain, progress));
+            .map(|((desc, diff), chain)| self.unpack_layer_record(desc, diff, chain, progress));
         let layers: Vec<LayerRecord> = futures_util::stream::iter(jobs)
             .buffered(self.parallel_layers)
             .try_collect()
@@ -181,7 +199,9 @@ impl ImageStore {
                 .unwrap_or(0),
         };
         record::write(&self.layout, &record)?;
-        super::durability::sync_in_background(&self.layout);
+        if self.sync_in_background {
+            super::durability::sync_in_background(&self.layout);
+        }
         Ok(record)
     }
 
@@ -227,13 +247,37 @@ impl ImageStore {
             .ingest_dir()
             .join(format!("{}.{}", digest.hex(), std::process::id()));
         fs::write(&tmp, bytes).map_err(ImageError::io("write blob", &tmp))?;
-        fs::rename(&tmp, &dest).map_err(ImageError::io("store blob", &dest))?;
-        sync_dir(&self.layout.blobs_dir())
+        super::durability::mark_unsynced(&self.layout, super::durability::Kind::Blob, digest)?;
+        fs::rename(&tmp, &dest).map_err(ImageError::io("store blob", &dest))
     }
 
-    async fn ensure_layer(
+    /// Phase 1 of a layer: its blob verified in the store (its media type checked first, so an
+    /// unsupported layer fails the pull before anything is downloaded).
+    async fn fetch_layer(
         &self,
         reference: &ImageRef,
+        desc: &Descriptor,
+        progress: &Progress<'_>,
+    ) -> Result<()> {
+        let digest = Digest::parse(&desc.digest)?;
+        Compression::from_media_type(&desc.media_type).map_err(|source| ImageError::Unpack {
+            digest: digest.to_string(),
+            source,
+        })?;
+        let blob = BlobSpec {
+            digest,
+            size: desc.size,
+            urls: desc.urls.clone(),
+            what: "layer",
+        };
+        ensure_blob(&self.client, &self.layout, reference, &blob, progress)
+            .await
+            .map(drop)
+    }
+
+    /// Phase 2 of a layer: unpacked under its chain id (once).
+    async fn unpack_layer_record(
+        &self,
         desc: &Descriptor,
         diff_id: &str,
         chain_id: &str,
@@ -246,13 +290,6 @@ impl ImageStore {
                 source,
             }
         })?;
-        let blob = BlobSpec {
-            digest: digest.clone(),
-            size: desc.size,
-            urls: desc.urls.clone(),
-            what: "layer",
-        };
-        ensure_blob(&self.client, &self.layout, reference, &blob, progress).await?;
         let diff = Digest::parse(diff_id)?;
         let chain = Digest::parse(chain_id)?;
         if self.unpack(&digest, compression, &diff, &chain).await? {
@@ -261,14 +298,13 @@ impl ImageStore {
                 chain_id: chain.clone(),
             });
         }
-        let record = LayerRecord {
+        Ok(LayerRecord {
             digest: digest.to_string(),
             media_type: desc.media_type.clone(),
             size: desc.size,
             diff_id: diff.to_string(),
             chain_id: chain.to_string(),
-        };
-        Ok(record)
+        })
     }
 
     /// Unpack a verified layer blob into `layers/<chain id>` unless it is there; true if it did.
@@ -322,7 +358,7 @@ impl ImageStore {
                 actual: stats.diff_id,
             });
         }
-        super::durability::mark_unsynced(&self.layout, chain_id)?;
+        super::durability::mark_unsynced(&self.layout, super::durability::Kind::Layer, chain_id)?;
         fs::rename(&tmp.0, &dest).map_err(ImageError::io("store layer", &dest))?;
         tmp.keep();
         Ok(true)

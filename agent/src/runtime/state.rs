@@ -165,7 +165,7 @@ impl StateDir {
         read_json(&self.state())
     }
 
-    /// Atomically replace state.json (write, fsync, rename).
+    /// Atomically replace state.json (write, rename).
     pub fn write_state(&self, state: &State) -> Result<(), StateError> {
         write_json(&self.state(), state)
     }
@@ -183,6 +183,10 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, State
     })
 }
 
+/// Replace `path` atomically (write a temp file, rename). Not fsynced: these files describe
+/// processes, which a machine crash ends anyway, while the page cache survives any crash of
+/// tug; an fsync here would make every create, start and exit wait for the disk (on ext4 for
+/// every file written since the last commit).
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StateError> {
     let tmp = path.with_extension("tmp");
     let io = |what, source| StateError::Io {
@@ -195,8 +199,5 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StateError
         source,
     })?;
     fs::write(&tmp, raw).map_err(|e| io("write", e))?;
-    fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| io("sync", e))?;
     fs::rename(&tmp, path).map_err(|e| io("rename", e))
 }
