@@ -81,7 +81,7 @@ fn unsynced_markers(layout: &Layout) -> Vec<PathBuf> {
 
 /// At open: blobs and layers whose marker predates this boot may be incomplete on disk: remove
 /// them.
-pub fn drop_layers_from_before_boot(layout: &Layout) -> Result<()> {
+pub fn drop_unsynced_from_before_boot(layout: &Layout) -> Result<()> {
     let markers = unsynced_markers(layout);
     if markers.is_empty() {
         return Ok(());
@@ -158,7 +158,7 @@ mod tests {
             f.set_modified(before_boot)
                 .map_err(ImageError::io("touch", &path))?;
         }
-        drop_layers_from_before_boot(&layout)?;
+        drop_unsynced_from_before_boot(&layout)?;
         assert!(!layout.layer(&old).exists() && !layout.blob(&old).exists());
         assert!(
             !marker(&layout, Kind::Layer, &old).exists()

@@ -76,7 +76,7 @@ impl ImageStore {
             read_timeout: Some(std::time::Duration::from_secs(60)),
             ..Default::default()
         });
-        super::durability::drop_layers_from_before_boot(&layout)?;
+        super::durability::drop_unsynced_from_before_boot(&layout)?;
         Ok(ImageStore {
             layout,
             client,

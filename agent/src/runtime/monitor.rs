@@ -130,7 +130,14 @@ fn create(sd: &StateDir) -> Result<Created, String> {
     let cgroup =
         Cgroup::create(&driver, &opts.cgroup_path, &opts.resources).map_err(|e| e.to_string())?;
 
-    let result = clone_init(sd, spec, rootfs, seccomp, &cgroup);
+    let result = clone_init(
+        sd,
+        spec,
+        rootfs,
+        seccomp,
+        &cgroup,
+        opts.network_hook.as_deref(),
+    );
     match result {
         Ok((pid, sync, stdout, stderr)) => {
             let state = State::created(state_id(sd), pid.as_raw());
@@ -161,6 +168,7 @@ fn clone_init(
     rootfs: std::path::PathBuf,
     seccomp: Vec<seccompiler::BpfProgram>,
     cgroup: &Cgroup,
+    network_hook: Option<&str>,
 ) -> Result<Cloned, String> {
     let p = |e: nix::Error| format!("pipe: {e}");
     let (go_r, go_w) = pipe2(OFlag::O_CLOEXEC).map_err(p)?;
@@ -238,7 +246,7 @@ fn clone_init(
     let mut line = String::new();
     let _ = sync.read_line(&mut line);
     if line.trim() == "ok" {
-        match hand_over_network(sd, opts_hook(sd).as_deref(), pid) {
+        match hand_over_network(sd, network_hook, pid) {
             Ok(()) => return Ok((pid, sync, out_r, err_r)),
             Err(e) => {
                 let _ = kill(pid, Signal::SIGKILL);
@@ -267,12 +275,6 @@ pub(crate) fn state_id(sd: &StateDir) -> String {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
-}
-
-fn opts_hook(sd: &StateDir) -> Option<String> {
-    read_json::<RuntimeOptions>(&sd.runtime())
-        .ok()
-        .and_then(|o| o.network_hook)
 }
 
 /// Pin the new network namespace and let the network plugin wire it.

@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use nix::sys::signal::{SigSet, Signal};
 use tug_agent::image::{
-    CredentialStore, ImageError, ImageRef, Platform, Progress, mount_rootfs, remove_rootfs,
-    unmount_rootfs,
+    CredentialStore, ImageError, ImageRef, Platform, Progress, mount_rootfs, unmount_rootfs,
 };
 use tug_agent::runtime::cgroups::Resources;
 use tug_agent::runtime::container::Runtime;
@@ -91,10 +90,9 @@ pub fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<()> {
     }
     let rootfs = mount_rootfs(&store.layer_dirs(&record)?, &rootfs_dir)?;
     let remove_all_rootfs = || {
-        if let Err(e) = remove_rootfs(&rootfs) {
+        if let Err(e) = super::containers::remove_rootfs_of(global, &id) {
             eprintln!("tug: cleanup: {e}");
         }
-        let _ = std::fs::remove_dir_all(&rootfs_dir);
     };
 
     cc.hostname = args
