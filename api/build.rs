@@ -7,6 +7,8 @@ const PROTOS: &[&str] = &[
     "tug/v1/objects.proto",
     "tug/v1/control.proto",
     "tug/v1/raft.proto",
+    "tug/v1/dispatcher.proto",
+    "tug/v1/agent.proto",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {

@@ -141,6 +141,10 @@ pub struct ControllerArgs {
     /// instead of bootstrapping a new cluster from --peers.
     #[arg(long)]
     pub join: bool,
+    /// How often agents heartbeat; a node silent for three periods is marked down and its tasks
+    /// are replaced elsewhere.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub heartbeat_period: std::time::Duration,
     /// Change the membership of a running cluster (through `--controller`).
     #[command(subcommand)]
     pub member: Option<MemberCommand>,
@@ -204,6 +208,15 @@ pub struct ObjectArgs {
     /// Read this controller's state as it is, without confirming it with the leader.
     #[arg(long)]
     pub stale: bool,
+    /// Only objects whose (service) labels match, e.g. `-l app=web,tier=front`.
+    #[arg(short = 'l', long = "selector")]
+    pub selector: Option<String>,
+    /// `get tasks`: only this service's tasks.
+    #[arg(long)]
+    pub service: Option<String>,
+    /// `get tasks`: only the tasks on this node.
+    #[arg(long)]
+    pub node: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -221,16 +234,24 @@ pub enum ClusterCommand {
 
 #[derive(Debug, Args)]
 pub struct LogsArgs {
-    /// Container name (on this machine).
+    /// A task id or a service name (through the controller, from the agent that runs it), or a
+    /// container on this machine.
     pub task: String,
     /// Keep printing new lines.
     #[arg(short, long)]
     pub follow: bool,
+    /// Namespace of the service or task.
+    #[arg(short, long)]
+    pub namespace: Option<String>,
+    /// Only the last N lines.
+    #[arg(long)]
+    pub tail: Option<u32>,
 }
 
 #[derive(Debug, Args)]
 pub struct ExecArgs {
-    /// Container name (on this machine).
+    /// A task id (through the controller, on the agent that runs it), or a container on this
+    /// machine.
     pub task: String,
     /// Extra environment NAME=VALUE; repeatable.
     #[arg(short, long = "env")]
@@ -244,17 +265,29 @@ pub struct ExecArgs {
 pub struct ScaleArgs {
     /// Service name.
     pub service: String,
+    #[arg(short, long)]
+    pub namespace: Option<String>,
     /// Desired number of replicas.
-    #[arg(long)]
     pub replicas: u32,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum RolloutCommand {
-    /// Follow a service's rollout until it completes or fails.
-    Status { service: String },
+    /// Follow a service's rollout until every replica runs the current spec.
+    Status {
+        service: String,
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Give up after this long (e.g. 5m).
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Roll a service back to its previous spec.
-    Undo { service: String },
+    Undo {
+        service: String,
+        #[arg(short, long)]
+        namespace: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -8,42 +8,30 @@
 //! itself hands leadership over first and lets the new leader do it. Every error becomes a
 //! [`Status`] with one clear sentence.
 
-use std::collections::HashMap;
-use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tokio::time::Instant;
 use tonic::codegen::tokio_stream::Stream;
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tug_api::v1::control_client::ControlClient;
 use tug_api::v1::control_server::Control;
 use tug_api::v1::{
     self, AddMemberRequest, ApplyRequest, ApplyResponse, ApplyResult, ClusterStatusRequest,
-    ClusterStatusResponse, DeleteRequest, DeleteResponse, GetRequest, GetResponse, ListRequest,
-    ListResponse, Member, MemberResponse, ReadOptions, RemoveMemberRequest, WatchRequest,
+    ClusterStatusResponse, DeleteRequest, DeleteResponse, GetRequest, GetResponse,
+    ListNodesRequest, ListNodesResponse, ListRequest, ListResponse, ListTasksRequest,
+    ListTasksResponse, Member, MemberResponse, RemoveMemberRequest, RolloutUndoRequest,
+    ScaleRequest, SetNodeAvailabilityRequest, SetNodeAvailabilityResponse, WatchRequest,
     apply_result, watch_event,
 };
 
 use crate::fsm::{Command, CommandResult};
-use crate::raft::{
-    Applied, Membership, NodeHandle, NodeStatus, PeerAddresses, ProposeError, Reachability,
-    ReadConsistency, ReadError,
-};
-use crate::state::{ApplyOutcome, EventKind, Store, WatchError, normalize_namespace};
-
-/// Metadata key set on a request one controller forwards to another, so it is never forwarded
-/// twice (a stale leader hint must not bounce a request around).
-const FORWARDED: &str = "tug-forwarded";
-
-/// How long a write keeps trying to reach a leader that cannot be reached, and the pause
-/// between tries when no other leader shows up.
-const FORWARD_RETRY: Duration = Duration::from_secs(5);
-const FORWARD_PAUSE: Duration = Duration::from_millis(200);
+use crate::leader::{LeaderLink, Written, forward_error, forwarded};
+use crate::raft::{Applied, Membership, NodeHandle, NodeStatus};
+use crate::state::{ApplyOutcome, EventKind, WatchError, normalize_namespace};
+use crate::views;
 
 /// How long a leader that is being removed waits for one voter to take leadership over.
 const TRANSFER_WAIT: Duration = Duration::from_secs(3);
@@ -54,157 +42,20 @@ const WATCH_BUFFER: usize = 256;
 /// The Control service of one replica.
 #[derive(Debug, Clone)]
 pub struct ControlApi {
+    link: LeaderLink,
     handle: NodeHandle,
-    peers: PeerAddresses,
-    reachability: Reachability,
-    clients: Arc<Mutex<HashMap<u64, ControlClient<Channel>>>>,
     stopping: watch::Receiver<bool>,
-}
-
-enum Write<T> {
-    Done(T),
-    Forward(ControlClient<Channel>, u64),
-}
-
-/// A write applied here, or the leader's answer to it.
-enum Written<T, R> {
-    Here(T),
-    Forwarded(Response<R>),
 }
 
 impl ControlApi {
     /// `peers`: every replica's id and `host:port`, this one included (the transport keeps it
     /// current as members change). `stopping` turning true (or its sender going away) ends
     /// every open watch.
-    pub fn new(
-        handle: NodeHandle,
-        peers: PeerAddresses,
-        reachability: Reachability,
-        stopping: watch::Receiver<bool>,
-    ) -> Self {
+    pub fn new(link: LeaderLink, stopping: watch::Receiver<bool>) -> Self {
         Self {
-            handle,
-            peers,
-            reachability,
-            clients: Arc::default(),
+            handle: link.handle.clone(),
+            link,
             stopping,
-        }
-    }
-
-    fn no_leader(&self) -> Status {
-        let status = self.handle.status();
-        let size = status.voters.len().max(self.peers.len()).max(1);
-        let reachable = 1 + self.reachability.reachable_peers();
-        Status::unavailable(format!(
-            "no leader elected yet (cluster of {size}, {reachable} reachable); nothing was written"
-        ))
-    }
-
-    /// A client for the leader `id`, cached.
-    fn leader_client(&self, id: u64) -> Result<ControlClient<Channel>, Status> {
-        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(client) = clients.get(&id) {
-            return Ok(client.clone());
-        }
-        let addr = self.peers.get(id).ok_or_else(|| {
-            Status::unavailable(format!(
-                "the leader is node {id}, but this controller does not know its address"
-            ))
-        })?;
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|err| {
-                Status::internal(format!("node {id}'s address {addr} is not valid: {err}"))
-            })?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .connect_lazy();
-        let client = ControlClient::new(channel);
-        clients.insert(id, client.clone());
-        Ok(client)
-    }
-
-    /// Runs the write `op` here (on the leader), or says where to forward it.
-    async fn write<Req, T, Fut>(
-        &self,
-        request: &Request<Req>,
-        op: impl FnOnce() -> Fut,
-    ) -> Result<Write<T>, Status>
-    where
-        Fut: Future<Output = Result<T, ProposeError>>,
-    {
-        match op().await {
-            Ok(applied) => Ok(Write::Done(applied)),
-            Err(ProposeError::NotLeader {
-                leader_id: Some(id),
-            }) => {
-                if request.metadata().contains_key(FORWARDED) {
-                    return Err(Status::unavailable(format!(
-                        "this controller is not the leader either (it thinks node {id} is); \
-                         leadership is changing, retry"
-                    )));
-                }
-                Ok(Write::Forward(self.leader_client(id)?, id))
-            }
-            Err(err) => Err(self.propose_status(err)),
-        }
-    }
-
-    /// Proposes `command` here when this replica leads, or forwards the request to the leader
-    /// with `forward`.
-    async fn write_or_forward<Req, Resp, F, Fut>(
-        &self,
-        request: &Request<Req>,
-        command: &Command,
-        forward: F,
-    ) -> Result<Written<Applied, Resp>, Status>
-    where
-        Req: Clone,
-        F: Fn(ControlClient<Channel>, Request<Req>) -> Fut,
-        Fut: Future<Output = Result<Response<Resp>, Status>>,
-    {
-        self.run_or_forward(request, || self.handle.propose(command), forward)
-            .await
-    }
-
-    /// Runs the write `op` here when this replica leads, or forwards the request to the leader
-    /// with `forward`. A leader that cannot be reached (it may just have died) is retried, as
-    /// soon as another leader is known or after a short pause, for [`FORWARD_RETRY`].
-    async fn run_or_forward<Req, Resp, T, Op, OpFut, F, Fut>(
-        &self,
-        request: &Request<Req>,
-        op: Op,
-        forward: F,
-    ) -> Result<Written<T, Resp>, Status>
-    where
-        Req: Clone,
-        Op: Fn() -> OpFut,
-        OpFut: Future<Output = Result<T, ProposeError>>,
-        F: Fn(ControlClient<Channel>, Request<Req>) -> Fut,
-        Fut: Future<Output = Result<Response<Resp>, Status>>,
-    {
-        let deadline = Instant::now() + FORWARD_RETRY;
-        loop {
-            let (client, leader) = match self.write(request, &op).await? {
-                Write::Done(applied) => return Ok(Written::Here(applied)),
-                Write::Forward(client, leader) => (client, leader),
-            };
-            match forward(client, forwarded(request.get_ref().clone())).await {
-                Ok(response) => return Ok(Written::Forwarded(response)),
-                Err(status)
-                    if status.code() == tonic::Code::Unavailable && Instant::now() < deadline =>
-                {
-                    tracing::debug!(leader, ?status, "forwarding to the leader failed; retrying");
-                    let mut updates = self.handle.status_updates();
-                    let _ = tokio::time::timeout(FORWARD_PAUSE, async move {
-                        updates
-                            .wait_for(|s| s.leader_id != Some(leader))
-                            .await
-                            .is_ok()
-                    })
-                    .await;
-                }
-                Err(status) => return Err(forward_error(status)),
-            }
         }
     }
 
@@ -216,7 +67,7 @@ impl ControlApi {
         ids.into_iter()
             .map(|(id, voter)| Member {
                 id,
-                address: self.peers.get(id).unwrap_or_default(),
+                address: self.link.peers.get(id).unwrap_or_default(),
                 is_leader: leader_id == Some(id),
                 voter,
             })
@@ -257,7 +108,7 @@ impl ControlApi {
             self.handle
                 .transfer_leadership(to)
                 .await
-                .map_err(|err| self.propose_status(err))?;
+                .map_err(|err| self.link.propose_status(err))?;
             let mut updates = self.handle.status_updates();
             let waited = tokio::time::timeout(TRANSFER_WAIT, async move {
                 updates.wait_for(moved).await.map(|s| s.leader_id).ok()
@@ -271,63 +122,8 @@ impl ControlApi {
             }
         }
         Err(Status::unavailable(format!(
-            "node {me} leads and could not hand leadership to another member within              {TRANSFER_WAIT:?} each; nothing was changed, retry"
+            "node {me} leads and could not hand leadership to another member within {TRANSFER_WAIT:?} each; nothing was changed, retry"
         )))
-    }
-
-    fn propose_status(&self, err: ProposeError) -> Status {
-        match err {
-            ProposeError::NotLeader { leader_id: None } | ProposeError::NoLeader { .. } => {
-                self.no_leader()
-            }
-            ProposeError::NotLeader { .. }
-            | ProposeError::LeadershipLost { .. }
-            | ProposeError::Refused(_)
-            | ProposeError::Stopped => Status::unavailable(err.to_string()),
-            ProposeError::Timeout { .. } => Status::deadline_exceeded(err.to_string()),
-            ProposeError::Dropped { .. } => Status::aborted(err.to_string()),
-            ProposeError::Rejected(_) => Status::invalid_argument(err.to_string()),
-            ProposeError::MembershipChange(_) => Status::failed_precondition(err.to_string()),
-        }
-    }
-
-    async fn read<R>(
-        &self,
-        options: Option<&ReadOptions>,
-        f: impl FnOnce(&Store) -> R,
-    ) -> Result<R, Status> {
-        let consistency = if options.is_some_and(|o| o.stale) {
-            ReadConsistency::Stale
-        } else {
-            ReadConsistency::Linearizable
-        };
-        self.handle
-            .read(consistency, f)
-            .await
-            .map_err(|err| match err {
-                ReadError::Timeout { .. } | ReadError::Stopped => {
-                    Status::unavailable(err.to_string())
-                }
-            })
-    }
-}
-
-fn forwarded<T>(message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-    request
-}
-
-fn forward_error(status: Status) -> Status {
-    if status.code() == tonic::Code::Unavailable && status.message().contains("transport") {
-        Status::unavailable(format!(
-            "this controller is not the leader and cannot reach the leader: {}",
-            status.message()
-        ))
-    } else {
-        status
     }
 }
 
@@ -386,10 +182,14 @@ impl Control for ControlApi {
             }
         }
         let command = Command::ApplyServices(services.clone());
-        let forward = |mut client: ControlClient<Channel>, request| async move {
-            client.apply(request).await
+        let forward = |channel: Channel, request| async move {
+            ControlClient::new(channel).apply(request).await
         };
-        let applied = match self.write_or_forward(&request, &command, forward).await? {
+        let applied = match self
+            .link
+            .write_or_forward(&request, &command, forward)
+            .await?
+        {
             Written::Here(applied) => applied,
             Written::Forwarded(response) => return Ok(response),
         };
@@ -420,6 +220,7 @@ impl Control for ControlApi {
         }
         let namespace = normalize_namespace(&req.namespace).to_string();
         let (service, revision) = self
+            .link
             .read(req.read.as_ref(), |store| {
                 (
                     store.get_service(&namespace, &req.name).cloned(),
@@ -443,6 +244,7 @@ impl Control for ControlApi {
         let req = request.into_inner();
         let namespace = (!req.namespace.is_empty()).then_some(req.namespace.as_str());
         let (services, revision) = self
+            .link
             .read(req.read.as_ref(), |store| {
                 let services: Vec<v1::Service> = store
                     .list_services(namespace, &req.label_selector)
@@ -468,10 +270,14 @@ impl Control for ControlApi {
             namespace: namespace.clone(),
             name: req.name.clone(),
         };
-        let forward = |mut client: ControlClient<Channel>, request| async move {
-            client.delete(request).await
+        let forward = |channel: Channel, request| async move {
+            ControlClient::new(channel).delete(request).await
         };
-        let applied = match self.write_or_forward(&request, &command, forward).await? {
+        let applied = match self
+            .link
+            .write_or_forward(&request, &command, forward)
+            .await?
+        {
             Written::Here(applied) => applied,
             Written::Forwarded(response) => return Ok(response),
         };
@@ -551,11 +357,11 @@ impl Control for ControlApi {
                 "node {id} is already a member of the cluster"
             )));
         }
-        let forward = |mut client: ControlClient<Channel>, request| async move {
-            client.add_member(request).await
+        let forward = |channel: Channel, request| async move {
+            ControlClient::new(channel).add_member(request).await
         };
         let op = || self.handle.add_voter_at(id, &address);
-        match self.run_or_forward(&request, op, forward).await? {
+        match self.link.run_or_forward(&request, op, forward).await? {
             Written::Here(membership) => {
                 tracing::info!(node = id, %address, index = membership.index, "member added");
                 Ok(Response::new(self.member_response(&membership)))
@@ -583,23 +389,171 @@ impl Control for ControlApi {
             // raft-rs keeps a removed leader leading: hand over first, then let the new
             // leader remove this replica.
             let leader = self.hand_over_leadership().await?;
-            let mut client = self.leader_client(leader)?;
-            return client
+            let channel = self.link.leader_channel(leader)?;
+            return ControlClient::new(channel)
                 .remove_member(forwarded(request.into_inner()))
                 .await
                 .map_err(forward_error);
         }
-        let forward = |mut client: ControlClient<Channel>, request| async move {
-            client.remove_member(request).await
+        let forward = |channel: Channel, request| async move {
+            ControlClient::new(channel).remove_member(request).await
         };
         let op = || self.handle.remove_voter(id);
-        match self.run_or_forward(&request, op, forward).await? {
+        match self.link.run_or_forward(&request, op, forward).await? {
             Written::Here(membership) => {
                 tracing::info!(node = id, index = membership.index, "member removed");
                 Ok(Response::new(self.member_response(&membership)))
             }
             Written::Forwarded(response) => Ok(response),
         }
+    }
+
+    async fn list_tasks(
+        &self,
+        request: Request<ListTasksRequest>,
+    ) -> Result<Response<ListTasksResponse>, Status> {
+        let req = request.into_inner();
+        let (tasks, revision) = self
+            .link
+            .read(req.read.as_ref(), |store| {
+                (views::tasks(store, &req), store.revision())
+            })
+            .await?;
+        Ok(Response::new(ListTasksResponse { tasks, revision }))
+    }
+
+    async fn list_nodes(
+        &self,
+        request: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        let req = request.into_inner();
+        let (nodes, revision) = self
+            .link
+            .read(req.read.as_ref(), |store| {
+                (views::nodes(store), store.revision())
+            })
+            .await?;
+        Ok(Response::new(ListNodesResponse { nodes, revision }))
+    }
+
+    async fn set_node_availability(
+        &self,
+        request: Request<SetNodeAvailabilityRequest>,
+    ) -> Result<Response<SetNodeAvailabilityResponse>, Status> {
+        let req = request.get_ref();
+        let availability = req.availability();
+        if req.node.is_empty() || availability == v1::NodeAvailability::Unspecified {
+            return Err(Status::invalid_argument(
+                "a node name and an availability (active or drain) are required",
+            ));
+        }
+        let command = Command::SetNodeAvailability {
+            name: req.node.clone(),
+            availability,
+        };
+        let forward = |channel: Channel, request| async move {
+            ControlClient::new(channel)
+                .set_node_availability(request)
+                .await
+        };
+        let applied = match self
+            .link
+            .write_or_forward(&request, &command, forward)
+            .await
+        {
+            Ok(Written::Here(applied)) => applied,
+            Ok(Written::Forwarded(response)) => return Ok(response),
+            Err(status) => return Err(not_found_if_missing(status)),
+        };
+        match applied.result {
+            CommandResult::Node(node) => Ok(Response::new(SetNodeAvailabilityResponse {
+                node: Some(*node),
+                revision: applied.index,
+            })),
+            _ => Err(Status::internal(
+                "the change was committed but produced no node",
+            )),
+        }
+    }
+
+    async fn scale(
+        &self,
+        request: Request<ScaleRequest>,
+    ) -> Result<Response<ApplyResponse>, Status> {
+        let req = request.get_ref();
+        if req.name.is_empty() {
+            return Err(Status::invalid_argument("a service name is required"));
+        }
+        let command = Command::ScaleService {
+            namespace: normalize_namespace(&req.namespace).to_string(),
+            name: req.name.clone(),
+            replicas: req.replicas,
+        };
+        let forward = |channel: Channel, request| async move {
+            ControlClient::new(channel).scale(request).await
+        };
+        match self
+            .link
+            .write_or_forward(&request, &command, forward)
+            .await
+        {
+            Ok(Written::Here(applied)) => one_service_result(applied),
+            Ok(Written::Forwarded(response)) => Ok(response),
+            Err(status) => Err(not_found_if_missing(status)),
+        }
+    }
+
+    async fn rollout_undo(
+        &self,
+        request: Request<RolloutUndoRequest>,
+    ) -> Result<Response<ApplyResponse>, Status> {
+        let req = request.get_ref();
+        if req.name.is_empty() {
+            return Err(Status::invalid_argument("a service name is required"));
+        }
+        let command = Command::UndoService {
+            namespace: normalize_namespace(&req.namespace).to_string(),
+            name: req.name.clone(),
+        };
+        let forward = |channel: Channel, request| async move {
+            ControlClient::new(channel).rollout_undo(request).await
+        };
+        match self
+            .link
+            .write_or_forward(&request, &command, forward)
+            .await
+        {
+            Ok(Written::Here(applied)) => one_service_result(applied),
+            Ok(Written::Forwarded(response)) => Ok(response),
+            Err(status) => Err(not_found_if_missing(status)),
+        }
+    }
+}
+
+/// The answer to a write that changed one service.
+fn one_service_result(applied: Applied) -> Result<Response<ApplyResponse>, Status> {
+    let CommandResult::Service(r) = applied.result else {
+        return Err(Status::internal(
+            "the change was committed but produced no service result",
+        ));
+    };
+    Ok(Response::new(ApplyResponse {
+        results: vec![ApplyResult {
+            namespace: r.namespace,
+            name: r.name,
+            outcome: outcome(r.outcome).into(),
+            generation: r.generation,
+        }],
+        revision: applied.index,
+    }))
+}
+
+/// A refused write about an object that does not exist is NOT_FOUND, not a bad argument.
+fn not_found_if_missing(status: Status) -> Status {
+    if status.code() == tonic::Code::InvalidArgument && status.message().contains("not found") {
+        Status::not_found(status.message())
+    } else {
+        status
     }
 }
 
@@ -631,7 +585,10 @@ async fn stream_watch(
         };
         match next {
             Ok(ev) => {
-                if !in_namespace(&ev.service, &req.namespace) {
+                let Some(service) = ev.service() else {
+                    continue;
+                };
+                if !in_namespace(service, &req.namespace) {
                     continue;
                 }
                 let kind = match ev.kind {
@@ -639,7 +596,7 @@ async fn stream_watch(
                     EventKind::Delete => watch_event::Kind::Delete,
                 };
                 if tx
-                    .send(Ok(event(kind, Some(ev.service.clone()), ev.revision)))
+                    .send(Ok(event(kind, Some(service.clone()), ev.revision)))
                     .await
                     .is_err()
                 {

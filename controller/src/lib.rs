@@ -17,10 +17,16 @@
 //! Not built yet: nodes, scheduler and reconciler (a later issue).
 
 pub mod api_server;
+pub mod dispatcher;
 pub mod fsm;
+pub mod leader;
+pub mod orchestrator;
 pub mod raft;
+pub mod reconcile;
+pub mod scheduler;
 pub mod server;
 pub mod state;
 pub mod testing;
+pub mod views;
 
 pub use server::{ControllerConfig, ServerError, run};

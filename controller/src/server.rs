@@ -12,9 +12,13 @@ use tokio::sync::{oneshot, watch};
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tug_api::v1::control_server::ControlServer;
+use tug_api::v1::dispatcher_server::DispatcherServer;
 use tug_api::v1::raft_server::RaftServer;
 
 use crate::api_server::ControlApi;
+use crate::dispatcher::{DispatcherApi, Sessions};
+use crate::leader::LeaderLink;
+use crate::orchestrator::{self, OrchestratorConfig};
 use crate::raft::grpc_transport::{GrpcTransport, MAX_MESSAGE_BYTES, RaftService};
 use crate::raft::{Node, NodeConfig, NodeError};
 
@@ -35,6 +39,8 @@ pub struct ControllerConfig {
     /// Every replica's id and `host:port` (this one included): where peer messages and
     /// forwarded writes go.
     pub peers: BTreeMap<u64, String>,
+    /// Reconciler and node liveness (acting while this replica leads).
+    pub orchestrator: OrchestratorConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,14 +82,25 @@ pub async fn run(
     let raft = RaftServer::new(RaftService::new(handle.clone(), stopping.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let control = ControlServer::new(ControlApi::new(
-        handle,
-        addresses,
-        reachability,
+    let link = LeaderLink::new(handle.clone(), addresses, reachability);
+    let sessions = Sessions::default();
+    let dispatcher = DispatcherServer::new(DispatcherApi::new(
+        link.clone(),
+        sessions.clone(),
+        cfg.orchestrator.heartbeat_period,
         stopping.clone(),
     ))
     .max_decoding_message_size(MAX_API_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_API_MESSAGE_BYTES);
+    let orchestrator = tokio::spawn(orchestrator::run(
+        handle,
+        sessions,
+        cfg.orchestrator.clone(),
+        stopping.clone(),
+    ));
+    let control = ControlServer::new(ControlApi::new(link.clone(), stopping.clone()))
+        .max_decoding_message_size(MAX_API_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_API_MESSAGE_BYTES);
     let addr = listener.local_addr().ok();
     tracing::info!(node = id, addr = ?addr, "controller serving");
 
@@ -92,6 +109,7 @@ pub async fn run(
     let serve = Server::builder()
         .add_service(raft)
         .add_service(control)
+        .add_service(dispatcher)
         .serve_with_incoming_shutdown(incoming, async move {
             tokio::select! {
                 () = shutdown => {}
@@ -113,6 +131,7 @@ pub async fn run(
         }
         _ = async { stopping_seen.wait_for(|s| *s).await.is_ok() } => drain(id, serve).await,
     };
+    orchestrator.abort();
     let joined = match node_result {
         Some(joined) => joined,
         None => {

@@ -42,6 +42,7 @@ fn service(name: &str, image: &str) -> Service {
             replicas: 1,
             ..Default::default()
         }),
+        previous_spec: None,
     }
 }
 
@@ -743,7 +744,10 @@ async fn random_faults_lose_no_acknowledged_write_and_keep_one_order() -> TestRe
         let mut history = Vec::new();
         while let Some(event) = watcher.try_next() {
             let event = event?;
-            let m = event.service.metadata.clone().unwrap_or_default();
+            let m = event
+                .service()
+                .and_then(|s| s.metadata.clone())
+                .unwrap_or_default();
             history.push((
                 event.revision,
                 event.kind == EventKind::Put,

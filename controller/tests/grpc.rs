@@ -97,6 +97,7 @@ async fn prepare(
         let cfg = ControllerConfig {
             node,
             peers: peers.clone(),
+            orchestrator: Default::default(),
         };
         prepared.insert(id, (cfg, listener));
     }
@@ -134,6 +135,7 @@ fn service(name: &str, image: &str) -> Service {
             replicas: 2,
             ..Default::default()
         }),
+        previous_spec: None,
     }
 }
 

@@ -81,6 +81,7 @@ fn apply(name: &str) -> ApplyRequest {
                 replicas: 1,
                 ..Default::default()
             }),
+            previous_spec: None,
         }],
     }
 }
@@ -166,6 +167,7 @@ async fn members_are_added_and_removed_at_run_time_over_grpc() -> TestResult {
         ControllerConfig {
             node,
             peers: founders.clone(),
+            orchestrator: Default::default(),
         }
     };
     for id in 1..=3u64 {
@@ -184,6 +186,7 @@ async fn members_are_added_and_removed_at_run_time_over_grpc() -> TestResult {
     let cfg = ControllerConfig {
         node,
         peers: addrs.clone(),
+        orchestrator: Default::default(),
     };
     let listener = listeners.remove(&4).ok_or("no listener")?;
     replicas.insert(4, launch(cfg, listener));

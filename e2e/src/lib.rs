@@ -25,6 +25,7 @@ pub mod peers;
 pub mod process;
 pub mod redirect;
 pub mod registry;
+pub mod sim_agent;
 pub mod token_server;
 
 /// `etcdserverpb`: the subset of etcd's KV service (Put) that the controller benchmark drives;

@@ -287,6 +287,7 @@ impl ServiceManifest {
                         .map(String::from)
                         .collect(),
                     spread: s.placement.spread.clone().unwrap_or_default(),
+                    binpack: s.placement.strategy == service::PlacementStrategy::Binpack,
                 }),
                 update: Some(v1::UpdatePolicy {
                     max_surge: s.update.max_surge,
@@ -298,6 +299,7 @@ impl ServiceManifest {
                     .into(),
                 }),
             }),
+            previous_spec: None,
         }
     }
 }

@@ -470,6 +470,17 @@ pub struct Placement {
     /// Spread replicas across the values of this node label.
     #[serde(default)]
     pub spread: Option<String>,
+    /// Spread replicas across nodes (the default) or pack them onto the fewest nodes.
+    #[serde(default)]
+    pub strategy: PlacementStrategy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlacementStrategy {
+    #[default]
+    Spread,
+    Binpack,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

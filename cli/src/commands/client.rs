@@ -142,7 +142,13 @@ pub fn apply(global: &GlobalArgs, files: &[std::path::PathBuf]) -> anyhow::Resul
 }
 
 pub fn get(global: &GlobalArgs, args: &ObjectArgs) -> anyhow::Result<()> {
-    check_kind(args.kind.as_deref())?;
+    match args.kind.as_deref() {
+        Some("task" | "tasks") => return super::cluster::get_tasks(global, args),
+        Some("node" | "nodes") => return super::cluster::nodes(global, args.output, args.stale),
+        Some("service" | "services" | "svc") => {}
+        Some(other) => bail!("unknown kind {other:?}; known kinds: service, task, node"),
+        None => bail!("name a kind: service, task or node"),
+    }
     let addrs = addresses(global);
     let read = Some(ReadOptions { stale: args.stale });
     match &args.name {
@@ -166,7 +172,7 @@ pub fn get(global: &GlobalArgs, args: &ObjectArgs) -> anyhow::Result<()> {
         None => {
             let request = ListRequest {
                 namespace: args.namespace.clone().unwrap_or_default(),
-                label_selector: Default::default(),
+                label_selector: super::cluster::parse_selector(args.selector.as_deref())?,
                 read,
             };
             let response = block_on(call(&addrs, |mut c| {

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, bail};
 use tug_controller::ControllerConfig;
+use tug_controller::orchestrator::OrchestratorConfig;
 use tug_controller::raft::NodeConfig;
 
 use crate::args::{ControllerArgs, GlobalArgs, MemberCommand};
@@ -32,7 +33,15 @@ pub fn run(global: &GlobalArgs, args: ControllerArgs) -> anyhow::Result<()> {
     } else {
         node.initial_members = peers.keys().copied().collect();
     }
-    let cfg = ControllerConfig { node, peers };
+    let orchestrator = OrchestratorConfig {
+        heartbeat_period: args.heartbeat_period,
+        ..OrchestratorConfig::default()
+    };
+    let cfg = ControllerConfig {
+        node,
+        peers,
+        orchestrator,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1,5 +1,6 @@
 //! `tug describe service NAME [-n NS]`: one service's metadata and whole spec as aligned
-//! `Key: value` lines. Tasks and events come with scheduling (a later issue).
+//! `Key: value` lines, then its tasks: where each runs, its state, and for a task that fits
+//! nowhere, why ("0/3 nodes available: 2 insufficient memory, 1 drained").
 
 use std::fmt::Write as _;
 
@@ -32,7 +33,62 @@ pub fn describe(global: &GlobalArgs, args: &ObjectArgs) -> anyhow::Result<()> {
     let Some(service) = response.service else {
         bail!("the controller answered without the service");
     };
-    emit(render(&service).trim_end())
+    let tasks = super::cluster::list_tasks(
+        global,
+        v1::ListTasksRequest {
+            namespace: args.namespace.clone().unwrap_or_default(),
+            service: name.clone(),
+            read: Some(ReadOptions { stale: args.stale }),
+            ..Default::default()
+        },
+    )?;
+    let mut text = render(&service);
+    text.push_str(&render_tasks(&service, &tasks));
+    emit(text.trim_end())
+}
+
+/// The Tasks section: counts, pending reasons, then the task table.
+fn render_tasks(service: &v1::Service, tasks: &[v1::Task]) -> String {
+    let mut out = Lines::default();
+    let spec = service.spec.clone().unwrap_or_default();
+    let p = super::cluster::progress(&spec, tasks);
+    let running = tasks
+        .iter()
+        .filter(|t| {
+            t.status
+                .as_ref()
+                .is_some_and(|s| s.state() == v1::TaskState::Running)
+        })
+        .filter(|t| t.desired_state() == v1::DesiredState::Running)
+        .count();
+    out.kv(
+        0,
+        "Replicas",
+        format!(
+            "{} desired, {running} running, {} updated and available",
+            spec.replicas, p.updated_available
+        ),
+    );
+    let mut reasons: Vec<String> = tasks
+        .iter()
+        .filter_map(|t| t.status.as_ref())
+        .filter(|s| s.state() == v1::TaskState::Pending && !s.message.is_empty())
+        .map(|s| s.message.clone())
+        .collect();
+    reasons.dedup();
+    for reason in reasons {
+        out.kv(0, "Pending", reason);
+    }
+    if tasks.is_empty() {
+        out.kv(0, "Tasks", "<none>");
+        return out.0;
+    }
+    out.heading(0, "Tasks");
+    let mut text = out.0;
+    for line in super::cluster::tasks_table(tasks).lines() {
+        let _ = writeln!(text, "  {line}");
+    }
+    text
 }
 
 /// Aligned lines: `indent` levels of two spaces, then the key padded to the key column.
@@ -96,7 +152,6 @@ fn render(service: &v1::Service) -> String {
         }
         None => out.kv(0, "Spec", "<none>"),
     }
-    out.kv(0, "Tasks", "none (scheduling is not built yet)");
     out.0
 }
 
@@ -298,6 +353,7 @@ mod tests {
                 replicas: 3,
                 ..Default::default()
             }),
+            previous_spec: None,
         };
         let text = render(&service);
         for want in [

@@ -4,14 +4,18 @@
 use std::fmt;
 
 mod client;
+mod cluster;
 mod containers;
 mod controller;
 mod describe;
 pub mod image;
+mod remote;
 mod run;
 pub mod runtime;
 
-use crate::args::{Cli, ClusterCommand, Command};
+use tug_api::v1::NodeAvailability;
+
+use crate::args::{Cli, ClusterCommand, Command, RolloutCommand};
 
 /// A role or command that exists in the interface but whose implementation has not landed.
 /// It fails loudly with one line instead of pretending to work.
@@ -44,18 +48,34 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Describe(args) => describe::describe(&cli.global, &args),
         Command::Delete(args) => client::delete(&cli.global, &args),
         Command::Cluster(ClusterCommand::Status) => client::cluster_status(&cli.global),
-        Command::Logs(args) => containers::logs(&cli.global, &args.task, args.follow),
-        Command::Exec(args) => containers::exec(&cli.global, &args.task, &args.command, &args.env),
+        Command::Logs(args) => remote::logs(&cli.global, &args),
+        Command::Exec(args) => remote::exec(&cli.global, &args),
         Command::Ps { all } => containers::ps(&cli.global, all),
         Command::Stop { names, time } => containers::stop(&cli.global, &names, time),
         Command::Rm { names, force } => containers::rm(&cli.global, &names, force),
         Command::Pause { name } => containers::pause(&cli.global, &name, true),
         Command::Unpause { name } => containers::pause(&cli.global, &name, false),
-        Command::Scale(_) => not_built("scale", "agents, scheduling, reconciliation"),
-        Command::Rollout(_) => not_built("rollout", "agents, scheduling, reconciliation"),
-        Command::Nodes => not_built("nodes", "agents, scheduling, reconciliation"),
-        Command::Drain(_) => not_built("drain", "agents, scheduling, reconciliation"),
-        Command::Uncordon(_) => not_built("uncordon", "agents, scheduling, reconciliation"),
+        Command::Scale(args) => cluster::scale(
+            &cli.global,
+            args.namespace.as_deref(),
+            &args.service,
+            args.replicas,
+        ),
+        Command::Rollout(RolloutCommand::Status {
+            service,
+            namespace,
+            timeout,
+        }) => cluster::rollout_status(&cli.global, namespace.as_deref(), &service, timeout),
+        Command::Rollout(RolloutCommand::Undo { service, namespace }) => {
+            cluster::rollout_undo(&cli.global, namespace.as_deref(), &service)
+        }
+        Command::Nodes => cluster::nodes(&cli.global, None, false),
+        Command::Drain(args) => {
+            cluster::set_availability(&cli.global, &args.node, NodeAvailability::Drain)
+        }
+        Command::Uncordon(args) => {
+            cluster::set_availability(&cli.global, &args.node, NodeAvailability::Active)
+        }
         Command::Run(args) => run::run(&cli.global, *args),
         Command::Runtime(cmd) => runtime::run(&cli.global, cmd),
         Command::Image(cmd) => image::run(&cli.global, cmd),

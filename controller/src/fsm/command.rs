@@ -5,7 +5,9 @@
 //! unless the writer set [`IGNORE_UNKNOWN`], which marks a command older replicas may skip.
 
 use prost::Message;
-use tug_api::v1::Service;
+use tug_api::v1::{NodeAvailability, NodeDescription, NodeState, Service, TaskStatusUpdate};
+
+use crate::state::Plan;
 
 /// Set on the type byte: replicas that do not know the type skip the entry instead of stopping.
 pub const IGNORE_UNKNOWN: u8 = 0x80;
@@ -20,17 +22,82 @@ pub enum CommandType {
     ApplyServices = 1,
     /// Delete one service.
     DeleteService = 2,
+    /// An agent registered (or re-registered) its node.
+    RegisterNode = 3,
+    /// The leader's liveness check marked a node down (or up).
+    SetNodeState = 4,
+    /// Drain or uncordon a node.
+    SetNodeAvailability = 5,
+    /// One reconcile pass: tasks created, placed, stopped, removed.
+    ApplyPlan = 6,
+    /// A batch of task status reports from one node.
+    ReportStatus = 7,
+    /// Set a service's replica count.
+    ScaleService = 8,
+    /// Make a service's previous spec current again.
+    UndoService = 9,
 }
 
 impl CommandType {
     fn from_byte(byte: u8) -> Option<Self> {
-        match byte {
-            0 => Some(Self::Noop),
-            1 => Some(Self::ApplyServices),
-            2 => Some(Self::DeleteService),
-            _ => None,
-        }
+        Some(match byte {
+            0 => Self::Noop,
+            1 => Self::ApplyServices,
+            2 => Self::DeleteService,
+            3 => Self::RegisterNode,
+            4 => Self::SetNodeState,
+            5 => Self::SetNodeAvailability,
+            6 => Self::ApplyPlan,
+            7 => Self::ReportStatus,
+            8 => Self::ScaleService,
+            9 => Self::UndoService,
+            _ => return None,
+        })
     }
+}
+
+/// Body of [`CommandType::RegisterNode`]. Time is fixed by the leader so apply is deterministic.
+#[derive(Clone, PartialEq, Message)]
+pub struct RegisterNodeBody {
+    #[prost(message, optional, tag = "1")]
+    pub node: Option<NodeDescription>,
+    #[prost(uint64, tag = "2")]
+    pub now_ms: u64,
+}
+
+/// Body of [`CommandType::SetNodeState`] and [`CommandType::SetNodeAvailability`].
+#[derive(Clone, PartialEq, Message)]
+pub struct NodeChangeBody {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(enumeration = "NodeState", tag = "2")]
+    pub state: i32,
+    #[prost(enumeration = "NodeAvailability", tag = "3")]
+    pub availability: i32,
+    #[prost(string, tag = "4")]
+    pub message: String,
+    #[prost(uint64, tag = "5")]
+    pub now_ms: u64,
+}
+
+/// Body of [`CommandType::ReportStatus`].
+#[derive(Clone, PartialEq, Message)]
+pub struct ReportStatusBody {
+    #[prost(string, tag = "1")]
+    pub node: String,
+    #[prost(message, repeated, tag = "2")]
+    pub updates: Vec<TaskStatusUpdate>,
+}
+
+/// Body of [`CommandType::ScaleService`] and [`CommandType::UndoService`].
+#[derive(Clone, PartialEq, Message)]
+pub struct ServiceRefBody {
+    #[prost(string, tag = "1")]
+    pub namespace: String,
+    #[prost(string, tag = "2")]
+    pub name: String,
+    #[prost(uint32, tag = "3")]
+    pub replicas: u32,
 }
 
 /// Body of [`CommandType::ApplyServices`].
@@ -59,10 +126,40 @@ pub enum Command {
         namespace: String,
         name: String,
     },
+    RegisterNode {
+        node: NodeDescription,
+        now_ms: u64,
+    },
+    SetNodeState {
+        name: String,
+        state: NodeState,
+        message: String,
+        now_ms: u64,
+    },
+    SetNodeAvailability {
+        name: String,
+        availability: NodeAvailability,
+    },
+    ApplyPlan(Plan),
+    ReportStatus {
+        node: String,
+        updates: Vec<TaskStatusUpdate>,
+    },
+    ScaleService {
+        namespace: String,
+        name: String,
+        replicas: u32,
+    },
+    UndoService {
+        namespace: String,
+        name: String,
+    },
 }
 
 /// What a command entry decodes to.
 #[derive(Debug, Clone, PartialEq)]
+// Decoded once per entry and consumed at once: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum Decoded {
     Command(Command),
     /// A type unknown to this replica that its writer marked [`IGNORE_UNKNOWN`].
@@ -93,6 +190,13 @@ impl Command {
             Self::Noop => CommandType::Noop,
             Self::ApplyServices(_) => CommandType::ApplyServices,
             Self::DeleteService { .. } => CommandType::DeleteService,
+            Self::RegisterNode { .. } => CommandType::RegisterNode,
+            Self::SetNodeState { .. } => CommandType::SetNodeState,
+            Self::SetNodeAvailability { .. } => CommandType::SetNodeAvailability,
+            Self::ApplyPlan(_) => CommandType::ApplyPlan,
+            Self::ReportStatus { .. } => CommandType::ReportStatus,
+            Self::ScaleService { .. } => CommandType::ScaleService,
+            Self::UndoService { .. } => CommandType::UndoService,
         }
     }
 
@@ -114,6 +218,52 @@ impl Command {
                 };
                 body.encode_raw(&mut out);
             }
+            Self::RegisterNode { node, now_ms } => RegisterNodeBody {
+                node: Some(node.clone()),
+                now_ms: *now_ms,
+            }
+            .encode_raw(&mut out),
+            Self::SetNodeState {
+                name,
+                state,
+                message,
+                now_ms,
+            } => NodeChangeBody {
+                name: name.clone(),
+                state: (*state).into(),
+                message: message.clone(),
+                now_ms: *now_ms,
+                ..Default::default()
+            }
+            .encode_raw(&mut out),
+            Self::SetNodeAvailability { name, availability } => NodeChangeBody {
+                name: name.clone(),
+                availability: (*availability).into(),
+                ..Default::default()
+            }
+            .encode_raw(&mut out),
+            Self::ApplyPlan(plan) => plan.encode_raw(&mut out),
+            Self::ReportStatus { node, updates } => ReportStatusBody {
+                node: node.clone(),
+                updates: updates.clone(),
+            }
+            .encode_raw(&mut out),
+            Self::ScaleService {
+                namespace,
+                name,
+                replicas,
+            } => ServiceRefBody {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                replicas: *replicas,
+            }
+            .encode_raw(&mut out),
+            Self::UndoService { namespace, name } => ServiceRefBody {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                replicas: 0,
+            }
+            .encode_raw(&mut out),
         }
         out
     }
@@ -139,6 +289,52 @@ impl Command {
                     name: b.name,
                 }
             }
+            CommandType::RegisterNode => {
+                let b = RegisterNodeBody::decode(body).map_err(body_err)?;
+                Self::RegisterNode {
+                    node: b.node.unwrap_or_default(),
+                    now_ms: b.now_ms,
+                }
+            }
+            CommandType::SetNodeState => {
+                let b = NodeChangeBody::decode(body).map_err(body_err)?;
+                Self::SetNodeState {
+                    state: b.state(),
+                    name: b.name,
+                    message: b.message,
+                    now_ms: b.now_ms,
+                }
+            }
+            CommandType::SetNodeAvailability => {
+                let b = NodeChangeBody::decode(body).map_err(body_err)?;
+                Self::SetNodeAvailability {
+                    availability: b.availability(),
+                    name: b.name,
+                }
+            }
+            CommandType::ApplyPlan => Self::ApplyPlan(Plan::decode(body).map_err(body_err)?),
+            CommandType::ReportStatus => {
+                let b = ReportStatusBody::decode(body).map_err(body_err)?;
+                Self::ReportStatus {
+                    node: b.node,
+                    updates: b.updates,
+                }
+            }
+            CommandType::ScaleService => {
+                let b = ServiceRefBody::decode(body).map_err(body_err)?;
+                Self::ScaleService {
+                    namespace: b.namespace,
+                    name: b.name,
+                    replicas: b.replicas,
+                }
+            }
+            CommandType::UndoService => {
+                let b = ServiceRefBody::decode(body).map_err(body_err)?;
+                Self::UndoService {
+                    namespace: b.namespace,
+                    name: b.name,
+                }
+            }
         };
         Ok(Decoded::Command(command))
     }
@@ -154,6 +350,13 @@ mod tests {
         assert_eq!(CommandType::Noop as u8, 0);
         assert_eq!(CommandType::ApplyServices as u8, 1);
         assert_eq!(CommandType::DeleteService as u8, 2);
+        assert_eq!(CommandType::RegisterNode as u8, 3);
+        assert_eq!(CommandType::SetNodeState as u8, 4);
+        assert_eq!(CommandType::SetNodeAvailability as u8, 5);
+        assert_eq!(CommandType::ApplyPlan as u8, 6);
+        assert_eq!(CommandType::ReportStatus as u8, 7);
+        assert_eq!(CommandType::ScaleService as u8, 8);
+        assert_eq!(CommandType::UndoService as u8, 9);
     }
 
     #[test]
@@ -170,10 +373,48 @@ mod tests {
                     replicas: 2,
                     ..Default::default()
                 }),
+                previous_spec: None,
             }]),
             Command::DeleteService {
                 namespace: "prod".into(),
                 name: "db".into(),
+            },
+            Command::RegisterNode {
+                node: NodeDescription {
+                    name: "n1".into(),
+                    ..Default::default()
+                },
+                now_ms: 5,
+            },
+            Command::SetNodeState {
+                name: "n1".into(),
+                state: NodeState::Down,
+                message: "gone".into(),
+                now_ms: 9,
+            },
+            Command::SetNodeAvailability {
+                name: "n1".into(),
+                availability: NodeAvailability::Drain,
+            },
+            Command::ApplyPlan(Plan {
+                remove: vec!["t".into()],
+                ..Default::default()
+            }),
+            Command::ReportStatus {
+                node: "n1".into(),
+                updates: vec![TaskStatusUpdate {
+                    task_id: "t".into(),
+                    ..Default::default()
+                }],
+            },
+            Command::ScaleService {
+                namespace: "a".into(),
+                name: "b".into(),
+                replicas: 7,
+            },
+            Command::UndoService {
+                namespace: "a".into(),
+                name: "b".into(),
             },
         ];
         for command in commands {

@@ -11,10 +11,12 @@ pub mod snapshot;
 pub use command::{Command, CommandError, CommandType, Decoded, IGNORE_UNKNOWN};
 pub use snapshot::SnapshotError;
 
-use crate::state::{ServiceResult, SharedStore, Store, StoreError};
+use tug_api::v1::Node;
+
+use crate::state::{PlanResult, ServiceResult, SharedStore, Store, StoreError};
 
 /// What applying one command did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum CommandResult {
     Noop,
     /// One result per service of the batch, in request order.
@@ -22,6 +24,12 @@ pub enum CommandResult {
     Deleted {
         found: bool,
     },
+    /// One service scaled or rolled back.
+    Service(ServiceResult),
+    Node(Box<Node>),
+    Plan(PlanResult),
+    /// How many status reports changed something.
+    Statuses(usize),
     /// A command type this replica does not know, marked skippable by its writer.
     Skipped,
 }
@@ -106,7 +114,7 @@ impl Fsm {
                 revision: restored.revision,
             });
         }
-        self.store.write().replace(index, restored.services);
+        self.store.write().replace(index, restored);
         Ok(())
     }
 }
@@ -124,6 +132,34 @@ fn apply_command(
         Command::DeleteService { namespace, name } => Ok(CommandResult::Deleted {
             found: store.delete_service(index, &namespace, &name),
         }),
+        Command::RegisterNode { node, now_ms } => store
+            .register_node(index, node, now_ms)
+            .map(|n| CommandResult::Node(Box::new(n))),
+        Command::SetNodeState {
+            name,
+            state,
+            message,
+            now_ms,
+        } => store
+            .set_node_state(index, &name, state, message, now_ms)
+            .map(|n| CommandResult::Node(Box::new(n))),
+        Command::SetNodeAvailability { name, availability } => store
+            .set_node_availability(index, &name, availability)
+            .map(|n| CommandResult::Node(Box::new(n))),
+        Command::ApplyPlan(plan) => Ok(CommandResult::Plan(store.apply_plan(index, plan))),
+        Command::ReportStatus { node, updates } => Ok(CommandResult::Statuses(
+            store.apply_statuses(index, &node, updates),
+        )),
+        Command::ScaleService {
+            namespace,
+            name,
+            replicas,
+        } => store
+            .scale_service(index, &namespace, &name, replicas)
+            .map(CommandResult::Service),
+        Command::UndoService { namespace, name } => store
+            .undo_service(index, &namespace, &name)
+            .map(CommandResult::Service),
     }
 }
 
@@ -144,6 +180,7 @@ mod tests {
                 image: image.into(),
                 ..Default::default()
             }),
+            previous_spec: None,
         }
     }
 

@@ -7,13 +7,11 @@
 //! append-only like command types; an unknown kind with [`IGNORE_UNKNOWN`] set is skipped.
 //! Restore builds a fresh state from the records and only then replaces the live one.
 
-use std::collections::BTreeMap;
-
 use prost::Message;
-use tug_api::v1::Service;
+use tug_api::v1::{Node, Service, Task};
 
 use super::command::IGNORE_UNKNOWN;
-use crate::state::{ServiceKey, Store};
+use crate::state::{Restored, Store};
 
 const MAGIC: &[u8; 7] = b"TUGSNAP";
 const VERSION: u8 = 1;
@@ -21,6 +19,8 @@ const VERSION: u8 = 1;
 /// Record kinds. Append only.
 const KIND_META: u8 = 1;
 const KIND_SERVICE: u8 = 2;
+const KIND_NODE: u8 = 3;
+const KIND_TASK: u8 = 4;
 
 #[derive(Clone, PartialEq, Message)]
 pub struct SnapshotMeta {
@@ -29,6 +29,10 @@ pub struct SnapshotMeta {
     pub revision: u64,
     #[prost(uint64, tag = "2")]
     pub services: u64,
+    #[prost(uint64, tag = "3")]
+    pub nodes: u64,
+    #[prost(uint64, tag = "4")]
+    pub tasks: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,31 +53,38 @@ pub enum SnapshotError {
     },
     #[error("snapshot has no metadata record")]
     MissingMeta,
-    #[error("snapshot says it holds {expected} services but has {found}")]
-    Count { expected: u64, found: u64 },
-}
-
-/// The state a snapshot describes.
-#[derive(Debug, Default)]
-pub struct Restored {
-    pub revision: u64,
-    pub services: BTreeMap<ServiceKey, Service>,
+    #[error("snapshot says it holds {expected} {what} but has {found}")]
+    Count {
+        what: &'static str,
+        expected: u64,
+        found: u64,
+    },
 }
 
 /// Serializes the whole state.
 pub fn encode(store: &Store) -> Vec<u8> {
     let services: Vec<&Service> = store.services().collect();
+    let nodes: Vec<&Node> = store.nodes().collect();
     let meta = SnapshotMeta {
         revision: store.revision(),
         services: services.len() as u64,
+        nodes: nodes.len() as u64,
+        tasks: store.task_count() as u64,
     };
-    let mut out =
-        Vec::with_capacity(64 + services.iter().map(|s| s.encoded_len() + 5).sum::<usize>());
+    let mut out = Vec::with_capacity(
+        64 + services.iter().map(|s| s.encoded_len() + 5).sum::<usize>() + store.task_count() * 256,
+    );
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
     put_record(&mut out, KIND_META, &meta);
     for svc in services {
         put_record(&mut out, KIND_SERVICE, svc);
+    }
+    for node in nodes {
+        put_record(&mut out, KIND_NODE, node);
+    }
+    for task in store.tasks() {
+        put_record(&mut out, KIND_TASK, task);
     }
     out
 }
@@ -88,7 +99,7 @@ pub fn encode_empty(revision: u64) -> Vec<u8> {
         KIND_META,
         &SnapshotMeta {
             revision,
-            services: 0,
+            ..Default::default()
         },
     );
     out
@@ -136,6 +147,12 @@ pub fn decode(data: &[u8]) -> Result<Restored, SnapshotError> {
                     .services
                     .insert(crate::state::service_key(&svc), svc);
             }
+            KIND_NODE => {
+                let node = Node::decode(body).map_err(decode_err)?;
+                let name = node.description.as_ref().map(|d| d.name.clone());
+                restored.nodes.insert(name.unwrap_or_default(), node);
+            }
+            KIND_TASK => restored.tasks.push(Task::decode(body).map_err(decode_err)?),
             k if k & IGNORE_UNKNOWN != 0 => {}
             k => {
                 return Err(SnapshotError::UnknownRecord {
@@ -146,11 +163,18 @@ pub fn decode(data: &[u8]) -> Result<Restored, SnapshotError> {
         }
     }
     let meta = meta.ok_or(SnapshotError::MissingMeta)?;
-    if meta.services != restored.services.len() as u64 {
-        return Err(SnapshotError::Count {
-            expected: meta.services,
-            found: restored.services.len() as u64,
-        });
+    for (what, expected, found) in [
+        ("services", meta.services, restored.services.len()),
+        ("nodes", meta.nodes, restored.nodes.len()),
+        ("tasks", meta.tasks, restored.tasks.len()),
+    ] {
+        if expected != found as u64 {
+            return Err(SnapshotError::Count {
+                what,
+                expected,
+                found: found as u64,
+            });
+        }
     }
     restored.revision = meta.revision;
     Ok(restored)

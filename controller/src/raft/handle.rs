@@ -13,7 +13,7 @@ use crate::fsm::{Command, CommandResult};
 use crate::state::{SharedStore, Store, StoreError, WatchError, Watcher};
 
 /// A command that was committed and applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Applied {
     /// Its log index: the revision of every object it changed.
     pub index: u64,

@@ -1,19 +1,22 @@
-//! The replicated state every controller holds in memory: the objects (services now; tasks, nodes
-//! and subnet allocations later), each stamped with the Raft log index that last changed it, and
+//! The replicated state every controller holds in memory: the objects (services, nodes, tasks;
+//! subnet allocations later), each stamped with the Raft log index that last changed it, and
 //! the change log that feeds watches.
 //!
 //! Only the state machine (`crate::fsm`) writes to it, in log order; the API server reads it
 //! through [`SharedStore::read`] after a ReadIndex round (linearizable) or directly (stale).
 
+mod nodes;
 mod store;
+mod tasks;
 pub mod watch;
 
 pub(crate) use store::service_key;
 pub use store::{
-    ApplyOutcome, DEFAULT_NAMESPACE, ServiceKey, ServiceResult, Store, StoreError,
-    normalize_namespace,
+    ApplyOutcome, DEFAULT_NAMESPACE, Restored, ServiceKey, ServiceResult, Store, StoreError,
+    normalize_namespace, same_template,
 };
-pub use watch::{EventKind, WatchError, WatchEvent, Watcher};
+pub use tasks::{Plan, PlanResult, TaskChange, is_terminal};
+pub use watch::{EventKind, Object, WatchError, WatchEvent, Watcher};
 
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 

@@ -1,11 +1,11 @@
 //! The in-memory object store. Writes come only from the state machine, in log order, and are
 //! deterministic: the same commands at the same indices give the same objects on every replica.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use tug_api::v1::{ObjectMeta, Service};
+use tug_api::v1::{Node, ObjectMeta, Service, ServiceSpec, Task};
 
-use super::watch::{EventKind, WatchError, WatchEvent, WatchHub, Watcher};
+use super::watch::{EventKind, Object, WatchError, WatchEvent, WatchHub, Watcher};
 
 /// Objects are keyed by (namespace, name).
 pub type ServiceKey = (String, String);
@@ -40,24 +40,49 @@ pub enum StoreError {
     EmptyName { position: usize },
     #[error("service {namespace}/{name} has no spec")]
     MissingSpec { namespace: String, name: String },
+    #[error("service {namespace}/{name} not found")]
+    ServiceNotFound { namespace: String, name: String },
+    #[error("service {namespace}/{name} has no previous spec to go back to")]
+    NoPreviousSpec { namespace: String, name: String },
+    #[error("node {0} not found")]
+    NodeNotFound(String),
+    #[error("a node registration without a name")]
+    NodeWithoutName,
 }
 
-/// Services (tasks, nodes and subnet allocations join later), the revision of the last applied
-/// log entry, and the change log for watches.
+/// Services, nodes and tasks, the revision of the last applied log entry, and the change log for
+/// watches.
 #[derive(Debug)]
 pub struct Store {
-    services: BTreeMap<ServiceKey, Service>,
-    revision: u64,
-    watch: WatchHub,
+    pub(super) services: BTreeMap<ServiceKey, Service>,
+    pub(super) nodes: BTreeMap<String, Node>,
+    pub(super) tasks: BTreeMap<String, Task>,
+    /// Task ids per service and per node: the reconciler and the agents' streams read by these.
+    pub(super) tasks_by_service: BTreeMap<ServiceKey, BTreeSet<String>>,
+    pub(super) tasks_by_node: BTreeMap<String, BTreeSet<String>>,
+    pub(super) revision: u64,
+    pub(super) watch: WatchHub,
 }
 
 impl Store {
     pub(crate) fn new(watch_history: usize) -> Self {
         Self {
             services: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            tasks: BTreeMap::new(),
+            tasks_by_service: BTreeMap::new(),
+            tasks_by_node: BTreeMap::new(),
             revision: 0,
             watch: WatchHub::new(watch_history),
         }
+    }
+
+    pub(super) fn publish(&mut self, kind: EventKind, object: Object, revision: u64) {
+        self.watch.publish(WatchEvent {
+            kind,
+            object,
+            revision,
+        });
     }
 
     /// The log index of the last entry applied to this store.
@@ -157,6 +182,7 @@ impl Store {
                         generation: 1,
                     }),
                     spec: svc.spec,
+                    previous_spec: None,
                 };
                 (ApplyOutcome::Created, stored)
             }
@@ -171,6 +197,13 @@ impl Store {
                         generation: old_meta.generation,
                     };
                 }
+                // Only a change of the template (not of the replica count) is something to
+                // roll back from.
+                let previous_spec = if !same_template(old.spec.as_ref(), svc.spec.as_ref()) {
+                    old.spec.clone()
+                } else {
+                    old.previous_spec.clone()
+                };
                 let stored = Service {
                     metadata: Some(ObjectMeta {
                         labels: meta.labels,
@@ -179,17 +212,14 @@ impl Store {
                         ..old_meta
                     }),
                     spec: svc.spec,
+                    previous_spec,
                 };
                 (ApplyOutcome::Configured, stored)
             }
         };
         let generation = stored.metadata.as_ref().map_or(0, |m| m.generation);
         self.services.insert(key.clone(), stored.clone());
-        self.watch.publish(WatchEvent {
-            kind: EventKind::Put,
-            service: stored,
-            revision: index,
-        });
+        self.publish(EventKind::Put, Object::Service(stored), index);
         ServiceResult {
             namespace: key.0,
             name: key.1,
@@ -203,22 +233,99 @@ impl Store {
         let key = (normalize_namespace(namespace).to_string(), name.to_string());
         match self.services.remove(&key) {
             Some(old) => {
-                self.watch.publish(WatchEvent {
-                    kind: EventKind::Delete,
-                    service: old,
-                    revision: index,
-                });
+                self.publish(EventKind::Delete, Object::Service(old), index);
                 true
             }
             None => false,
         }
     }
 
+    /// Sets the replica count of a service: a new generation if it changes.
+    pub(crate) fn scale_service(
+        &mut self,
+        index: u64,
+        namespace: &str,
+        name: &str,
+        replicas: u32,
+    ) -> Result<ServiceResult, StoreError> {
+        let mut svc = self.existing_service(namespace, name)?;
+        if let Some(spec) = svc.spec.as_mut() {
+            spec.replicas = replicas;
+        }
+        Ok(self.apply_service(index, svc))
+    }
+
+    /// Makes the previous spec current again, as a new generation (`tug rollout undo`).
+    pub(crate) fn undo_service(
+        &mut self,
+        index: u64,
+        namespace: &str,
+        name: &str,
+    ) -> Result<ServiceResult, StoreError> {
+        let mut svc = self.existing_service(namespace, name)?;
+        let Some(previous) = svc.previous_spec.take() else {
+            return Err(StoreError::NoPreviousSpec {
+                namespace: normalize_namespace(namespace).to_string(),
+                name: name.to_string(),
+            });
+        };
+        let replicas = svc.spec.as_ref().map_or(previous.replicas, |s| s.replicas);
+        svc.spec = Some(ServiceSpec {
+            replicas,
+            ..previous
+        });
+        Ok(self.apply_service(index, svc))
+    }
+
+    fn existing_service(&self, namespace: &str, name: &str) -> Result<Service, StoreError> {
+        self.get_service(namespace, name)
+            .cloned()
+            .ok_or_else(|| StoreError::ServiceNotFound {
+                namespace: normalize_namespace(namespace).to_string(),
+                name: name.to_string(),
+            })
+    }
+
     /// Replaces everything with restored state at `revision` (snapshot install); watchers resync.
-    pub(crate) fn replace(&mut self, revision: u64, services: BTreeMap<ServiceKey, Service>) {
-        self.services = services;
+    pub(crate) fn replace(&mut self, revision: u64, restored: Restored) {
+        self.services = restored.services;
+        self.nodes = restored.nodes;
+        self.tasks = BTreeMap::new();
+        self.tasks_by_node = BTreeMap::new();
+        self.tasks_by_service = BTreeMap::new();
+        for task in restored.tasks {
+            self.index_task(&task);
+            self.tasks.insert(task.id.clone(), task);
+        }
         self.revision = revision;
         self.watch.reset(revision);
+    }
+}
+
+/// Everything a snapshot holds.
+#[derive(Debug, Default)]
+pub struct Restored {
+    pub revision: u64,
+    pub services: BTreeMap<ServiceKey, Service>,
+    pub nodes: BTreeMap<String, Node>,
+    pub tasks: Vec<Task>,
+}
+
+/// Whether two specs run the same containers: equal but for the replica count. Tasks made from
+/// either need no rolling update to the other.
+pub fn same_template(a: Option<&ServiceSpec>, b: Option<&ServiceSpec>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            if a.replicas == b.replicas {
+                a == b
+            } else {
+                ServiceSpec {
+                    replicas: b.replicas,
+                    ..a.clone()
+                } == *b
+            }
+        }
+        (a, b) => a.is_none() && b.is_none(),
     }
 }
 
@@ -241,10 +348,8 @@ pub(crate) fn service_key(svc: &Service) -> ServiceKey {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use tug_api::v1::ServiceSpec;
-
     pub(crate) fn service(name: &str, image: &str) -> Service {
         Service {
             metadata: Some(ObjectMeta {
@@ -257,6 +362,7 @@ mod tests {
                 replicas: 1,
                 ..Default::default()
             }),
+            previous_spec: None,
         }
     }
 

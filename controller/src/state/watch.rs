@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use tokio::sync::broadcast;
-use tug_api::v1::Service;
+use tug_api::v1::{Node, Service, Task};
 
 /// What happened to an object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,12 +21,38 @@ pub enum EventKind {
     Delete,
 }
 
+/// The object a change is about. Events live behind an `Arc`, so the variants' sizes matter
+/// little.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)]
+pub enum Object {
+    Service(Service),
+    Task(Task),
+    Node(Node),
+}
+
 /// One change, at the revision (log index) that made it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WatchEvent {
     pub kind: EventKind,
-    pub service: Service,
+    pub object: Object,
     pub revision: u64,
+}
+
+impl WatchEvent {
+    pub fn service(&self) -> Option<&Service> {
+        match &self.object {
+            Object::Service(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn task(&self) -> Option<&Task> {
+        match &self.object {
+            Object::Task(t) => Some(t),
+            _ => None,
+        }
+    }
 }
 
 /// Why a watch cannot continue from where it is; every case means "resync, then watch again".
@@ -191,19 +217,21 @@ mod tests {
     fn event(name: &str, revision: u64) -> WatchEvent {
         WatchEvent {
             kind: EventKind::Put,
-            service: Service {
+            object: Object::Service(Service {
                 metadata: Some(ObjectMeta {
                     name: name.into(),
                     ..Default::default()
                 }),
-                spec: None,
-            },
+                ..Default::default()
+            }),
             revision,
         }
     }
 
     fn name(e: &WatchEvent) -> &str {
-        e.service.metadata.as_ref().map_or("", |m| m.name.as_str())
+        e.service()
+            .and_then(|s| s.metadata.as_ref())
+            .map_or("", |m| m.name.as_str())
     }
 
     #[tokio::test]

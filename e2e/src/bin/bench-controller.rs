@@ -414,6 +414,7 @@ fn service(name: String) -> Service {
             replicas: 1,
             ..Default::default()
         }),
+        previous_spec: None,
     }
 }
 

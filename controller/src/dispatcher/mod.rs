@@ -1,0 +1,240 @@
+//! The node protocol (`tug.v1.Dispatcher`), served by every replica. Register, Heartbeat and
+//! ReportStatus act on the leader (a follower forwards them): sessions and heartbeats live in the
+//! leader's memory ([`Sessions`]); only transitions (a node registering, a node going down, task
+//! status) become Raft commands. Assignments stream from the replica the agent asked.
+
+mod assignments;
+mod sessions;
+
+pub use sessions::Sessions;
+
+use std::pin::Pin;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, watch};
+use tonic::codegen::tokio_stream::Stream;
+use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+use tug_api::v1::dispatcher_client::DispatcherClient;
+use tug_api::v1::dispatcher_server::Dispatcher;
+use tug_api::v1::{
+    AssignmentsMessage, AssignmentsRequest, HeartbeatRequest, HeartbeatResponse, NodeState,
+    RegisterRequest, RegisterResponse, ReportStatusRequest, ReportStatusResponse,
+};
+
+use crate::fsm::Command;
+use crate::leader::{LeaderLink, Written};
+use crate::raft::{NodeHandle, ProposeError};
+use crate::scheduler::Constraint;
+
+/// Assignment messages buffered per agent before the stream waits for it.
+const STREAM_BUFFER: usize = 64;
+
+/// The Dispatcher service of one replica.
+#[derive(Debug, Clone)]
+pub struct DispatcherApi {
+    link: LeaderLink,
+    handle: NodeHandle,
+    sessions: Sessions,
+    heartbeat_period: Duration,
+    stopping: watch::Receiver<bool>,
+}
+
+impl DispatcherApi {
+    pub fn new(
+        link: LeaderLink,
+        sessions: Sessions,
+        heartbeat_period: Duration,
+        stopping: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            handle: link.handle.clone(),
+            link,
+            sessions,
+            heartbeat_period,
+            stopping,
+        }
+    }
+
+    /// `Ok` when this replica leads; else where to forward.
+    fn lead(&self) -> Result<(), ProposeError> {
+        let status = self.handle.status();
+        if status.is_leader() {
+            Ok(())
+        } else {
+            Err(ProposeError::NotLeader {
+                leader_id: status.leader_id,
+            })
+        }
+    }
+
+    fn period_ms(&self) -> u64 {
+        self.heartbeat_period.as_millis() as u64
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn check_labels(labels: &std::collections::HashMap<String, String>) -> Result<(), Status> {
+    for (k, v) in labels {
+        // A label must be usable in a placement constraint.
+        Constraint::parse(&format!("{k}=={v}"))
+            .ok()
+            .filter(|c| c.key == *k && c.value == *v)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "node label {k}={v} cannot be used in placement constraints"
+                ))
+            })?;
+    }
+    Ok(())
+}
+
+type AssignmentStream = Pin<Box<dyn Stream<Item = Result<AssignmentsMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Dispatcher for DispatcherApi {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let Some(desc) = request.get_ref().node.clone() else {
+            return Err(Status::invalid_argument(
+                "a registration needs a node description",
+            ));
+        };
+        if desc.name.is_empty() || desc.address.is_empty() {
+            return Err(Status::invalid_argument(
+                "a node registers with a name and the address of its agent API",
+            ));
+        }
+        check_labels(&desc.labels)?;
+        let op = || async {
+            self.lead()?;
+            let unchanged = self
+                .handle
+                .store()
+                .read()
+                .get_node(&desc.name)
+                .is_some_and(|n| {
+                    n.state() == NodeState::Ready && n.description.as_ref() == Some(&desc)
+                });
+            let revision = if unchanged {
+                self.handle.store().read().revision()
+            } else {
+                let command = Command::RegisterNode {
+                    node: desc.clone(),
+                    now_ms: now_ms(),
+                };
+                self.handle.propose(&command).await?.index
+            };
+            Ok(RegisterResponse {
+                session_id: self.sessions.open(&desc.name),
+                heartbeat_period_ms: self.period_ms(),
+                revision,
+            })
+        };
+        let forward = |channel: Channel, request| async move {
+            DispatcherClient::new(channel).register(request).await
+        };
+        match self.link.run_or_forward(&request, op, forward).await? {
+            Written::Here(response) => {
+                tracing::info!(node = %desc.name, address = %desc.address, "node registered");
+                Ok(Response::new(response))
+            }
+            Written::Forwarded(response) => Ok(response),
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let req = request.get_ref();
+        let op = || async {
+            self.lead()?;
+            // A node marked down registers again, which marks it ready through Raft.
+            let down = self
+                .handle
+                .store()
+                .read()
+                .get_node(&req.node)
+                .is_none_or(|n| n.state() != NodeState::Ready);
+            Ok(!down && self.sessions.touch(&req.node, &req.session_id))
+        };
+        let forward = |channel: Channel, request| async move {
+            DispatcherClient::new(channel).heartbeat(request).await
+        };
+        match self.link.run_or_forward(&request, op, forward).await? {
+            Written::Here(true) => Ok(Response::new(HeartbeatResponse {
+                heartbeat_period_ms: self.period_ms(),
+            })),
+            Written::Here(false) => Err(Status::not_found(format!(
+                "node {} has no session with this leader: register again",
+                req.node
+            ))),
+            Written::Forwarded(response) => Ok(response),
+        }
+    }
+
+    type AssignmentsStream = AssignmentStream;
+
+    async fn assignments(
+        &self,
+        request: Request<AssignmentsRequest>,
+    ) -> Result<Response<Self::AssignmentsStream>, Status> {
+        let req = request.into_inner();
+        if req.node.is_empty() {
+            return Err(Status::invalid_argument("a node name is required"));
+        }
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let handle = self.handle.clone();
+        let mut stopping = self.stopping.clone();
+        tokio::spawn(async move {
+            let result = tokio::select! {
+                result = assignments::stream(handle, req.node, req.after_revision, tx.clone()) => result,
+                _ = async { stopping.wait_for(|s| *s).await.is_ok() } => {
+                    Err(Status::unavailable("this controller is shutting down"))
+                }
+            };
+            if let Err(err) = result {
+                let _ = tx.send(Err(err)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn report_status(
+        &self,
+        request: Request<ReportStatusRequest>,
+    ) -> Result<Response<ReportStatusResponse>, Status> {
+        let req = request.get_ref();
+        let op = || async {
+            self.lead()?;
+            if !self.sessions.is_current(&req.node, &req.session_id) {
+                return Ok(None);
+            }
+            let command = Command::ReportStatus {
+                node: req.node.clone(),
+                updates: req.updates.clone(),
+            };
+            Ok(Some(self.handle.propose(&command).await?.index))
+        };
+        let forward = |channel: Channel, request| async move {
+            DispatcherClient::new(channel).report_status(request).await
+        };
+        match self.link.run_or_forward(&request, op, forward).await? {
+            Written::Here(Some(revision)) => Ok(Response::new(ReportStatusResponse { revision })),
+            Written::Here(None) => Err(Status::not_found(format!(
+                "node {} has no session with this leader: register again",
+                req.node
+            ))),
+            Written::Forwarded(response) => Ok(response),
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! What the leader does besides leading Raft: runs the reconciler whenever the state changes
+//! (and periodically), commits each plan as one command, and declares nodes down when their
+//! heartbeats stop. Runs on every replica, acting only while it leads.
+
+use std::hash::{BuildHasher, Hasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tug_api::v1::NodeState;
+
+use crate::dispatcher::{Sessions, now_ms};
+use crate::fsm::Command;
+use crate::raft::{NodeHandle, ProposeError};
+use crate::reconcile::{self, ReconcileConfig};
+
+#[derive(Debug, Clone)]
+pub struct OrchestratorConfig {
+    /// How often agents heartbeat; a node silent for `grace_periods` of them is down.
+    pub heartbeat_period: Duration,
+    pub grace_periods: u32,
+    /// A full pass runs at least this often even if nothing changed.
+    pub resync: Duration,
+    /// Changes are gathered this long before a pass, so a burst makes one plan.
+    pub debounce: Duration,
+    pub reconcile: ReconcileConfig,
+}
+
+impl Default for OrchestratorConfig {
+    fn default() -> Self {
+        OrchestratorConfig {
+            heartbeat_period: Duration::from_secs(2),
+            grace_periods: 3,
+            resync: Duration::from_secs(5),
+            debounce: Duration::from_millis(10),
+            reconcile: ReconcileConfig::default(),
+        }
+    }
+}
+
+impl OrchestratorConfig {
+    pub fn grace(&self) -> Duration {
+        self.heartbeat_period * self.grace_periods
+    }
+}
+
+/// Runs until `stopping` turns true.
+pub async fn run(
+    handle: NodeHandle,
+    sessions: Sessions,
+    cfg: OrchestratorConfig,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let mut status = handle.status_updates();
+    loop {
+        tokio::select! {
+            _ = status.wait_for(|s| s.is_leader()) => {}
+            _ = stopping.wait_for(|s| *s) => return,
+        }
+        tracing::info!(
+            node = handle.id(),
+            "leading: reconciler and node liveness started"
+        );
+        tokio::select! {
+            () = lead(&handle, &sessions, &cfg) => {}
+            _ = status.wait_for(|s| !s.is_leader()) => {}
+            _ = stopping.wait_for(|s| *s) => return,
+        }
+        tracing::info!(node = handle.id(), "no longer leading: reconciler stopped");
+    }
+}
+
+/// One term of leadership: never returns by itself.
+async fn lead(handle: &NodeHandle, sessions: &Sessions, cfg: &OrchestratorConfig) {
+    // Sessions of an earlier term are stale; every node gets one grace period from now.
+    sessions.clear();
+    let since = Instant::now();
+    let ids = TaskIds::default();
+    let mut watcher = handle.watch(0).ok();
+    let mut dirty = true;
+    let mut last_pass = Instant::now();
+    let mut wake_at_ms: Option<u64> = None;
+    loop {
+        if dirty || last_pass.elapsed() >= cfg.resync || wake_at_ms.is_some_and(|w| now_ms() >= w) {
+            tokio::time::sleep(cfg.debounce).await;
+            if let Some(w) = watcher.as_mut() {
+                while let Some(ev) = w.try_next() {
+                    if ev.is_err() {
+                        watcher = None;
+                        break;
+                    }
+                }
+            }
+            last_pass = Instant::now();
+            match pass(handle, &ids, cfg).await {
+                Ok((truncated, wake)) => {
+                    dirty = truncated;
+                    wake_at_ms = wake;
+                }
+                Err(err) => {
+                    tracing::warn!(cause = %err, "reconcile plan not committed; retrying");
+                    dirty = true;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        liveness(handle, sessions, cfg, since).await;
+        if watcher.is_none() {
+            watcher = handle.watch(0).ok();
+            dirty = true;
+            continue;
+        }
+        let tick = cfg.heartbeat_period / 2;
+        let next = async {
+            match watcher.as_mut() {
+                Some(w) => w.next().await.is_ok(),
+                None => false,
+            }
+        };
+        tokio::select! {
+            ok = next => {
+                dirty = true;
+                if !ok {
+                    watcher = None;
+                }
+            }
+            () = tokio::time::sleep(tick) => {}
+        }
+    }
+}
+
+/// One reconcile pass, computed off the async threads and committed.
+async fn pass(
+    handle: &NodeHandle,
+    ids: &TaskIds,
+    cfg: &OrchestratorConfig,
+) -> Result<(bool, Option<u64>), ProposeError> {
+    let store = handle.store().clone();
+    let rc = cfg.reconcile;
+    let ids = ids.clone();
+    let started = Instant::now();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let store = store.read();
+        reconcile::reconcile(&store, now_ms(), &rc, &mut |svc: &str, slot: u32| {
+            ids.next(svc, slot)
+        })
+    })
+    .await
+    .map_err(|_| ProposeError::Stopped)?;
+    if outcome.plan.is_empty() {
+        return Ok((outcome.truncated, outcome.wake_at_ms));
+    }
+    let (creates, updates, removes) = (
+        outcome.plan.create.len(),
+        outcome.plan.update.len(),
+        outcome.plan.remove.len(),
+    );
+    let applied = handle.propose(&Command::ApplyPlan(outcome.plan)).await?;
+    tracing::debug!(
+        creates,
+        updates,
+        removes,
+        index = applied.index,
+        took = ?started.elapsed(),
+        "reconcile plan committed"
+    );
+    Ok((outcome.truncated, outcome.wake_at_ms))
+}
+
+/// Marks down every ready node not heard from within the grace period.
+async fn liveness(
+    handle: &NodeHandle,
+    sessions: &Sessions,
+    cfg: &OrchestratorConfig,
+    since: Instant,
+) {
+    let grace = cfg.grace();
+    let silent: Vec<(String, Duration)> = {
+        let store = handle.store().read();
+        store
+            .nodes()
+            .filter(|n| n.state() == NodeState::Ready)
+            .filter_map(|n| {
+                let name = n.description.as_ref()?.name.clone();
+                let last = sessions.last_seen(&name).map_or(since, |t| t.max(since));
+                let silent = last.elapsed();
+                (silent > grace).then_some((name, silent))
+            })
+            .collect()
+    };
+    for (name, silent) in silent {
+        sessions.close(&name);
+        let command = Command::SetNodeState {
+            name: name.clone(),
+            state: NodeState::Down,
+            message: format!("no heartbeat for {}s", silent.as_secs()),
+            now_ms: now_ms(),
+        };
+        match handle.propose(&command).await {
+            Ok(_) => tracing::warn!(node = %name, ?silent, "node marked down: heartbeats stopped"),
+            Err(err) => tracing::warn!(node = %name, cause = %err, "cannot mark the node down"),
+        }
+    }
+}
+
+/// Task ids: `<service>.<slot>.<10 hex>`, at most 64 characters (container ids on the node).
+#[derive(Debug, Clone, Default)]
+struct TaskIds {
+    random: RandomState,
+    counter: std::sync::Arc<AtomicU64>,
+}
+
+impl TaskIds {
+    fn next(&self, service: &str, slot: u32) -> String {
+        let mut hasher = self.random.build_hasher();
+        hasher.write_u64(self.counter.fetch_add(1, Ordering::Relaxed));
+        hasher.write_u64(now_ms());
+        let suffix = hasher.finish() & 0xff_ffff_ffff;
+        let name: String = service.chars().take(40).collect();
+        format!("{name}.{slot}.{suffix:010x}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_ids_are_unique_and_short() {
+        let ids = TaskIds::default();
+        let long = "x".repeat(63);
+        let a = ids.next(&long, 12345);
+        let b = ids.next(&long, 12345);
+        assert_ne!(a, b);
+        assert!(a.len() <= 64, "{a}");
+        assert!(ids.next("web", 1).starts_with("web.1."));
+    }
+}

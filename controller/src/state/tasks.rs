@@ -1,0 +1,365 @@
+//! Tasks in the store: created, placed, stopped and removed by the leader's reconciler in plans
+//! (one Raft command per reconcile pass), and their status reported by the agents that run them.
+
+use std::collections::BTreeSet;
+
+use tug_api::v1::{DesiredState, Task, TaskState, TaskStatus, TaskStatusUpdate};
+
+use super::store::{ServiceKey, Store, normalize_namespace};
+use super::watch::{EventKind, Object};
+
+/// One change of a plan to an existing task.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TaskChange {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    /// `Unspecified` leaves it as it is.
+    #[prost(enumeration = "DesiredState", tag = "2")]
+    pub desired_state: i32,
+    /// Places a pending task on this node; empty leaves it as it is. A placed task never moves.
+    #[prost(string, tag = "3")]
+    pub node: String,
+    /// Replaces the status (pending reason, lost).
+    #[prost(message, optional, tag = "4")]
+    pub status: Option<TaskStatus>,
+}
+
+/// What one reconcile pass decided, committed as one command.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Plan {
+    #[prost(message, repeated, tag = "1")]
+    pub create: Vec<Task>,
+    #[prost(message, repeated, tag = "2")]
+    pub update: Vec<TaskChange>,
+    /// Ids of tasks to forget (finished and no longer wanted).
+    #[prost(string, repeated, tag = "3")]
+    pub remove: Vec<String>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.create.is_empty() && self.update.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// How much of a plan took effect; the rest referred to objects that changed meanwhile.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlanResult {
+    pub created: usize,
+    pub updated: usize,
+    pub removed: usize,
+}
+
+/// Whether a task's container is finished for good (it will not run again).
+pub fn is_terminal(state: TaskState) -> bool {
+    matches!(
+        state,
+        TaskState::Exited | TaskState::Failed | TaskState::Lost | TaskState::Stopped
+    )
+}
+
+impl Store {
+    pub fn get_task(&self, id: &str) -> Option<&Task> {
+        self.tasks.get(id)
+    }
+
+    /// Every task, ordered by id.
+    pub fn tasks(&self) -> impl Iterator<Item = &Task> {
+        self.tasks.values()
+    }
+
+    pub fn task_count(&self) -> usize {
+        self.tasks.len()
+    }
+
+    pub fn tasks_of_service(&self, namespace: &str, name: &str) -> Vec<&Task> {
+        let key = (normalize_namespace(namespace).to_string(), name.to_string());
+        self.ids_to_tasks(self.tasks_by_service.get(&key))
+    }
+
+    pub fn tasks_of_node(&self, node: &str) -> Vec<&Task> {
+        self.ids_to_tasks(self.tasks_by_node.get(node))
+    }
+
+    /// The keys of every service that has tasks (some may belong to deleted services).
+    pub fn services_with_tasks(&self) -> impl Iterator<Item = &ServiceKey> {
+        self.tasks_by_service.keys()
+    }
+
+    fn ids_to_tasks(&self, ids: Option<&BTreeSet<String>>) -> Vec<&Task> {
+        ids.into_iter()
+            .flatten()
+            .filter_map(|id| self.tasks.get(id))
+            .collect()
+    }
+
+    pub(super) fn index_task(&mut self, task: &Task) {
+        let key = (
+            normalize_namespace(&task.namespace).to_string(),
+            task.service.clone(),
+        );
+        self.tasks_by_service
+            .entry(key)
+            .or_default()
+            .insert(task.id.clone());
+        if !task.node.is_empty() {
+            self.tasks_by_node
+                .entry(task.node.clone())
+                .or_default()
+                .insert(task.id.clone());
+        }
+    }
+
+    fn unindex_task(&mut self, task: &Task) {
+        let key = (
+            normalize_namespace(&task.namespace).to_string(),
+            task.service.clone(),
+        );
+        if let Some(ids) = self.tasks_by_service.get_mut(&key) {
+            ids.remove(&task.id);
+            if ids.is_empty() {
+                self.tasks_by_service.remove(&key);
+            }
+        }
+        if let Some(ids) = self.tasks_by_node.get_mut(&task.node) {
+            ids.remove(&task.id);
+            if ids.is_empty() {
+                self.tasks_by_node.remove(&task.node);
+            }
+        }
+    }
+
+    /// Applies a reconcile plan at log index `index`. Parts that no longer fit the state (a task
+    /// that exists already or is gone, a service deleted meanwhile, a placed task asked to move)
+    /// are skipped, the same way on every replica.
+    pub(crate) fn apply_plan(&mut self, index: u64, plan: Plan) -> PlanResult {
+        let mut result = PlanResult::default();
+        for mut task in plan.create {
+            if task.id.is_empty()
+                || self.tasks.contains_key(&task.id)
+                || self.get_service(&task.namespace, &task.service).is_none()
+            {
+                continue;
+            }
+            task.namespace = normalize_namespace(&task.namespace).to_string();
+            task.create_revision = index;
+            task.revision = index;
+            self.put_task(index, task);
+            result.created += 1;
+        }
+        for change in plan.update {
+            let Some(old) = self.tasks.get(&change.id).cloned() else {
+                continue;
+            };
+            if !change.node.is_empty() && !old.node.is_empty() && old.node != change.node {
+                continue;
+            }
+            let mut task = old.clone();
+            if change.desired_state() != DesiredState::Unspecified {
+                task.desired_state = change.desired_state;
+            }
+            if !change.node.is_empty() && task.node.is_empty() {
+                self.unindex_task(&task);
+                task.node = change.node;
+            }
+            if let Some(status) = change.status {
+                task.status = Some(status);
+            }
+            if task == old {
+                continue;
+            }
+            task.revision = index;
+            self.put_task(index, task);
+            result.updated += 1;
+        }
+        for id in plan.remove {
+            if let Some(task) = self.tasks.remove(&id) {
+                self.unindex_task(&task);
+                self.publish(EventKind::Delete, Object::Task(task), index);
+                result.removed += 1;
+            }
+        }
+        result
+    }
+
+    /// Applies status reports from the agent of `node`. Reports about tasks that are gone, that
+    /// belong to another node, or that the controller already declared lost are ignored. Returns
+    /// how many changed something.
+    pub(crate) fn apply_statuses(
+        &mut self,
+        index: u64,
+        node: &str,
+        updates: Vec<TaskStatusUpdate>,
+    ) -> usize {
+        let mut applied = 0;
+        for update in updates {
+            let Some(status) = update.status else {
+                continue;
+            };
+            let Some(old) = self.tasks.get(&update.task_id) else {
+                continue;
+            };
+            let current = old
+                .status
+                .as_ref()
+                .map_or(TaskState::Pending, |s| s.state());
+            if old.node != node
+                || current == TaskState::Lost
+                || old.status.as_ref() == Some(&status)
+            {
+                continue;
+            }
+            let task = Task {
+                status: Some(status),
+                revision: index,
+                ..old.clone()
+            };
+            self.put_task(index, task);
+            applied += 1;
+        }
+        applied
+    }
+
+    fn put_task(&mut self, index: u64, task: Task) {
+        self.index_task(&task);
+        self.tasks.insert(task.id.clone(), task.clone());
+        self.publish(EventKind::Put, Object::Task(task), index);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::store::tests::service;
+
+    fn task(id: &str, node: &str) -> Task {
+        Task {
+            id: id.into(),
+            namespace: String::new(),
+            service: "web".into(),
+            slot: 1,
+            node: node.into(),
+            desired_state: DesiredState::Running.into(),
+            status: Some(TaskStatus {
+                state: TaskState::Assigned.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn status(state: TaskState) -> TaskStatus {
+        TaskStatus {
+            state: state.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn plans_create_place_update_and_remove() -> Result<(), Box<dyn std::error::Error>> {
+        let mut store = Store::new(100);
+        store.apply_services(2, vec![service("web", "x")])?;
+        let r = store.apply_plan(
+            3,
+            Plan {
+                create: vec![task("web.1.a", "n1"), task("web.2.b", ""), {
+                    let mut t = task("api.1.c", "n1");
+                    t.service = "api".into();
+                    t
+                }],
+                ..Default::default()
+            },
+        );
+        assert_eq!(r.created, 2, "a task of an unknown service is skipped");
+        assert_eq!(store.tasks_of_node("n1").len(), 1);
+        assert_eq!(store.tasks_of_service("default", "web").len(), 2);
+
+        let r = store.apply_plan(
+            4,
+            Plan {
+                update: vec![
+                    TaskChange {
+                        id: "web.2.b".into(),
+                        node: "n2".into(),
+                        ..Default::default()
+                    },
+                    TaskChange {
+                        id: "web.1.a".into(),
+                        node: "n3".into(),
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            },
+        );
+        assert_eq!(r.updated, 1, "a placed task never moves");
+        assert_eq!(store.tasks_of_node("n2").len(), 1);
+        assert_eq!(
+            store.get_task("web.1.a").map(|t| t.node.as_str()),
+            Some("n1")
+        );
+
+        let r = store.apply_plan(
+            5,
+            Plan {
+                remove: vec!["web.1.a".into(), "nope".into()],
+                ..Default::default()
+            },
+        );
+        assert_eq!(r.removed, 1);
+        assert!(store.tasks_of_node("n1").is_empty());
+        assert_eq!(store.task_count(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn status_reports_only_from_the_owning_node_and_never_over_lost()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let mut store = Store::new(100);
+        store.apply_services(2, vec![service("web", "x")])?;
+        store.apply_plan(
+            3,
+            Plan {
+                create: vec![task("t1", "n1"), task("t2", "n1")],
+                ..Default::default()
+            },
+        );
+        let report = |id: &str, state| TaskStatusUpdate {
+            task_id: id.into(),
+            namespace: String::new(),
+            status: Some(status(state)),
+        };
+        assert_eq!(
+            store.apply_statuses(4, "n2", vec![report("t1", TaskState::Running)]),
+            0
+        );
+        assert_eq!(
+            store.apply_statuses(4, "n1", vec![report("t1", TaskState::Running)]),
+            1
+        );
+        store.apply_plan(
+            5,
+            Plan {
+                update: vec![TaskChange {
+                    id: "t2".into(),
+                    status: Some(status(TaskState::Lost)),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            store.apply_statuses(6, "n1", vec![report("t2", TaskState::Running)]),
+            0
+        );
+        let state = |id| {
+            store
+                .get_task(id)
+                .and_then(|t| t.status.as_ref())
+                .map(|s| s.state())
+        };
+        assert_eq!(state("t1"), Some(TaskState::Running));
+        assert_eq!(state("t2"), Some(TaskState::Lost));
+        Ok(())
+    }
+}

@@ -1,0 +1,96 @@
+//! Read-only views of the store that the API serves: filtered task lists, and nodes with what is
+//! allocated on them. Pure functions of the store.
+
+use tug_api::v1::{ListTasksRequest, NodeInfo, Resources, Task, TaskState};
+
+use crate::state::{Store, is_terminal, normalize_namespace};
+
+/// Whether a task still holds resources on its node: placed, and its container not finished.
+pub fn holds_resources(task: &Task) -> bool {
+    !task.node.is_empty() && !is_terminal(task_state(task))
+}
+
+pub fn task_state(task: &Task) -> TaskState {
+    task.status
+        .as_ref()
+        .map_or(TaskState::Pending, |s| s.state())
+}
+
+/// The resources a task asks for.
+pub fn requested(task: &Task) -> (u64, u64) {
+    task.spec
+        .as_ref()
+        .and_then(|s| s.resources.as_ref())
+        .map_or((0, 0), |r| (r.cpu_millis, r.memory_bytes))
+}
+
+/// Tasks matching the request's filters, ordered by namespace, service, slot, then newest first.
+pub fn tasks(store: &Store, req: &ListTasksRequest) -> Vec<Task> {
+    let candidates: Vec<&Task> = if !req.service.is_empty() {
+        store.tasks_of_service(&req.namespace, &req.service)
+    } else if !req.node.is_empty() {
+        store.tasks_of_node(&req.node)
+    } else {
+        store.tasks().collect()
+    };
+    let mut out: Vec<Task> = candidates
+        .into_iter()
+        .filter(|t| req.node.is_empty() || t.node == req.node)
+        .filter(|t| req.namespace.is_empty() || t.namespace == normalize_namespace(&req.namespace))
+        .filter(|t| {
+            if req.label_selector.is_empty() {
+                return true;
+            }
+            let labels = store
+                .get_service(&t.namespace, &t.service)
+                .and_then(|s| s.metadata.as_ref())
+                .map(|m| &m.labels);
+            req.label_selector
+                .iter()
+                .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+        })
+        .cloned()
+        .collect();
+    out.sort_by(|a, b| {
+        (
+            &a.namespace,
+            &a.service,
+            a.slot,
+            std::cmp::Reverse(a.create_revision),
+        )
+            .cmp(&(
+                &b.namespace,
+                &b.service,
+                b.slot,
+                std::cmp::Reverse(b.create_revision),
+            ))
+    });
+    out
+}
+
+/// Every node with the resources and number of the tasks it holds.
+pub fn nodes(store: &Store) -> Vec<NodeInfo> {
+    store
+        .nodes()
+        .map(|node| {
+            let name = node.description.as_ref().map_or("", |d| d.name.as_str());
+            let (mut cpu, mut memory, mut count) = (0u64, 0u64, 0u32);
+            for task in store.tasks_of_node(name) {
+                if holds_resources(task) {
+                    let (c, m) = requested(task);
+                    cpu += c;
+                    memory += m;
+                    count += 1;
+                }
+            }
+            NodeInfo {
+                node: Some(node.clone()),
+                allocated: Some(Resources {
+                    cpu_millis: cpu,
+                    memory_bytes: memory,
+                }),
+                tasks: count,
+            }
+        })
+        .collect()
+}
