@@ -2,6 +2,7 @@
 //! (and periodically), commits each plan as one command, and declares nodes down when their
 //! heartbeats stop. Runs on every replica, acting only while it leads.
 
+use std::collections::BTreeSet;
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -12,7 +13,8 @@ use tug_api::v1::NodeState;
 use crate::dispatcher::{Sessions, now_ms};
 use crate::fsm::Command;
 use crate::raft::{NodeHandle, ProposeError};
-use crate::reconcile::{self, ReconcileConfig};
+use crate::reconcile::{self, ReconcileConfig, Scope};
+use crate::state::{Object, ServiceKey, WatchEvent, normalize_namespace, service_key};
 
 #[derive(Debug, Clone)]
 pub struct OrchestratorConfig {
@@ -31,7 +33,7 @@ impl Default for OrchestratorConfig {
         OrchestratorConfig {
             heartbeat_period: Duration::from_secs(2),
             grace_periods: 3,
-            resync: Duration::from_secs(5),
+            resync: Duration::from_secs(30),
             debounce: Duration::from_millis(10),
             reconcile: ReconcileConfig::default(),
         }
@@ -77,29 +79,44 @@ async fn lead(handle: &NodeHandle, sessions: &Sessions, cfg: &OrchestratorConfig
     let since = Instant::now();
     let ids = TaskIds::default();
     let mut watcher = handle.watch(0).ok();
-    let mut dirty = true;
-    let mut last_pass = Instant::now();
+    let mut dirty = Dirty::All;
+    let mut last_full = Instant::now();
     let mut wake_at_ms: Option<u64> = None;
     loop {
-        if dirty || last_pass.elapsed() >= cfg.resync || wake_at_ms.is_some_and(|w| now_ms() >= w) {
+        if last_full.elapsed() >= cfg.resync || wake_at_ms.is_some_and(|w| now_ms() >= w) {
+            dirty = Dirty::All;
+        }
+        if !dirty.is_clean() {
             tokio::time::sleep(cfg.debounce).await;
             if let Some(w) = watcher.as_mut() {
                 while let Some(ev) = w.try_next() {
-                    if ev.is_err() {
-                        watcher = None;
-                        break;
+                    match ev {
+                        Ok(ev) => dirty.note(&ev),
+                        Err(_) => {
+                            watcher = None;
+                            dirty = Dirty::All;
+                            break;
+                        }
                     }
                 }
             }
-            last_pass = Instant::now();
-            match pass(handle, &ids, cfg).await {
+            let scope = std::mem::replace(&mut dirty, Dirty::Clean).into_scope();
+            if matches!(scope, Scope::All) {
+                last_full = Instant::now();
+                wake_at_ms = None;
+            }
+            match pass(handle, &ids, cfg, scope.clone()).await {
                 Ok((truncated, wake)) => {
-                    dirty = truncated;
-                    wake_at_ms = wake;
+                    if truncated {
+                        dirty = Dirty::from_scope(scope);
+                    }
+                    if let Some(w) = wake {
+                        wake_at_ms = Some(wake_at_ms.map_or(w, |old| old.min(w)));
+                    }
                 }
                 Err(err) => {
                     tracing::warn!(cause = %err, "reconcile plan not committed; retrying");
-                    dirty = true;
+                    dirty = Dirty::All;
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
@@ -107,24 +124,75 @@ async fn lead(handle: &NodeHandle, sessions: &Sessions, cfg: &OrchestratorConfig
         liveness(handle, sessions, cfg, since).await;
         if watcher.is_none() {
             watcher = handle.watch(0).ok();
-            dirty = true;
+            dirty = Dirty::All;
             continue;
         }
         let tick = cfg.heartbeat_period / 2;
         let next = async {
             match watcher.as_mut() {
-                Some(w) => w.next().await.is_ok(),
-                None => false,
+                Some(w) => w.next().await.ok(),
+                None => None,
             }
         };
         tokio::select! {
-            ok = next => {
-                dirty = true;
-                if !ok {
+            ev = next => match ev {
+                Some(ev) => dirty.note(&ev),
+                None => {
                     watcher = None;
+                    dirty = Dirty::All;
                 }
-            }
+            },
             () = tokio::time::sleep(tick) => {}
+        }
+    }
+}
+
+/// What changed since the last pass.
+#[derive(Debug)]
+enum Dirty {
+    Clean,
+    Services(BTreeSet<ServiceKey>),
+    All,
+}
+
+impl Dirty {
+    fn is_clean(&self) -> bool {
+        matches!(self, Dirty::Clean)
+    }
+
+    fn note(&mut self, ev: &WatchEvent) {
+        let key = match &ev.object {
+            Object::Service(s) => service_key(s),
+            Object::Task(t) => (
+                normalize_namespace(&t.namespace).to_string(),
+                t.service.clone(),
+            ),
+            // A node changing (down, drained, new) can affect any service.
+            Object::Node(_) => {
+                *self = Dirty::All;
+                return;
+            }
+        };
+        match self {
+            Dirty::All => {}
+            Dirty::Clean => *self = Dirty::Services(BTreeSet::from([key])),
+            Dirty::Services(keys) => {
+                keys.insert(key);
+            }
+        }
+    }
+
+    fn into_scope(self) -> Scope {
+        match self {
+            Dirty::Services(keys) => Scope::Services(keys),
+            Dirty::Clean | Dirty::All => Scope::All,
+        }
+    }
+
+    fn from_scope(scope: Scope) -> Dirty {
+        match scope {
+            Scope::All => Dirty::All,
+            Scope::Services(keys) => Dirty::Services(keys),
         }
     }
 }
@@ -134,6 +202,7 @@ async fn pass(
     handle: &NodeHandle,
     ids: &TaskIds,
     cfg: &OrchestratorConfig,
+    scope: Scope,
 ) -> Result<(bool, Option<u64>), ProposeError> {
     let store = handle.store().clone();
     let rc = cfg.reconcile;
@@ -141,9 +210,8 @@ async fn pass(
     let started = Instant::now();
     let outcome = tokio::task::spawn_blocking(move || {
         let store = store.read();
-        reconcile::reconcile(&store, now_ms(), &rc, &mut |svc: &str, slot: u32| {
-            ids.next(svc, slot)
-        })
+        let mut ids = |svc: &str, slot: u32| ids.next(svc, slot);
+        reconcile::reconcile_scope(&store, now_ms(), &rc, &mut ids, &scope)
     })
     .await
     .map_err(|_| ProposeError::Stopped)?;

@@ -16,7 +16,7 @@ use tug_api::v1::dispatcher_server::DispatcherServer;
 use tug_api::v1::raft_server::RaftServer;
 
 use crate::api_server::ControlApi;
-use crate::dispatcher::{DispatcherApi, Sessions};
+use crate::dispatcher::{DispatcherApi, Router, Sessions};
 use crate::leader::LeaderLink;
 use crate::orchestrator::{self, OrchestratorConfig};
 use crate::raft::grpc_transport::{GrpcTransport, MAX_MESSAGE_BYTES, RaftService};
@@ -84,8 +84,10 @@ pub async fn run(
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let link = LeaderLink::new(handle.clone(), addresses, reachability);
     let sessions = Sessions::default();
+    let router = Router::spawn(handle.clone(), stopping.clone());
     let dispatcher = DispatcherServer::new(DispatcherApi::new(
         link.clone(),
+        router,
         sessions.clone(),
         cfg.orchestrator.heartbeat_period,
         stopping.clone(),

@@ -1,28 +1,10 @@
 //! Read-only views of the store that the API serves: filtered task lists, and nodes with what is
 //! allocated on them. Pure functions of the store.
 
-use tug_api::v1::{ListTasksRequest, NodeInfo, Resources, Task, TaskState};
+use tug_api::v1::{ListTasksRequest, NodeInfo, Resources, Task};
 
-use crate::state::{Store, is_terminal, normalize_namespace};
-
-/// Whether a task still holds resources on its node: placed, and its container not finished.
-pub fn holds_resources(task: &Task) -> bool {
-    !task.node.is_empty() && !is_terminal(task_state(task))
-}
-
-pub fn task_state(task: &Task) -> TaskState {
-    task.status
-        .as_ref()
-        .map_or(TaskState::Pending, |s| s.state())
-}
-
-/// The resources a task asks for.
-pub fn requested(task: &Task) -> (u64, u64) {
-    task.spec
-        .as_ref()
-        .and_then(|s| s.resources.as_ref())
-        .map_or((0, 0), |r| (r.cpu_millis, r.memory_bytes))
-}
+pub use crate::state::task_state;
+use crate::state::{Store, normalize_namespace};
 
 /// Tasks matching the request's filters, ordered by namespace, service, slot, then newest first.
 pub fn tasks(store: &Store, req: &ListTasksRequest) -> Vec<Task> {
@@ -74,15 +56,8 @@ pub fn nodes(store: &Store) -> Vec<NodeInfo> {
         .nodes()
         .map(|node| {
             let name = node.description.as_ref().map_or("", |d| d.name.as_str());
-            let (mut cpu, mut memory, mut count) = (0u64, 0u64, 0u32);
-            for task in store.tasks_of_node(name) {
-                if holds_resources(task) {
-                    let (c, m) = requested(task);
-                    cpu += c;
-                    memory += m;
-                    count += 1;
-                }
-            }
+            let alloc = store.allocation(name).cloned().unwrap_or_default();
+            let (cpu, memory, count) = (alloc.cpu_millis, alloc.memory_bytes, alloc.tasks);
             NodeInfo {
                 node: Some(node.clone()),
                 allocated: Some(Resources {

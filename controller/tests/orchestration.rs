@@ -74,8 +74,7 @@ async fn start_cluster(dir: &std::path::Path) -> TestResult<Vec<Replica>> {
 }
 
 async fn channel(addr: &str) -> TestResult<Channel> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_lazy())
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?.connect_lazy())
 }
 
 async fn control(addrs: &[String]) -> TestResult<ControlClient<Channel>> {
@@ -148,7 +147,9 @@ async fn running_per_node(addrs: &[String], svc: &str) -> TestResult<HashMap<Str
     let mut out = HashMap::new();
     for t in tasks(addrs, svc).await? {
         if t.desired_state() == DesiredState::Running
-            && t.status.as_ref().is_some_and(|s| s.state() == TaskState::Running)
+            && t.status
+                .as_ref()
+                .is_some_and(|s| s.state() == TaskState::Running)
         {
             *out.entry(t.node).or_default() += 1;
         }
@@ -184,7 +185,11 @@ async fn schedule_scale_lose_drain_roll_and_delete() -> TestResult {
             .nodes;
         Ok(nodes
             .iter()
-            .filter(|n| n.node.as_ref().is_some_and(|n| n.state() == NodeState::Ready))
+            .filter(|n| {
+                n.node
+                    .as_ref()
+                    .is_some_and(|n| n.state() == NodeState::Ready)
+            })
             .count()
             == 3)
     })
@@ -199,7 +204,11 @@ async fn schedule_scale_lose_drain_roll_and_delete() -> TestResult {
         .await?;
     wait_until("2/2/2", async || Ok(per_agent(&agents) == vec![2, 2, 2])).await?;
     wait_until("6 reported running", async || {
-        Ok(running_per_node(&addrs, "web").await?.values().sum::<usize>() == 6)
+        Ok(running_per_node(&addrs, "web")
+            .await?
+            .values()
+            .sum::<usize>()
+            == 6)
     })
     .await?;
 
@@ -219,13 +228,17 @@ async fn schedule_scale_lose_drain_roll_and_delete() -> TestResult {
     agents[1].pause(true);
     wait_until("node-2 down and its task replaced", async || {
         let running = running_per_node(&addrs, "web").await?;
-        Ok(running.get("node-2").is_none() && running.values().sum::<usize>() == 3)
+        Ok(!running.contains_key("node-2") && running.values().sum::<usize>() == 3)
     })
     .await?;
     let lost = tasks(&addrs, "web")
         .await?
         .into_iter()
-        .filter(|t| t.status.as_ref().is_some_and(|s| s.state() == TaskState::Lost))
+        .filter(|t| {
+            t.status
+                .as_ref()
+                .is_some_and(|s| s.state() == TaskState::Lost)
+        })
         .count();
     assert_eq!(lost, 1);
     agents[1].pause(false);
@@ -236,7 +249,11 @@ async fn schedule_scale_lose_drain_roll_and_delete() -> TestResult {
             .await?
             .into_inner()
             .nodes;
-        let ready = nodes.iter().all(|n| n.node.as_ref().is_some_and(|n| n.state() == NodeState::Ready));
+        let ready = nodes.iter().all(|n| {
+            n.node
+                .as_ref()
+                .is_some_and(|n| n.state() == NodeState::Ready)
+        });
         Ok(ready && agents[1].running().is_empty())
     })
     .await?;
@@ -263,7 +280,11 @@ async fn schedule_scale_lose_drain_roll_and_delete() -> TestResult {
     // Rolling update; the leader is stopped halfway; availability never drops below 3.
     control(&addrs).await?.scale(scale(6)).await?;
     wait_until("6 running", async || {
-        Ok(running_per_node(&addrs, "web").await?.values().sum::<usize>() == 6)
+        Ok(running_per_node(&addrs, "web")
+            .await?
+            .values()
+            .sum::<usize>()
+            == 6)
     })
     .await?;
     control(&addrs)
@@ -279,13 +300,20 @@ async fn schedule_scale_lose_drain_roll_and_delete() -> TestResult {
         let live = |image: &str| {
             all.iter()
                 .filter(|t| t.desired_state() == DesiredState::Running)
-                .filter(|t| t.status.as_ref().is_some_and(|s| s.state() == TaskState::Running))
+                .filter(|t| {
+                    t.status
+                        .as_ref()
+                        .is_some_and(|s| s.state() == TaskState::Running)
+                })
                 .filter(|t| t.spec.as_ref().is_some_and(|s| s.image == image))
                 .count()
         };
         let (old, new) = (live("img:1"), live("img:2"));
         if !all.is_empty() {
-            assert!(old + new >= 6, "availability dropped: {old} old + {new} new");
+            assert!(
+                old + new >= 6,
+                "availability dropped: {old} old + {new} new"
+            );
         }
         if new >= 2 && !killed {
             let leader = control(&addrs)
@@ -302,7 +330,10 @@ async fn schedule_scale_lose_drain_roll_and_delete() -> TestResult {
         if new == 6 && old == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "rollout did not finish: {old} old, {new} new");
+        assert!(
+            Instant::now() < deadline,
+            "rollout did not finish: {old} old, {new} new"
+        );
         sleep(Duration::from_millis(30)).await;
     }
     assert!(killed);

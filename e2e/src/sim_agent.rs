@@ -59,13 +59,7 @@ impl SimAgent {
         let paused = Arc::new(AtomicBool::new(false));
         let (stop, stopped) = watch::channel(false);
         let name = cfg.name.clone();
-        let task = tokio::spawn(run(
-            channels,
-            cfg,
-            running.clone(),
-            paused.clone(),
-            stopped,
-        ));
+        let task = tokio::spawn(run(channels, cfg, running.clone(), paused.clone(), stopped));
         SimAgent {
             name,
             running,
@@ -235,7 +229,10 @@ fn converge(
     }
     let mut updates = Vec::new();
     for task in tasks {
-        let state = task.status.as_ref().map_or(TaskState::Pending, |s| s.state());
+        let state = task
+            .status
+            .as_ref()
+            .map_or(TaskState::Pending, |s| s.state());
         let (next, run) = match task.desired_state() {
             DesiredState::Running => (TaskState::Running, true),
             _ => (TaskState::Stopped, false),

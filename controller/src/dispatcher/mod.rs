@@ -4,8 +4,10 @@
 //! status) become Raft commands. Assignments stream from the replica the agent asked.
 
 mod assignments;
+mod router;
 mod sessions;
 
+pub use router::Router;
 pub use sessions::Sessions;
 
 use std::pin::Pin;
@@ -36,6 +38,7 @@ const STREAM_BUFFER: usize = 64;
 pub struct DispatcherApi {
     link: LeaderLink,
     handle: NodeHandle,
+    router: Router,
     sessions: Sessions,
     heartbeat_period: Duration,
     stopping: watch::Receiver<bool>,
@@ -44,6 +47,7 @@ pub struct DispatcherApi {
 impl DispatcherApi {
     pub fn new(
         link: LeaderLink,
+        router: Router,
         sessions: Sessions,
         heartbeat_period: Duration,
         stopping: watch::Receiver<bool>,
@@ -51,6 +55,7 @@ impl DispatcherApi {
         Self {
             handle: link.handle.clone(),
             link,
+            router,
             sessions,
             heartbeat_period,
             stopping,
@@ -194,10 +199,13 @@ impl Dispatcher for DispatcherApi {
         }
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let handle = self.handle.clone();
+        let router = self.router.clone();
         let mut stopping = self.stopping.clone();
         tokio::spawn(async move {
+            let stream =
+                assignments::stream(handle, router, req.node, req.after_revision, tx.clone());
             let result = tokio::select! {
-                result = assignments::stream(handle, req.node, req.after_revision, tx.clone()) => result,
+                result = stream => result,
                 _ = async { stopping.wait_for(|s| *s).await.is_ok() } => {
                     Err(Status::unavailable("this controller is shutting down"))
                 }

@@ -58,12 +58,32 @@ pub struct Outcome {
 /// Makes task ids: `(service, slot) -> id`. Ids must be unique; the leader uses random suffixes.
 pub type IdSource<'a> = dyn FnMut(&str, u32) -> String + 'a;
 
+/// Which services a pass looks at.
+#[derive(Debug, Clone)]
+pub enum Scope {
+    All,
+    /// Only these (the ones whose objects changed since the last pass), plus any whose tasks
+    /// the node step touches.
+    Services(BTreeSet<ServiceKey>),
+}
+
 /// One pass over the whole store.
 pub fn reconcile(
     store: &Store,
     now_ms: u64,
     cfg: &ReconcileConfig,
     ids: &mut IdSource<'_>,
+) -> Outcome {
+    reconcile_scope(store, now_ms, cfg, ids, &Scope::All)
+}
+
+/// One pass over the services of `scope`.
+pub fn reconcile_scope(
+    store: &Store,
+    now_ms: u64,
+    cfg: &ReconcileConfig,
+    ids: &mut IdSource<'_>,
+    scope: &Scope,
 ) -> Outcome {
     let mut pass = Pass {
         store,
@@ -76,8 +96,19 @@ pub fn reconcile(
         wake_at_ms: None,
     };
     pass.nodes();
-    let mut keys: BTreeSet<ServiceKey> = store.services_with_tasks().cloned().collect();
-    keys.extend(store.services().map(crate::state::service_key));
+    let mut keys: BTreeSet<ServiceKey> = match scope {
+        Scope::All => {
+            let mut keys: BTreeSet<ServiceKey> = store.services_with_tasks().cloned().collect();
+            keys.extend(store.services().map(crate::state::service_key));
+            keys
+        }
+        Scope::Services(keys) => keys.clone(),
+    };
+    for id in pass.changes.keys() {
+        if let Some(task) = store.get_task(id) {
+            keys.insert((task.namespace.clone(), task.service.clone()));
+        }
+    }
     let mut truncated = false;
     for key in keys {
         if pass.size() >= cfg.max_changes {
@@ -329,6 +360,7 @@ impl<'a> Pass<'a> {
         if wanted == 0 {
             return;
         }
+        self.view.load_service(self.store, key);
         let placements = match Request::from_spec(key, spec) {
             Ok(req) => scheduler::place(&mut self.view, &req, wanted),
             Err(err) => scheduler::Placements {

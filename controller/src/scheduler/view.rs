@@ -6,8 +6,9 @@ use std::collections::{HashMap, HashSet};
 use tug_api::v1::{Node, NodeAvailability, NodeState, Task};
 
 use super::Request;
-use crate::state::{ServiceKey, Store, normalize_namespace};
-use crate::views::{holds_resources, requested};
+use crate::state::{
+    ServiceKey, Store, holds_resources, host_ports, normalize_namespace, requested,
+};
 
 /// One node as the scheduler sees it.
 #[derive(Debug, Clone, Default)]
@@ -57,8 +58,10 @@ impl NodeSlot {
 pub struct ClusterView {
     pub nodes: Vec<NodeSlot>,
     by_name: HashMap<String, usize>,
-    /// Live replicas of each service per node index.
+    /// Live replicas of each service per node index, loaded per service when first needed.
     per_service: HashMap<ServiceKey, HashMap<usize, u32>>,
+    /// Tasks released in this pass (their node went down): not counted when a service loads.
+    released: HashSet<String>,
 }
 
 impl ClusterView {
@@ -74,46 +77,46 @@ impl ClusterView {
             nodes,
             by_name,
             per_service: HashMap::new(),
+            released: HashSet::new(),
         }
     }
 
-    /// The view of the store's nodes with every task that holds resources accounted.
+    /// The store's nodes with what their tasks hold: O(nodes), from the store's allocations.
     pub fn from_store(store: &Store) -> ClusterView {
-        let mut view = ClusterView::new(store.nodes().map(NodeSlot::from_node).collect());
-        for index in 0..view.nodes.len() {
-            let name = view.nodes[index].name.clone();
-            for task in store.tasks_of_node(&name) {
-                if holds_resources(task) {
-                    view.hold(index, task);
+        let nodes = store
+            .nodes()
+            .map(|node| {
+                let mut slot = NodeSlot::from_node(node);
+                if let Some(a) = store.allocation(&slot.name) {
+                    slot.cpu_used = a.cpu_millis;
+                    slot.memory_used = a.memory_bytes;
+                    slot.ports = a.ports.keys().copied().collect();
                 }
+                slot
+            })
+            .collect();
+        ClusterView::new(nodes)
+    }
+
+    /// Counts the replicas of `key` per node (once per pass and service), for spreading.
+    pub fn load_service(&mut self, store: &Store, key: &ServiceKey) {
+        if self.per_service.contains_key(key) {
+            return;
+        }
+        let mut counts: HashMap<usize, u32> = HashMap::new();
+        for task in store.tasks_of_service(&key.0, &key.1) {
+            if holds_resources(task)
+                && !self.released.contains(&task.id)
+                && let Some(index) = self.index_of(&task.node)
+            {
+                *counts.entry(index).or_default() += 1;
             }
         }
-        view
+        self.per_service.insert(key.clone(), counts);
     }
 
     pub fn index_of(&self, node: &str) -> Option<usize> {
         self.by_name.get(node).copied()
-    }
-
-    /// Accounts an existing task on node `index`.
-    fn hold(&mut self, index: usize, task: &Task) {
-        let (cpu, memory) = requested(task);
-        let key = (
-            normalize_namespace(&task.namespace).to_string(),
-            task.service.clone(),
-        );
-        let ports = task
-            .spec
-            .as_ref()
-            .map(|s| {
-                s.ports
-                    .iter()
-                    .filter(|p| p.host_port != 0)
-                    .map(|p| (p.protocol, p.host_port))
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default();
-        self.add(index, &key, cpu, memory, &ports);
     }
 
     /// Releases what `task` held on its node (it is being stopped for good in this pass, e.g.
@@ -122,14 +125,15 @@ impl ClusterView {
         let Some(index) = self.index_of(&task.node) else {
             return;
         };
+        if !self.released.insert(task.id.clone()) {
+            return;
+        }
         let (cpu, memory) = requested(task);
         let node = &mut self.nodes[index];
         node.cpu_used = node.cpu_used.saturating_sub(cpu);
         node.memory_used = node.memory_used.saturating_sub(memory);
-        if let Some(spec) = task.spec.as_ref() {
-            for p in spec.ports.iter().filter(|p| p.host_port != 0) {
-                node.ports.remove(&(p.protocol, p.host_port));
-            }
+        for port in host_ports(task) {
+            node.ports.remove(&port);
         }
         let key = (
             normalize_namespace(&task.namespace).to_string(),

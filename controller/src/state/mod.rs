@@ -5,12 +5,14 @@
 //! Only the state machine (`crate::fsm`) writes to it, in log order; the API server reads it
 //! through [`SharedStore::read`] after a ReadIndex round (linearizable) or directly (stale).
 
+mod allocations;
 mod nodes;
 mod store;
 mod tasks;
 pub mod watch;
 
-pub(crate) use store::service_key;
+pub use allocations::{Allocation, holds_resources, host_ports, requested, task_state};
+pub use store::service_key;
 pub use store::{
     ApplyOutcome, DEFAULT_NAMESPACE, Restored, ServiceKey, ServiceResult, Store, StoreError,
     normalize_namespace, same_template,

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use tug_api::v1::{Node, ObjectMeta, Service, ServiceSpec, Task};
 
+use super::allocations::Allocations;
 use super::watch::{EventKind, Object, WatchError, WatchEvent, WatchHub, Watcher};
 
 /// Objects are keyed by (namespace, name).
@@ -60,6 +61,7 @@ pub struct Store {
     /// Task ids per service and per node: the reconciler and the agents' streams read by these.
     pub(super) tasks_by_service: BTreeMap<ServiceKey, BTreeSet<String>>,
     pub(super) tasks_by_node: BTreeMap<String, BTreeSet<String>>,
+    pub(super) allocations: Allocations,
     pub(super) revision: u64,
     pub(super) watch: WatchHub,
 }
@@ -72,6 +74,7 @@ impl Store {
             tasks: BTreeMap::new(),
             tasks_by_service: BTreeMap::new(),
             tasks_by_node: BTreeMap::new(),
+            allocations: Allocations::default(),
             revision: 0,
             watch: WatchHub::new(watch_history),
         }
@@ -293,8 +296,10 @@ impl Store {
         self.tasks = BTreeMap::new();
         self.tasks_by_node = BTreeMap::new();
         self.tasks_by_service = BTreeMap::new();
+        self.allocations.clear();
         for task in restored.tasks {
             self.index_task(&task);
+            self.allocations.update(None, Some(&task));
             self.tasks.insert(task.id.clone(), task);
         }
         self.revision = revision;
@@ -339,7 +344,7 @@ pub fn normalize_namespace(namespace: &str) -> &str {
 }
 
 /// The key a service is stored under.
-pub(crate) fn service_key(svc: &Service) -> ServiceKey {
+pub fn service_key(svc: &Service) -> ServiceKey {
     let meta = svc.metadata.as_ref();
     (
         normalize_namespace(meta.map_or("", |m| m.namespace.as_str())).to_string(),

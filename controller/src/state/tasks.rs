@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 
 use tug_api::v1::{DesiredState, Task, TaskState, TaskStatus, TaskStatusUpdate};
 
+use super::allocations::Allocation;
 use super::store::{ServiceKey, Store, normalize_namespace};
 use super::watch::{EventKind, Object};
 
@@ -175,6 +176,7 @@ impl Store {
         for id in plan.remove {
             if let Some(task) = self.tasks.remove(&id) {
                 self.unindex_task(&task);
+                self.allocations.update(Some(&task), None);
                 self.publish(EventKind::Delete, Object::Task(task), index);
                 result.removed += 1;
             }
@@ -222,8 +224,14 @@ impl Store {
 
     fn put_task(&mut self, index: u64, task: Task) {
         self.index_task(&task);
-        self.tasks.insert(task.id.clone(), task.clone());
+        let old = self.tasks.insert(task.id.clone(), task.clone());
+        self.allocations.update(old.as_ref(), Some(&task));
         self.publish(EventKind::Put, Object::Task(task), index);
+    }
+
+    /// What the tasks on `node` hold.
+    pub fn allocation(&self, node: &str) -> Option<&Allocation> {
+        self.allocations.get(node)
     }
 }
 
