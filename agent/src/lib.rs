@@ -5,10 +5,12 @@
 //! converges the node to the assignments the controller streams to it. It links `tug-api` and
 //! `tug-netplugin`, never controller code.
 //!
-//! Built: the image store (`image`), the runtime and its per-container monitor (`runtime`), the
-//! restart policy (`supervisor`). Not built yet: the worker that converges the node to the
-//! controller's assignments (the "agents, scheduling, reconciliation" issue).
+//! Parts: the image store (`image`), the runtime and its per-container monitor (`runtime`), the
+//! restart policy (`supervisor`), and the worker (`worker`): the session with the controllers,
+//! converging the node to its assignments, status reports, health checks, re-adoption of
+//! containers after an agent restart, and the agent API (logs, exec).
 
 pub mod image;
 pub mod runtime;
 pub mod supervisor;
+pub mod worker;

@@ -38,6 +38,7 @@ mod tests {
                 restart_policy: v1::RestartPolicy::OnFailure.into(),
                 ..Default::default()
             }),
+            previous_spec: None,
         };
         let bytes = svc.encode_to_vec();
         let back = v1::Service::decode(bytes.as_slice()).map_err(|e| e.to_string());

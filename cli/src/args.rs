@@ -64,7 +64,7 @@ pub enum Command {
     /// Run the node agent of this machine.
     Agent(AgentArgs),
     /// Run a single-host cluster: one controller and one agent in one process.
-    Up,
+    Up(UpArgs),
     /// Create or update the objects described in manifest files.
     Apply(ApplyArgs),
     /// List objects (services, tasks, nodes).
@@ -169,17 +169,55 @@ pub enum MemberCommand {
     },
 }
 
-#[derive(Debug, Args)]
-pub struct AgentArgs {
-    /// Controller addresses to register with (comma-separated).
-    #[arg(long, value_delimiter = ',', required = true)]
-    pub join: Vec<String>,
+/// What a node says about itself: shared by `tug agent` and `tug up`.
+#[derive(Debug, Clone, Args)]
+pub struct NodeFlags {
     /// Node name (default: the host name).
     #[arg(long)]
     pub name: Option<String>,
     /// Node labels as k=v, comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub labels: Vec<String>,
+    /// CPUs the scheduler may hand out here (2, 1.5, 500m; default: all of this machine's).
+    #[arg(long)]
+    pub cpus: Option<String>,
+    /// Memory the scheduler may hand out here (4Gi, 512Mi; default: MemTotal).
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Run containers with this OCI runtime (runc, crun) instead of the built-in one.
+    #[arg(long)]
+    pub oci_runtime: Option<PathBuf>,
+    /// Pulls, creates and stops running at once.
+    #[arg(long, default_value_t = 4)]
+    pub max_parallel: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Controller addresses to register with (comma-separated; tried in turn).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub join: Vec<String>,
+    /// Address of the agent API (logs, exec).
+    #[arg(long, default_value = "0.0.0.0:7441")]
+    pub listen: String,
+    /// Address the controllers and clients reach the agent API at (default: derived from
+    /// --listen and the route to the first controller).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    #[command(flatten)]
+    pub node: NodeFlags,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Address of the controller API (what `tug --controller` talks to).
+    #[arg(long, default_value = "127.0.0.1:7440")]
+    pub listen: String,
+    /// Address of the agent API (logs, exec).
+    #[arg(long, default_value = "127.0.0.1:7441")]
+    pub agent_listen: String,
+    #[command(flatten)]
+    pub node: NodeFlags,
 }
 
 #[derive(Debug, Args)]

@@ -10,9 +10,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// Exit status of a command whose implementation has not landed (sysexits' EX_UNAVAILABLE).
-const EXIT_NOT_BUILT: u8 = 69;
-
 fn main() -> ExitCode {
     let cli = args::Cli::parse();
     logging::init(cli.global.log_format);
@@ -20,11 +17,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("tug: {err:#}");
-            if err.is::<commands::NotBuilt>() {
-                ExitCode::from(EXIT_NOT_BUILT)
-            } else {
-                ExitCode::FAILURE
-            }
+            ExitCode::FAILURE
         }
     }
 }

@@ -50,6 +50,12 @@ impl Host {
         self.ns.command(program)
     }
 
+    /// A command that runs `program` on this host's network, keeping the machine's mounts (for
+    /// processes that need the real `/sys/fs/cgroup`, such as an agent).
+    pub fn enter_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+        self.ns.enter_command(program)
+    }
+
     /// Start `args` as a long-running process on this host, stopped by PID when the guard
     /// drops. For more control (env, output), build it with `command` and use `process::spawn`.
     pub fn spawn(&self, args: &[&str]) -> Result<ChildGuard> {

@@ -3,6 +3,7 @@
 //! process that made them died before it could.
 
 use std::fs::File;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -62,6 +63,23 @@ impl Netns {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name]).arg(program);
         cmd
+    }
+
+    /// A command that runs `program` in this network namespace only: unlike `ip netns exec`, it
+    /// keeps the caller's mounts (`ip netns exec` remounts `/sys`, which hides the cgroup
+    /// hierarchies a container runtime needs).
+    pub fn enter_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+        let path = self.path();
+        let file = File::open(&path).ctx(|| format!("open {}", path.display()))?;
+        let mut cmd = Command::new(program);
+        // SAFETY: setns(2) on an fd opened before the fork is async-signal-safe; the child
+        // touches no other memory of the parent.
+        unsafe {
+            cmd.pre_exec(move || {
+                setns(&file, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+            });
+        }
+        Ok(cmd)
     }
 
     /// Run `f` on a thread that has entered this namespace: sockets it opens live here, so the

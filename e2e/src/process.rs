@@ -58,6 +58,26 @@ impl ChildGuard {
         Ok(self.status)
     }
 
+    /// SIGKILL at once (a crash, `kill -9`), and reap it.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        if let Some(status) = self.try_wait()? {
+            return Ok(status);
+        }
+        self.kill_and_reap()
+    }
+
+    /// SIGKILL and wait for the exit. ESRCH only means it is already gone; it is still our
+    /// unreaped child, so the PID cannot have been reused.
+    fn kill_and_reap(&mut self) -> Result<ExitStatus> {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+        let status = self
+            .child
+            .wait()
+            .ctx(|| format!("wait for `{}`", self.what))?;
+        self.status = Some(status);
+        Ok(status)
+    }
+
     /// SIGTERM, then up to `grace` for it to exit, then SIGKILL; returns how it ended.
     pub fn stop(&mut self, grace: Duration) -> Result<ExitStatus> {
         if let Some(status) = self.try_wait()? {
@@ -75,13 +95,7 @@ impl ChildGuard {
             std::thread::sleep(Duration::from_millis(10));
         }
         tracing::warn!(pid = pid.as_raw(), what = %self.what, "no exit after SIGTERM, sending SIGKILL");
-        let _ = kill(pid, Signal::SIGKILL);
-        let status = self
-            .child
-            .wait()
-            .ctx(|| format!("wait for `{}`", self.what))?;
-        self.status = Some(status);
-        Ok(status)
+        self.kill_and_reap()
     }
 }
 

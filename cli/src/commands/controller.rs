@@ -42,11 +42,7 @@ pub fn run(global: &GlobalArgs, args: ControllerArgs) -> anyhow::Result<()> {
         peers,
         orchestrator,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async {
+    super::server_runtime()?.block_on(async {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -1,8 +1,7 @@
 //! Dispatch of each subcommand to the crate that does the work. Kept thin: logic lives in the
 //! library crates.
 
-use std::fmt;
-
+mod agent;
 mod client;
 mod cluster;
 mod containers;
@@ -12,37 +11,26 @@ pub mod image;
 mod remote;
 mod run;
 pub mod runtime;
+mod up;
 
 use tug_api::v1::NodeAvailability;
 
 use crate::args::{Cli, ClusterCommand, Command, RolloutCommand};
 
-/// A role or command that exists in the interface but whose implementation has not landed.
-/// It fails loudly with one line instead of pretending to work.
-#[derive(Debug)]
-pub struct NotBuilt {
-    pub command: &'static str,
-    pub issue: &'static str,
+/// The multi-threaded async runtime of the long-running roles (controller, agent, up).
+fn server_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context as _;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }
-
-impl fmt::Display for NotBuilt {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "`tug {}` is not built yet (issue: {})",
-            self.command, self.issue
-        )
-    }
-}
-
-impl std::error::Error for NotBuilt {}
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let not_built = |command, issue| Err(NotBuilt { command, issue }.into());
     match cli.command {
         Command::Controller(args) => controller::run(&cli.global, args),
-        Command::Agent(_) => not_built("agent", "agents, scheduling, reconciliation"),
-        Command::Up => not_built("up", "agents, scheduling, reconciliation"),
+        Command::Agent(args) => agent::run(&cli.global, args),
+        Command::Up(args) => up::run(&cli.global, args),
         Command::Apply(args) => client::apply(&cli.global, &args.files),
         Command::Get(args) => client::get(&cli.global, &args),
         Command::Describe(args) => describe::describe(&cli.global, &args),

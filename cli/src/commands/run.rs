@@ -11,15 +11,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use nix::sys::signal::{SigSet, Signal};
-use tug_agent::image::{
-    CredentialStore, ImageError, ImageRef, Platform, Progress, mount_rootfs, unmount_rootfs,
-};
+use tug_agent::image::{CredentialStore, ImageError, ImageRef, Platform, Progress, unmount_rootfs};
 use tug_agent::runtime::cgroups::Resources;
 use tug_agent::runtime::container::Runtime;
 use tug_agent::runtime::logs::LogLine;
-use tug_agent::runtime::spec::{self, ContainerConfig, VolumeMount};
+use tug_agent::runtime::spec::{ContainerConfig, VolumeMount};
 use tug_agent::runtime::state::{RuntimeOptions, Status};
 use tug_agent::supervisor::restarts::{Backoff, Decision, Exit, RestartPolicy, RestartTracker};
+use tug_agent::worker::launch::{self, Launch};
 use tug_api::manifest::{Cpu, Memory};
 
 use crate::args::{GlobalArgs, RunArgs};
@@ -73,7 +72,6 @@ pub fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e.into()),
     };
-    let image_config = store.config(&record)?;
     let id = args.name.clone().unwrap_or_else(random_id);
     let runtime = super::runtime::open(global)?;
     if runtime.dir(&id).path().exists() {
@@ -81,16 +79,15 @@ pub fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<()> {
             "a container named {id} exists already (remove it with tug rm {id}, or pick another --name)"
         );
     }
-    let rootfs_dir = global.data_dir.join("rootfs").join(&id);
+    let rootfs_dir = launch::rootfs_dir(&global.data_dir, &id);
     if rootfs_dir.exists() {
         bail!(
             "{} exists already: remove it or pick another --name",
             rootfs_dir.display()
         );
     }
-    let rootfs = mount_rootfs(&store.layer_dirs(&record)?, &rootfs_dir)?;
     let remove_all_rootfs = || {
-        if let Err(e) = super::containers::remove_rootfs_of(global, &id) {
+        if let Err(e) = launch::remove_rootfs_of(&global.data_dir, &id) {
             eprintln!("tug: cleanup: {e}");
         }
     };
@@ -99,16 +96,6 @@ pub fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<()> {
         .hostname
         .clone()
         .unwrap_or_else(|| id.chars().take(12).collect());
-    let mut spec = match spec::build(&image_config, &cc, &rootfs.path) {
-        Ok(s) => s,
-        Err(e) => {
-            remove_all_rootfs();
-            return Err(e.into());
-        }
-    };
-    let mut annotations = spec.annotations().clone().unwrap_or_default();
-    annotations.insert("tug.image".into(), reference.to_string());
-    spec.set_annotations(Some(annotations));
     let opts = RuntimeOptions {
         cgroup_path: format!("tug/{id}"),
         resources: cc.resources.clone(),
@@ -117,10 +104,19 @@ pub fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<()> {
         network_hook: args.network_hook.clone(),
         oci_runtime: args.oci_runtime.clone(),
     };
-    if let Err(e) = runtime.create(&id, &spec, &opts) {
-        remove_all_rootfs();
-        return Err(e.into());
-    }
+    let launched = launch::create(
+        &store,
+        &runtime,
+        &global.data_dir,
+        &record,
+        Launch {
+            id: id.clone(),
+            config: cc.clone(),
+            annotations: [("tug.image".to_string(), reference.to_string())].into(),
+            options: opts,
+        },
+    )?;
+    let (spec, opts, rootfs) = (launched.spec, launched.options, launched.rootfs);
     if args.detach {
         if let Err(e) = runtime.start(&id) {
             let _ = runtime.delete(&id, true);

@@ -1,0 +1,193 @@
+//! Sessions with the controllers (STYLE.md §4.1, §4.2): register, then heartbeat, watch the
+//! assignments and report statuses side by side; the first of them to fail ends the session
+//! (the others are dropped with it), and the agent registers again with the next controller
+//! after a jittered, capped back-off. Any controller will do: it forwards to the leader.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tug_api::v1::dispatcher_client::DispatcherClient;
+use tug_api::v1::{
+    AssignmentsRequest, HeartbeatRequest, NodeDescription, RegisterRequest, ReportStatusRequest,
+};
+
+use super::backoff::{Backoff, Jitter};
+use super::core::Worker;
+use super::error::SessionError;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Register, Heartbeat and ReportStatus answer within this, or the session is over.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_PERIOD: Duration = Duration::from_secs(5);
+/// Statuses per ReportStatus (one Raft command on the controller).
+const MAX_BATCH: usize = 256;
+/// How long the reporter waits after a change for more changes to send with it.
+const COALESCE: Duration = Duration::from_millis(50);
+
+type Result<T, E = SessionError> = std::result::Result<T, E>;
+
+/// Keep a session with one of `controllers` (round robin) until `shutdown`.
+pub(crate) async fn run(
+    worker: Arc<Worker>,
+    description: NodeDescription,
+    controllers: Vec<String>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new();
+    for address in controllers.iter().cycle() {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let session = session(&worker, &description, address, &mut backoff);
+        let ended = tokio::select! {
+            r = session => r,
+            () = shutdown.cancelled() => return,
+        };
+        if let Err(e) = ended {
+            tracing::warn!(controller = %address, cause = %e, "session ended");
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn call<T>(
+    name: &'static str,
+    fut: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T> {
+    match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(status)) => Err(SessionError::Rpc { call: name, status }),
+        Err(_) => Err(SessionError::Timeout { call: name }),
+    }
+}
+
+async fn session(
+    worker: &Arc<Worker>,
+    description: &NodeDescription,
+    address: &str,
+    backoff: &mut Backoff,
+) -> Result<()> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|source| SessionError::Address {
+            address: address.into(),
+            source,
+        })?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|source| SessionError::Connect {
+            address: address.into(),
+            source,
+        })?;
+    let mut client = DispatcherClient::new(channel);
+    let registered = call(
+        "Register",
+        client.register(RegisterRequest {
+            node: Some(description.clone()),
+        }),
+    )
+    .await?;
+    backoff.reset();
+    let period = match registered.heartbeat_period_ms {
+        0 => DEFAULT_PERIOD,
+        ms => Duration::from_millis(ms),
+    };
+    tracing::info!(controller = %address, session = %registered.session_id, ?period, "registered");
+    // The controller may have missed anything while there was no session.
+    worker.ctx.board.mark_all_dirty();
+    let node = description.name.clone();
+    let session_id = registered.session_id;
+    tokio::select! {
+        r = heartbeat(client.clone(), &node, &session_id, period) => r,
+        r = assignments(client.clone(), worker, &node) => r,
+        r = report(client, worker, &node, &session_id) => r,
+    }
+}
+
+async fn heartbeat(
+    mut client: DispatcherClient<Channel>,
+    node: &str,
+    session_id: &str,
+    mut period: Duration,
+) -> Result<()> {
+    let mut jitter = Jitter::seeded();
+    loop {
+        tokio::time::sleep(jitter.spread(period)).await;
+        let answer = call(
+            "Heartbeat",
+            client.heartbeat(HeartbeatRequest {
+                node: node.into(),
+                session_id: session_id.into(),
+            }),
+        )
+        .await?;
+        if answer.heartbeat_period_ms > 0 {
+            period = Duration::from_millis(answer.heartbeat_period_ms);
+        }
+    }
+}
+
+async fn assignments(
+    mut client: DispatcherClient<Channel>,
+    worker: &Worker,
+    node: &str,
+) -> Result<()> {
+    let after_revision = worker.revision();
+    let rpc = |status| SessionError::Rpc {
+        call: "Assignments",
+        status,
+    };
+    let mut stream = client
+        .assignments(AssignmentsRequest {
+            node: node.into(),
+            after_revision,
+        })
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    while let Some(msg) = stream.message().await.map_err(rpc)? {
+        worker.apply(msg).await?;
+    }
+    Err(SessionError::StreamEnded)
+}
+
+async fn report(
+    mut client: DispatcherClient<Channel>,
+    worker: &Worker,
+    node: &str,
+    session_id: &str,
+) -> Result<()> {
+    let board = &worker.ctx.board;
+    loop {
+        if !board.has_dirty() {
+            board.changed().await;
+            tokio::time::sleep(COALESCE).await;
+        }
+        let updates = board.take(MAX_BATCH);
+        if updates.is_empty() {
+            continue;
+        }
+        let sent = call(
+            "ReportStatus",
+            client.report_status(ReportStatusRequest {
+                node: node.into(),
+                session_id: session_id.into(),
+                updates: updates.clone(),
+            }),
+        )
+        .await;
+        if let Err(e) = sent {
+            // Sent again by the next session (which re-reports everything anyway).
+            board.requeue(&updates);
+            return Err(e);
+        }
+    }
+}
