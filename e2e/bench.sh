@@ -6,18 +6,25 @@
 #   e2e/bench.sh runtime [RUNS] [IDLE]   container start vs runc and crun; IDLE idle containers
 #   e2e/bench.sh controller [--duration SECS] [--warmup SECS] [--levels 1,16,256] [--dir DIR]
 #                           writes/s and p50/p99 of a 3-replica controller vs a 3-member etcd
+#   e2e/bench.sh schedule [--scale NODES:TASKS,...]   scheduling and convergence with simulated
+#                           agents (default 1000:100000 and 10000:1000000)
+#   e2e/bench.sh startup [REPLICAS]   apply -> containers running on 3 agent hosts, per-container
+#                           startup latency (median, p99) vs Kubernetes' pod-startup SLO
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "e2e/bench.sh: run as root" >&2; exit 1; }
 e2e/install-deps.sh --bench
 cargo build --release --locked -p tug -p tug-e2e --bin tug --bin bench-pull --bin bench-runtime \
-  --bin bench-controller
+  --bin bench-controller --bin bench-schedule --bin bench-startup
 which=${1:-all}
 shift || true
 case "$which" in
   pull) target/release/bench-pull "$@" ;;
   runtime) target/release/bench-runtime "$@" ;;
   controller) target/release/bench-controller "$@" ;;
-  all) target/release/bench-pull && target/release/bench-runtime && target/release/bench-controller ;;
-  *) echo "e2e/bench.sh: unknown benchmark $which (pull, runtime, controller)" >&2; exit 2 ;;
+  schedule) target/release/bench-schedule "$@" ;;
+  startup) target/release/bench-startup "$@" ;;
+  all) target/release/bench-pull && target/release/bench-runtime && target/release/bench-controller \
+    && target/release/bench-schedule && target/release/bench-startup ;;
+  *) echo "e2e/bench.sh: unknown benchmark $which (pull, runtime, controller, schedule, startup)" >&2; exit 2 ;;
 esac

@@ -14,6 +14,7 @@
 pub mod bench;
 pub mod bench_image;
 pub mod bundle;
+pub mod cluster;
 pub mod error;
 
 pub mod exec;

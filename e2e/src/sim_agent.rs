@@ -7,7 +7,7 @@
 //! resumed it registers again and converges to its COMPLETE assignment set.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -47,6 +47,7 @@ pub struct SimAgent {
     name: String,
     running: Arc<Mutex<BTreeMap<String, Task>>>,
     paused: Arc<AtomicBool>,
+    reported: Arc<AtomicUsize>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -57,13 +58,20 @@ impl SimAgent {
     pub fn start(channels: Vec<Channel>, cfg: SimAgentConfig) -> SimAgent {
         let running = Arc::new(Mutex::new(BTreeMap::new()));
         let paused = Arc::new(AtomicBool::new(false));
+        let reported = Arc::new(AtomicUsize::new(0));
         let (stop, stopped) = watch::channel(false);
         let name = cfg.name.clone();
-        let task = tokio::spawn(run(channels, cfg, running.clone(), paused.clone(), stopped));
+        let shared = Shared {
+            running: running.clone(),
+            paused: paused.clone(),
+            reported: reported.clone(),
+        };
+        let task = tokio::spawn(run(channels, cfg, shared, stopped));
         SimAgent {
             name,
             running,
             paused,
+            reported,
             stop,
             task,
         }
@@ -81,6 +89,19 @@ impl SimAgent {
             .keys()
             .cloned()
             .collect()
+    }
+
+    /// How many tasks this node runs now.
+    pub fn running_count(&self) -> usize {
+        self.running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// How many RUNNING reports the controller has acknowledged.
+    pub fn reported_running(&self) -> usize {
+        self.reported.load(Ordering::Relaxed)
     }
 
     /// Goes silent (true) or comes back (false).
@@ -106,13 +127,20 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// What the agent task shares with its handle.
+struct Shared {
+    running: Arc<Mutex<BTreeMap<String, Task>>>,
+    paused: Arc<AtomicBool>,
+    reported: Arc<AtomicUsize>,
+}
+
 async fn run(
     channels: Vec<Channel>,
     cfg: SimAgentConfig,
-    running: Arc<Mutex<BTreeMap<String, Task>>>,
-    paused: Arc<AtomicBool>,
+    shared: Shared,
     mut stopped: watch::Receiver<bool>,
 ) {
+    let paused = &shared.paused;
     let mut backoff = Duration::from_millis(100);
     let mut next = 0usize;
     loop {
@@ -127,7 +155,7 @@ async fn run(
             return;
         };
         next += 1;
-        let session = session(channel.clone(), &cfg, &running, &paused);
+        let session = session(channel.clone(), &cfg, &shared);
         tokio::select! {
             result = session => {
                 match result {
@@ -148,9 +176,9 @@ async fn run(
 async fn session(
     channel: Channel,
     cfg: &SimAgentConfig,
-    running: &Arc<Mutex<BTreeMap<String, Task>>>,
-    paused: &Arc<AtomicBool>,
+    shared: &Shared,
 ) -> Result<(), tonic::Status> {
+    let (running, paused) = (&shared.running, &shared.paused);
     let mut client = DispatcherClient::new(channel);
     let registered = client
         .register(RegisterRequest {
@@ -199,6 +227,10 @@ async fn session(
                 };
                 let updates = converge(running, message.kind() == Kind::Complete, message.tasks, &message.removed);
                 if !updates.is_empty() && !paused.load(Ordering::SeqCst) {
+                    let started = updates
+                        .iter()
+                        .filter(|u| u.status.as_ref().is_some_and(|s| s.state() == TaskState::Running))
+                        .count();
                     client
                         .report_status(ReportStatusRequest {
                             node: cfg.name.clone(),
@@ -206,6 +238,7 @@ async fn session(
                             updates,
                         })
                         .await?;
+                    shared.reported.fetch_add(started, Ordering::Relaxed);
                 }
             }
         }
