@@ -467,13 +467,19 @@ fn describe_service_prints_metadata_and_spec() -> TestResult {
         "      role!=db",
         "    Spread:          zone",
         "    Order:           start-first",
-        "Tasks:               none (scheduling is not built yet)",
     ] {
         assert!(
             stdout.lines().any(|l| l == want),
             "{want:?} missing from:\n{stdout}"
         );
     }
+    // Tasks follow the spec (pending here: no agent runs in this test).
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("Replicas:") && l.contains("3 desired")),
+        "no replica summary in:\n{stdout}"
+    );
     let revision = stdout
         .lines()
         .find_map(|l| l.strip_prefix("Revision:"))

@@ -364,9 +364,48 @@ mod tests {
             "Created at revision: 3",
             "  Image:             nginx:1.25",
             "  Replicas:          3",
-            "Tasks:               none (scheduling is not built yet)",
         ] {
             assert!(text.contains(want), "{want:?} missing from:\n{text}");
         }
+        let task = |slot: u32, node: &str, state: v1::TaskState, message: &str| v1::Task {
+            id: format!("web.{slot}.x"),
+            namespace: "default".into(),
+            service: "web".into(),
+            slot,
+            node: node.into(),
+            spec: service.spec.clone(),
+            desired_state: v1::DesiredState::Running.into(),
+            status: Some(v1::TaskStatus {
+                state: state.into(),
+                message: message.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let reason = "0/2 nodes available: 2 insufficient memory";
+        let tasks = [
+            task(1, "n1", v1::TaskState::Running, ""),
+            task(2, "", v1::TaskState::Pending, reason),
+            task(3, "", v1::TaskState::Pending, reason),
+        ];
+        let text = render_tasks(&service, &tasks);
+        for want in [
+            format!(
+                "{:<20} 3 desired, 1 running, 1 updated and available",
+                "Replicas:"
+            ),
+            format!("{:<20} {reason}", "Pending:"),
+            "Tasks:".to_string(),
+        ] {
+            assert!(
+                text.lines().any(|l| l == want),
+                "{want:?} missing from:\n{text}"
+            );
+        }
+        assert_eq!(
+            text.matches(reason).count(),
+            3,
+            "once as the reason, twice in the table"
+        );
     }
 }
