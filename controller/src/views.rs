@@ -69,3 +69,125 @@ pub fn nodes(store: &Store) -> Vec<NodeInfo> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Plan, Store};
+    use tug_api::v1::{NodeDescription, ObjectMeta, Service, ServiceSpec, TaskState, TaskStatus};
+
+    fn service(ns: &str, name: &str, app: &str) -> Service {
+        Service {
+            metadata: Some(ObjectMeta {
+                name: name.into(),
+                namespace: ns.into(),
+                labels: [("app".to_string(), app.to_string())].into(),
+                ..Default::default()
+            }),
+            spec: Some(ServiceSpec {
+                image: "x".into(),
+                replicas: 1,
+                ..Default::default()
+            }),
+            previous_spec: None,
+        }
+    }
+
+    fn task(id: &str, ns: &str, svc: &str, node: &str, state: TaskState) -> Task {
+        Task {
+            id: id.into(),
+            namespace: ns.into(),
+            service: svc.into(),
+            slot: 1,
+            node: node.into(),
+            spec: Some(ServiceSpec {
+                resources: Some(Resources {
+                    cpu_millis: 100,
+                    memory_bytes: 1000,
+                }),
+                ..Default::default()
+            }),
+            status: Some(TaskStatus {
+                state: state.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tasks_filter_by_service_node_namespace_and_labels_and_nodes_sum_allocations()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let mut store = Store::new(100);
+        store.apply_services(
+            2,
+            vec![
+                service("", "web", "web"),
+                service("", "api", "api"),
+                service("prod", "web", "web"),
+            ],
+        )?;
+        store.register_node(
+            3,
+            NodeDescription {
+                name: "n1".into(),
+                ..Default::default()
+            },
+            0,
+        )?;
+        store.apply_plan(
+            4,
+            Plan {
+                create: vec![
+                    task("w1", "", "web", "n1", TaskState::Running),
+                    task("w2", "", "web", "n2", TaskState::Running),
+                    task("a1", "", "api", "n1", TaskState::Stopped),
+                    task("p1", "prod", "web", "n1", TaskState::Running),
+                ],
+                ..Default::default()
+            },
+        );
+        let ids = |req: ListTasksRequest| -> Vec<String> {
+            tasks(&store, &req).into_iter().map(|t| t.id).collect()
+        };
+        assert_eq!(
+            ids(ListTasksRequest {
+                service: "web".into(),
+                ..Default::default()
+            }),
+            vec!["w1", "w2"]
+        );
+        assert_eq!(
+            ids(ListTasksRequest {
+                node: "n1".into(),
+                ..Default::default()
+            }),
+            vec!["a1", "w1", "p1"]
+        );
+        assert_eq!(
+            ids(ListTasksRequest {
+                label_selector: [("app".to_string(), "web".to_string())].into(),
+                ..Default::default()
+            }),
+            vec!["w1", "w2", "p1"]
+        );
+        assert_eq!(
+            ids(ListTasksRequest {
+                namespace: "prod".into(),
+                ..Default::default()
+            }),
+            vec!["p1"]
+        );
+        let infos = nodes(&store);
+        assert_eq!(infos.len(), 1);
+        assert_eq!(infos[0].tasks, 2, "the stopped task holds nothing");
+        assert_eq!(
+            infos[0].allocated,
+            Some(Resources {
+                cpu_millis: 200,
+                memory_bytes: 2000
+            })
+        );
+        Ok(())
+    }
+}

@@ -14,9 +14,10 @@ use tokio::time::{Instant, sleep};
 use tonic::transport::{Channel, Endpoint};
 use tug_api::v1::control_client::ControlClient;
 use tug_api::v1::{
-    ApplyRequest, ClusterStatusRequest, DeleteRequest, DesiredState, ListNodesRequest,
-    ListTasksRequest, NodeAvailability, NodeState, ObjectMeta, Resources, ScaleRequest, Service,
-    ServiceSpec, SetNodeAvailabilityRequest, Task, TaskState, UpdatePolicy, update_policy,
+    ApplyRequest, ClusterStatusRequest, DeleteRequest, DesiredState, GetRequest, ListNodesRequest,
+    ListTasksRequest, NodeAvailability, NodeState, ObjectMeta, Resources, RolloutUndoRequest,
+    ScaleRequest, Service, ServiceSpec, SetNodeAvailabilityRequest, Task, TaskState, UpdatePolicy,
+    update_policy,
 };
 use tug_controller::orchestrator::OrchestratorConfig;
 use tug_controller::testing::fast_config;
@@ -342,6 +343,50 @@ async fn schedule_scale_lose_drain_roll_and_delete() -> TestResult {
         .filter(|r| r.stop.is_some())
         .map(|r| r.addr.clone())
         .collect();
+
+    // Rollout undo: the previous spec comes back as a new generation, replica count kept.
+    let undone = control(&alive)
+        .await?
+        .rollout_undo(RolloutUndoRequest {
+            namespace: String::new(),
+            name: "web".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(undone.results.len(), 1);
+    wait_until("img:1 back on every replica", async || {
+        let all = tasks(&alive, "web").await?;
+        let live: Vec<&Task> = all
+            .iter()
+            .filter(|t| t.desired_state() == DesiredState::Running)
+            .filter(|t| {
+                t.status
+                    .as_ref()
+                    .is_some_and(|s| s.state() == TaskState::Running)
+            })
+            .collect();
+        Ok(live.len() == 6
+            && live
+                .iter()
+                .all(|t| t.spec.as_ref().is_some_and(|s| s.image == "img:1")))
+    })
+    .await?;
+    let svc = control(&alive)
+        .await?
+        .get(GetRequest {
+            namespace: String::new(),
+            name: "web".into(),
+            read: None,
+        })
+        .await?
+        .into_inner()
+        .service
+        .unwrap_or_default();
+    assert_eq!(
+        svc.previous_spec.map(|s| s.image),
+        Some("img:2".to_string()),
+        "undo again would go back to img:2"
+    );
 
     // What fits nowhere stays pending with the reason.
     let mut huge = service("huge", "img:1", 1);

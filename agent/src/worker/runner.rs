@@ -186,9 +186,8 @@ impl Runner {
             .update(&self.id, &self.namespace, self.status.clone());
     }
 
-    fn report_running(&mut self, state: &State, health: TaskHealth) {
+    fn report_running(&mut self, state: &State, health: TaskHealth, started_ms: u64) {
         let pid = state.pid.and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
-        let started_ms = state.started_at.unwrap_or(state.created_at) * 1000;
         self.report(|s| {
             s.state = TaskState::Running.into();
             s.pid = pid;
@@ -255,9 +254,13 @@ impl Runner {
         let found = blocking(move || rt.state(&id))
             .await
             .map_err(NotRunning::Failed)?;
+        // When this call starts the process, its start time is known to the millisecond; an
+        // adopted one only has the runtime's (whole seconds).
+        let mut started_now = true;
         let state = match found {
             Ok(s) if s.status == Status::Running => {
                 // Adopted (after an agent restart) or already supervised: same process.
+                started_now = false;
                 s
             }
             Ok(s) if s.status == Status::Stopped && !self.restart_pending => return Ok(s),
@@ -289,7 +292,16 @@ impl Runner {
         };
         self.restart_pending = false;
         if state.status == Status::Running {
-            self.report_running(&state, health);
+            let secs = state.started_at.unwrap_or(state.created_at);
+            let started_ms = if started_now {
+                now_ms()
+            } else if self.status.started_ms / 1000 == secs {
+                // Reported before, with milliseconds: keep them.
+                self.status.started_ms
+            } else {
+                secs * 1000
+            };
+            self.report_running(&state, health, started_ms);
         }
         Ok(state)
     }

@@ -1,0 +1,207 @@
+//! `tug up`, the quick start's cluster: one process with a controller and this machine's agent.
+//! Runs the quick-start manifest (manifests/hello.yaml, its image served by a test registry),
+//! follows the rollout until both replicas are healthy, runs a command in one, restarts `tug up`
+//! (the containers keep running, same PIDs), and deletes the service (no container left).
+
+use std::collections::HashMap;
+use std::error::Error;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tug_e2e::process::{self, ChildGuard};
+use tug_e2e::{Registry, RegistryOptions, TestImages};
+
+type TestResult<T = ()> = Result<T, Box<dyn Error>>;
+
+const TUG: &str = env!("CARGO_BIN_EXE_tug");
+const HELLO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/hello.yaml");
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Up {
+    dir: tempfile::TempDir,
+    registry: String,
+    controller: String,
+    agent: String,
+    process: Option<ChildGuard>,
+}
+
+fn free_port() -> TestResult<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Up {
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn start(&mut self) -> TestResult {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("up.log"))?;
+        let mut cmd = Command::new(TUG);
+        cmd.env("RUST_LOG", "info")
+            .arg("--data-dir")
+            .arg(self.data())
+            .args(["--insecure-registry", &self.registry])
+            .args(["up", "--listen", &self.controller])
+            .args(["--agent-listen", &self.agent, "--name", "up-test"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.process = Some(process::spawn(&mut cmd)?);
+        Ok(())
+    }
+
+    fn tug(&self, args: &[&str]) -> TestResult<Output> {
+        Ok(Command::new(TUG)
+            .env_remove("TUG_CONTROLLER")
+            .arg("--data-dir")
+            .arg(self.data())
+            .args(["--controller", &self.controller])
+            .args(args)
+            .output()?)
+    }
+
+    fn ok(&self, args: &[&str]) -> TestResult<String> {
+        let out = self.tug(args)?;
+        if !out.status.success() {
+            return Err(format!(
+                "tug {args:?}: {}{}\n--- up.log:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default()
+            )
+            .into());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Running containers of this machine's agent: id -> pid.
+    fn containers(&self) -> HashMap<String, i64> {
+        let mut out = HashMap::new();
+        let Ok(entries) = std::fs::read_dir(self.data().join("containers")) else {
+            return out;
+        };
+        for entry in entries.flatten() {
+            let Ok(text) = std::fs::read_to_string(entry.path().join("state.json")) else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+                continue;
+            };
+            let pid = v["pid"].as_i64().unwrap_or(0);
+            if v["status"] == "running" && Path::new(&format!("/proc/{pid}")).exists() {
+                out.insert(entry.file_name().to_string_lossy().into_owned(), pid);
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            let _ = p.stop(Duration::from_secs(5));
+        }
+        // A failed test may leave containers: remove them with the CLI.
+        if let Ok(entries) = std::fs::read_dir(self.data().join("containers")) {
+            for entry in entries.flatten() {
+                let _ = Command::new(TUG)
+                    .arg("--data-dir")
+                    .arg(self.data())
+                    .args(["rm", "-f", &entry.file_name().to_string_lossy()])
+                    .output();
+            }
+        }
+    }
+}
+
+fn wait(what: &str, mut check: impl FnMut() -> TestResult<bool>) -> TestResult {
+    let deadline = Instant::now() + WAIT;
+    let mut last = String::new();
+    loop {
+        match check() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last = e.to_string(),
+        }
+        if Instant::now() > deadline {
+            return Err(format!("timed out waiting for {what}: {last}").into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn up_runs_the_quick_start_manifest_and_survives_a_restart() -> TestResult {
+    TestImages::get()?;
+    let registry = Registry::start_with(RegistryOptions::default().with_images())?;
+    let mut up = Up {
+        dir: tempfile::Builder::new().prefix("tug-up-").tempdir()?,
+        registry: registry.host_port(),
+        controller: format!("127.0.0.1:{}", free_port()?),
+        agent: format!("127.0.0.1:{}", free_port()?),
+        process: None,
+    };
+    // The quick-start manifest, pointed at this test's registry.
+    let manifest = up.dir.path().join("hello.yaml");
+    std::fs::write(
+        &manifest,
+        std::fs::read_to_string(HELLO)?.replace("127.0.0.1:5000", &up.registry),
+    )?;
+    let manifest = manifest.to_string_lossy().into_owned();
+
+    up.start()?;
+    wait("the node", || Ok(up.ok(&["nodes"])?.contains("up-test")))?;
+    assert!(
+        up.ok(&["apply", "-f", &manifest])?
+            .contains("service/hello created")
+    );
+    let rollout = up.ok(&["rollout", "status", "hello", "--timeout", "60s"])?;
+    assert!(rollout.contains("successfully rolled out"), "{rollout}");
+    assert_eq!(up.containers().len(), 2);
+    let served = up.ok(&["exec", "hello", "--", "cat", "/tmp/index.html"])?;
+    assert!(served.starts_with("hello from "), "{served:?}");
+    // Logs come from the agent that runs the task.
+    let echo = up.dir.path().join("echo.yaml");
+    std::fs::write(
+        &echo,
+        std::fs::read_to_string(&manifest)?
+            .replace("name: hello", "name: echo")
+            .replace(
+                "exec httpd -f -p 8080 -h /tmp",
+                "echo logged-by-$(hostname) && exec httpd -f -p 8080 -h /tmp",
+            ),
+    )?;
+    up.ok(&["apply", "-f", &echo.to_string_lossy()])?;
+    up.ok(&["rollout", "status", "echo", "--timeout", "60s"])?;
+    let logs = up.ok(&["logs", "echo"])?;
+    assert_eq!(logs.matches("logged-by-").count(), 2, "{logs}");
+    up.ok(&["delete", "service", "echo"])?;
+    wait("echo's containers gone", || Ok(up.containers().len() == 2))?;
+    let described = up.ok(&["describe", "service", "hello"])?;
+    assert!(
+        described.contains("2 desired, 2 running, 2 updated and available"),
+        "{described}"
+    );
+
+    // Restart: the containers keep running with the same PIDs, and stay assigned.
+    let before = up.containers();
+    if let Some(mut p) = up.process.take() {
+        p.stop(Duration::from_secs(10))?;
+    }
+    assert_eq!(up.containers(), before, "containers outlive tug up");
+    up.start()?;
+    wait("the node again", || {
+        Ok(up.ok(&["nodes"])?.contains("ready"))
+    })?;
+    up.ok(&["rollout", "status", "hello", "--timeout", "60s"])?;
+    assert_eq!(up.containers(), before, "the restarted agent adopted them");
+
+    up.ok(&["delete", "service", "hello"])?;
+    wait("no containers", || Ok(up.containers().is_empty()))?;
+    Ok(())
+}
