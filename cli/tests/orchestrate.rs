@@ -23,20 +23,8 @@ const WAIT: Duration = Duration::from_secs(60);
 
 const TUG: &str = env!("CARGO_BIN_EXE_tug");
 
-fn wait(what: &str, mut check: impl FnMut() -> TestResult<bool>) -> TestResult {
-    let deadline = Instant::now() + WAIT;
-    let mut last = String::new();
-    loop {
-        match check() {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(err) => last = err.to_string(),
-        }
-        if Instant::now() > deadline {
-            return Err(format!("timed out waiting for {what} (last error: {last})").into());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+fn wait(what: &str, check: impl FnMut() -> TestResult<bool>) -> TestResult {
+    tug_e2e::cluster::wait_for(what, WAIT, check)
 }
 
 fn counts(map: &BTreeMap<String, usize>) -> Vec<usize> {

@@ -6,9 +6,9 @@
 use std::collections::HashMap;
 use std::error::Error;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tug_e2e::process::{self, ChildGuard};
 use tug_e2e::{Registry, RegistryOptions, TestImages};
@@ -81,23 +81,7 @@ impl Up {
 
     /// Running containers of this machine's agent: id -> pid.
     fn containers(&self) -> HashMap<String, i64> {
-        let mut out = HashMap::new();
-        let Ok(entries) = std::fs::read_dir(self.data().join("containers")) else {
-            return out;
-        };
-        for entry in entries.flatten() {
-            let Ok(text) = std::fs::read_to_string(entry.path().join("state.json")) else {
-                continue;
-            };
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
-                continue;
-            };
-            let pid = v["pid"].as_i64().unwrap_or(0);
-            if v["status"] == "running" && Path::new(&format!("/proc/{pid}")).exists() {
-                out.insert(entry.file_name().to_string_lossy().into_owned(), pid);
-            }
-        }
-        out
+        tug_e2e::cluster::running_containers(&self.data())
     }
 }
 
@@ -119,20 +103,8 @@ impl Drop for Up {
     }
 }
 
-fn wait(what: &str, mut check: impl FnMut() -> TestResult<bool>) -> TestResult {
-    let deadline = Instant::now() + WAIT;
-    let mut last = String::new();
-    loop {
-        match check() {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(e) => last = e.to_string(),
-        }
-        if Instant::now() > deadline {
-            return Err(format!("timed out waiting for {what}: {last}").into());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+fn wait(what: &str, check: impl FnMut() -> TestResult<bool>) -> TestResult {
+    tug_e2e::cluster::wait_for(what, WAIT, check)
 }
 
 #[test]

@@ -196,25 +196,7 @@ impl Cluster {
 
     /// Containers that really run on agent `i`: id -> pid (the state file names a live pid).
     pub fn containers(&self, i: usize) -> HashMap<String, i64> {
-        let mut out = HashMap::new();
-        let Ok(entries) = std::fs::read_dir(self.agent_dir(i).join("containers")) else {
-            return out;
-        };
-        for entry in entries.flatten() {
-            let state = entry.path().join("state.json");
-            let Ok(text) = std::fs::read_to_string(&state) else {
-                continue;
-            };
-            let Ok(v) = serde_json::from_str::<Value>(&text) else {
-                continue;
-            };
-            let pid = v["pid"].as_i64().unwrap_or(0);
-            let running = v["status"] == "running";
-            if running && pid > 0 && Path::new(&format!("/proc/{pid}")).exists() {
-                out.insert(entry.file_name().to_string_lossy().into_owned(), pid);
-            }
-        }
-        out
+        running_containers(&self.agent_dir(i))
     }
 
     pub fn leader(&self) -> Result<usize> {
@@ -310,5 +292,49 @@ impl Drop for Cluster {
                 let _ = c.stop(Duration::from_secs(5));
             }
         }
+    }
+}
+
+/// The containers that really run under an agent's data dir: id -> pid (its state file says
+/// running and names a live pid).
+pub fn running_containers(data_dir: &Path) -> HashMap<String, i64> {
+    let mut out = HashMap::new();
+    let Ok(entries) = std::fs::read_dir(data_dir.join("containers")) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path().join("state.json")) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<Value>(&text) else {
+            continue;
+        };
+        let pid = v["pid"].as_i64().unwrap_or(0);
+        if v["status"] == "running" && pid > 0 && Path::new(&format!("/proc/{pid}")).exists() {
+            out.insert(entry.file_name().to_string_lossy().into_owned(), pid);
+        }
+    }
+    out
+}
+
+/// Polls `check` every 200 ms until it says true; an error from it counts as "not yet" (and is
+/// reported if time runs out).
+pub fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        match check() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(err) => last = err.to_string(),
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("timed out waiting for {what} (last error: {last})").into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
