@@ -160,6 +160,11 @@ fn scenario(bed: &mut Cluster, images: &TestImages) -> TestResult {
         let r = bed.running("web")?;
         Ok(!r.contains_key("a1") && r.values().sum::<usize>() == 3)
     })?;
+    // Cut off, the node keeps running what it had: no controller told it otherwise.
+    assert!(
+        !bed.containers(1).is_empty(),
+        "a1 keeps its containers while no controller is reachable"
+    );
     bed.net.heal(bed.agent_host(1))?;
     wait("a1's stale containers stopped", || {
         Ok(bed.containers(1).is_empty())

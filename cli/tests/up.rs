@@ -111,8 +111,11 @@ fn wait(what: &str, check: impl FnMut() -> TestResult<bool>) -> TestResult {
 fn up_runs_the_quick_start_manifest_and_survives_a_restart() -> TestResult {
     TestImages::get()?;
     let registry = Registry::start_with(RegistryOptions::default().with_images())?;
+    tug_e2e::cluster::sweep_stale("tug-up-", std::path::Path::new(TUG));
+    let dir = tempfile::Builder::new().prefix("tug-up-").tempdir()?;
+    tug_e2e::cluster::claim(dir.path())?;
     let mut up = Up {
-        dir: tempfile::Builder::new().prefix("tug-up-").tempdir()?,
+        dir,
         registry: registry.host_port(),
         controller: format!("127.0.0.1:{}", free_port()?),
         agent: format!("127.0.0.1:{}", free_port()?),
@@ -152,6 +155,33 @@ fn up_runs_the_quick_start_manifest_and_survives_a_restart() -> TestResult {
     up.ok(&["rollout", "status", "echo", "--timeout", "60s"])?;
     let logs = up.ok(&["logs", "echo"])?;
     assert_eq!(logs.matches("logged-by-").count(), 2, "{logs}");
+    // -f keeps streaming from the agent: it shows what is there, then waits for more.
+    let mut follow = process::spawn(
+        Command::new(TUG)
+            .arg("--data-dir")
+            .arg(up.data())
+            .args(["--controller", &up.controller, "logs", "-f", "echo"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    )?;
+    let stdout = follow.take_stdout().ok_or("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let first = rx.recv_timeout(WAIT)?;
+    assert!(first.contains("logged-by-"), "{first}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(follow.try_wait()?.is_none(), "logs -f keeps following");
+    follow.kill()?;
     up.ok(&["delete", "service", "echo"])?;
     wait("echo's containers gone", || Ok(up.containers().len() == 2))?;
     let described = up.ok(&["describe", "service", "hello"])?;

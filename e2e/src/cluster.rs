@@ -54,9 +54,11 @@ impl Cluster {
             net.host(CONTROLLERS + AGENTS),
             RegistryOptions::default().with_images(),
         )?;
+        sweep_stale("tug-orchestrate-", tug);
         let base = tempfile::Builder::new()
             .prefix("tug-orchestrate-")
             .tempdir()?;
+        claim(base.path())?;
         let mut bed = Cluster {
             tug: tug.to_path_buf(),
             heartbeat: heartbeat.to_string(),
@@ -336,5 +338,53 @@ pub fn wait_for(
             return Err(format!("timed out waiting for {what} (last error: {last})").into());
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Marks `dir` as owned by this process, for [`sweep_stale`].
+pub fn claim(dir: &Path) -> Result<()> {
+    std::fs::write(dir.join("owner.pid"), std::process::id().to_string())?;
+    Ok(())
+}
+
+/// Removes what test processes that were killed left in the temp dir under `prefix`: the
+/// containers of every data dir (with `tug rm -f`, by their recorded PIDs), then the dir. A dir
+/// whose owner still runs, or that has no owner file, is left alone.
+pub fn sweep_stale(prefix: &str, tug: &Path) {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(prefix) {
+            continue;
+        }
+        let Ok(owner) = std::fs::read_to_string(dir.join("owner.pid")) else {
+            continue;
+        };
+        let alive = owner
+            .trim()
+            .parse::<u32>()
+            .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if alive {
+            continue;
+        }
+        for data in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let data = data.path();
+            for c in std::fs::read_dir(data.join("containers"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let _ = Command::new(tug)
+                    .arg("--data-dir")
+                    .arg(&data)
+                    .args(["rm", "-f", &c.file_name().to_string_lossy()])
+                    .output();
+            }
+        }
+        tracing::warn!(dir = %dir.display(), "removing what a killed test left behind");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

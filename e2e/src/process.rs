@@ -47,6 +47,11 @@ impl ChildGuard {
         self.child.id()
     }
 
+    /// The child's stdout, if it was piped (once).
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.stdout.take()
+    }
+
     /// The exit status if the process has ended (it is reaped then), without blocking.
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
         if self.status.is_none() {

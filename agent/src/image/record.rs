@@ -2,6 +2,7 @@
 
 use std::fs;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -71,7 +72,13 @@ fn path_for(layout: &Layout, key: &str) -> PathBuf {
 
 pub fn write(layout: &Layout, record: &ImageRecord) -> Result<()> {
     let path = path_for(layout, &record.key());
-    let tmp = path.with_extension("json.tmp");
+    // One temporary file per writer: two pulls of the same image may finish at once.
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let tmp = path.with_extension(format!(
+        "json.{}.{}.tmp",
+        std::process::id(),
+        WRITES.fetch_add(1, Ordering::Relaxed)
+    ));
     let json = serde_json::to_vec_pretty(record).map_err(|source| ImageError::Json {
         what: "image record".into(),
         source,
