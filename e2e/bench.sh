@@ -10,12 +10,14 @@
 #                           agents (default 1000:100000 and 10000:1000000)
 #   e2e/bench.sh startup [REPLICAS]   apply -> containers running on 3 agent hosts, per-container
 #                           startup latency (median, p99) vs Kubernetes' pod-startup SLO
+#   e2e/bench.sh metrics [CONTAINERS] [WINDOW_SECS]   agent /metrics scrape time, agent cpu at a
+#                           15 s scrape interval and RSS with 200 idle containers (default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "e2e/bench.sh: run as root" >&2; exit 1; }
 e2e/install-deps.sh --bench
 cargo build --release --locked -p tug -p tug-e2e --bin tug --bin bench-pull --bin bench-runtime \
-  --bin bench-controller --bin bench-schedule --bin bench-startup
+  --bin bench-controller --bin bench-schedule --bin bench-startup --bin bench-metrics
 which=${1:-all}
 shift || true
 case "$which" in
@@ -24,7 +26,8 @@ case "$which" in
   controller) target/release/bench-controller "$@" ;;
   schedule) target/release/bench-schedule "$@" ;;
   startup) target/release/bench-startup "$@" ;;
+  metrics) target/release/bench-metrics "$@" ;;
   all) target/release/bench-pull && target/release/bench-runtime && target/release/bench-controller \
-    && target/release/bench-schedule && target/release/bench-startup ;;
-  *) echo "e2e/bench.sh: unknown benchmark $which (pull, runtime, controller, schedule, startup)" >&2; exit 2 ;;
+    && target/release/bench-schedule && target/release/bench-startup && target/release/bench-metrics ;;
+  *) echo "e2e/bench.sh: unknown benchmark $which (pull, runtime, controller, schedule, startup, metrics)" >&2; exit 2 ;;
 esac

@@ -16,6 +16,7 @@ PACKAGES=(
   crun
   tar
   openssl           # the token server's signing key (registry bearer-token auth)
+  prometheus        # promtool check metrics; a real server scraping the cluster (metrics test)
   coreutils
   ca-certificates
 )

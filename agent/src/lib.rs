@@ -11,6 +11,7 @@
 //! containers after an agent restart, and the agent API (logs, exec).
 
 pub mod image;
+pub mod metrics;
 pub mod runtime;
 pub mod supervisor;
 pub mod worker;

@@ -5,6 +5,7 @@
 //! servers. Controller, agent, CLI and the end-to-end harness all talk through these types.
 
 pub mod manifest;
+pub mod metrics_http;
 
 /// `tug.v1`: objects, the operator's Control service, and the Raft peer service.
 pub mod v1 {

@@ -87,6 +87,9 @@ pub enum Command {
     Rollout(RolloutCommand),
     /// List nodes with state, labels, capacity and tasks.
     Nodes,
+    /// Live CPU and memory use of nodes or services, as the agents last reported it.
+    #[command(subcommand)]
+    Top(TopCommand),
     /// Move every task off a node and stop scheduling onto it.
     Drain(NodeArgs),
     /// Allow scheduling onto a drained node again.
@@ -145,6 +148,11 @@ pub struct ControllerArgs {
     /// are replaced elsewhere.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub heartbeat_period: std::time::Duration,
+    /// Address to serve Prometheus /metrics and service discovery (/sd) on (default: the host
+    /// of --listen, port 7442; `off`: not served). Every replica should use the same port: the
+    /// discovery document lists the others at the host of their peer address and this port.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
     /// Change the membership of a running cluster (through `--controller`).
     #[command(subcommand)]
     pub member: Option<MemberCommand>,
@@ -204,6 +212,10 @@ pub struct AgentArgs {
     /// --listen and the route to the first controller).
     #[arg(long)]
     pub advertise: Option<String>,
+    /// Address to serve Prometheus /metrics on (default: the node's advertised address, port
+    /// 7443; `off`: not served). Registered with the controllers for service discovery.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
     #[command(flatten)]
     pub node: NodeFlags,
 }
@@ -216,6 +228,14 @@ pub struct UpArgs {
     /// Address of the agent API (logs, exec).
     #[arg(long, default_value = "127.0.0.1:7441")]
     pub agent_listen: String,
+    /// Address of the controller's Prometheus /metrics and service discovery (/sd) (default:
+    /// 127.0.0.1:7442); `off`: not served.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+    /// Address of the agent's Prometheus /metrics (default: the host of --agent-listen, port
+    /// 7443); `off`: not served.
+    #[arg(long)]
+    pub agent_metrics_listen: Option<String>,
     #[command(flatten)]
     pub node: NodeFlags,
 }
@@ -262,6 +282,25 @@ pub enum OutputFormat {
     Json,
     Yaml,
     Wide,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopCommand {
+    /// Per node: CPU and memory in use by its tasks, against its capacity.
+    Nodes {
+        /// Output format: a table by default.
+        #[arg(short, long, value_enum)]
+        output: Option<OutputFormat>,
+    },
+    /// Per service: tasks reporting, CPU and memory in use.
+    Services {
+        /// Only this namespace's services.
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Output format: a table by default.
+        #[arg(short, long, value_enum)]
+        output: Option<OutputFormat>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

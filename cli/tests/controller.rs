@@ -196,13 +196,15 @@ fn names(addr: &str, stale: bool) -> TestResult<BTreeSet<String>> {
         return Err(format!("get services on {addr} failed: {}", text(&out.stderr)).into());
     }
     let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let services = json
-        .get("services")
+    Ok(service_names(&json))
+}
+
+/// `namespace/name` of every service in a `get services -o json` answer.
+fn service_names(json: &serde_json::Value) -> BTreeSet<String> {
+    json.get("services")
         .and_then(|s| s.as_array())
-        .cloned()
-        .unwrap_or_default();
-    Ok(services
-        .iter()
+        .into_iter()
+        .flatten()
         .filter_map(|s| {
             let meta = s.get("metadata")?;
             Some(format!(
@@ -211,7 +213,7 @@ fn names(addr: &str, stale: bool) -> TestResult<BTreeSet<String>> {
                 meta.get("name")?.as_str()?
             ))
         })
-        .collect())
+        .collect()
 }
 
 fn numbered_manifest(dir: &Path, i: usize) -> TestResult<PathBuf> {
@@ -315,6 +317,45 @@ fn three_controller_processes_survive_kill_9_of_the_leader() -> TestResult {
             Ok(attempts)
         })
     };
+    // A reader meanwhile: linearizable reads through any replica. Each read records the
+    // revision it saw and the writes acknowledged before it started; reads may never go back in
+    // time, and a read must see every write acknowledged before it began.
+    let reader = {
+        let acked = acked.clone();
+        let stop = stop.clone();
+        let all = all.clone();
+        thread::spawn(move || -> Result<usize, String> {
+            let mut last_revision = 0u64;
+            let mut reads = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let before: Vec<String> =
+                    acked.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                let Ok(out) = client(&all, &["get", "services", "-o", "json"]) else {
+                    continue;
+                };
+                if !out.status.success() {
+                    continue; // no leader for a moment: a failed read, not a wrong one
+                }
+                let json: serde_json::Value =
+                    serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+                let revision = json.get("revision").and_then(|r| r.as_u64()).unwrap_or(0);
+                if revision < last_revision {
+                    return Err(format!(
+                        "a read went back in time: revision {revision} after {last_revision}"
+                    ));
+                }
+                last_revision = revision;
+                let seen = service_names(&json);
+                if let Some(missing) = before.iter().find(|n| !seen.contains(*n)) {
+                    return Err(format!(
+                        "a read at revision {revision} misses {missing}, acknowledged before it began"
+                    ));
+                }
+                reads += 1;
+            }
+            Ok(reads)
+        })
+    };
     let count = || acked.lock().unwrap_or_else(PoisonError::into_inner).len();
     let deadline = Instant::now() + WAIT;
     while count() < 5 && Instant::now() < deadline {
@@ -330,6 +371,8 @@ fn three_controller_processes_survive_kill_9_of_the_leader() -> TestResult {
     }
     stop.store(true, Ordering::Relaxed);
     let attempts = writer.join().map_err(|_| "the writer thread panicked")??;
+    let reads = reader.join().map_err(|_| "the reader thread panicked")??;
+    assert!(reads > 0, "the reader never got an answer");
     let acked: Vec<String> = acked.lock().unwrap_or_else(PoisonError::into_inner).clone();
     assert!(
         acked.len() >= at_kill + 5,
@@ -373,6 +416,32 @@ fn three_controller_processes_survive_kill_9_of_the_leader() -> TestResult {
             .into());
         }
         thread::sleep(Duration::from_millis(200));
+    }
+
+    // Restart all three at once (kill -9 every process): the state is intact on each.
+    for proc in cluster.procs.values_mut() {
+        proc.kill();
+    }
+    for id in 1..=3 {
+        cluster.spawn(id)?;
+    }
+    cluster.leader(&all)?;
+    for id in 1..=3 {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let have = names(&cluster.addr(id), false).unwrap_or_default();
+            if acked.iter().all(|n| have.contains(n)) && expected.is_subset(&have) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "replica {id} lost state across a restart of all three\n{}",
+                    cluster.logs()
+                )
+                .into());
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
     }
     Ok(())
 }

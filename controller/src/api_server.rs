@@ -23,13 +23,14 @@ use tug_api::v1::{
     ClusterStatusResponse, DeleteRequest, DeleteResponse, GetRequest, GetResponse,
     ListNodesRequest, ListNodesResponse, ListRequest, ListResponse, ListTasksRequest,
     ListTasksResponse, Member, MemberResponse, RemoveMemberRequest, RolloutUndoRequest,
-    ScaleRequest, SetNodeAvailabilityRequest, SetNodeAvailabilityResponse, WatchRequest,
-    apply_result, watch_event,
+    ScaleRequest, SetNodeAvailabilityRequest, SetNodeAvailabilityResponse, TaskUsageInfo,
+    TopRequest, TopResponse, WatchRequest, apply_result, watch_event,
 };
 
+use crate::dispatcher::{UsageBoard, now_ms};
 use crate::fsm::{Command, CommandResult};
 use crate::leader::{LeaderLink, Written, forward_error, forwarded};
-use crate::raft::{Applied, Membership, NodeHandle, NodeStatus};
+use crate::raft::{Applied, Membership, NodeHandle, NodeStatus, ProposeError};
 use crate::state::{ApplyOutcome, EventKind, WatchError, normalize_namespace};
 use crate::views;
 
@@ -39,12 +40,16 @@ const TRANSFER_WAIT: Duration = Duration::from_secs(3);
 /// Watch events buffered per client before the stream waits for it.
 const WATCH_BUFFER: usize = 256;
 
+/// Usage reports older than this are not shown by `tug top` (the node stopped reporting).
+const USAGE_FRESH_MS: u64 = 30_000;
+
 /// The Control service of one replica.
 #[derive(Debug, Clone)]
 pub struct ControlApi {
     link: LeaderLink,
     handle: NodeHandle,
     stopping: watch::Receiver<bool>,
+    usage: UsageBoard,
 }
 
 impl ControlApi {
@@ -56,7 +61,42 @@ impl ControlApi {
             handle: link.handle.clone(),
             link,
             stopping,
+            usage: UsageBoard::default(),
         }
+    }
+
+    /// Answer `Top` from `usage` (the board the dispatcher records agents' reports on).
+    pub fn with_usage(mut self, usage: UsageBoard) -> Self {
+        self.usage = usage;
+        self
+    }
+
+    /// The fresh usage reports, with each task's service (tasks no longer stored are left out).
+    fn top_here(&self) -> Result<TopResponse, ProposeError> {
+        let status = self.handle.status();
+        if !status.is_leader() {
+            return Err(ProposeError::NotLeader {
+                leader_id: status.leader_id,
+            });
+        }
+        let reported = self.usage.all(now_ms().saturating_sub(USAGE_FRESH_MS));
+        let store = self.handle.store().read();
+        let tasks = reported
+            .into_iter()
+            .filter_map(|r| {
+                let task = store.get_task(&r.usage.task_id)?;
+                Some(TaskUsageInfo {
+                    task_id: r.usage.task_id,
+                    namespace: task.namespace.clone(),
+                    service: task.service.clone(),
+                    node: r.node,
+                    cpu_millis: r.usage.cpu_millis,
+                    memory_bytes: r.usage.memory_bytes,
+                    reported_ms: r.reported_ms,
+                })
+            })
+            .collect();
+        Ok(TopResponse { tasks })
     }
 
     /// The members of `membership` with their addresses and roles.
@@ -404,6 +444,17 @@ impl Control for ControlApi {
                 tracing::info!(node = id, index = membership.index, "member removed");
                 Ok(Response::new(self.member_response(&membership)))
             }
+            Written::Forwarded(response) => Ok(response),
+        }
+    }
+
+    async fn top(&self, request: Request<TopRequest>) -> Result<Response<TopResponse>, Status> {
+        let op = || async { self.top_here() };
+        let forward = |channel: Channel, request| async move {
+            ControlClient::new(channel).top(request).await
+        };
+        match self.link.run_or_forward(&request, op, forward).await? {
+            Written::Here(response) => Ok(Response::new(response)),
             Written::Forwarded(response) => Ok(response),
         }
     }

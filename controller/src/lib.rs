@@ -20,6 +20,7 @@ pub mod api_server;
 pub mod dispatcher;
 pub mod fsm;
 pub mod leader;
+pub mod metrics;
 pub mod orchestrator;
 pub mod raft;
 pub mod reconcile;
@@ -29,4 +30,4 @@ pub mod state;
 pub mod testing;
 pub mod views;
 
-pub use server::{ControllerConfig, ServerError, run};
+pub use server::{ControllerConfig, ServerError, run, run_with_metrics};

@@ -26,6 +26,8 @@ pub struct OrchestratorConfig {
     /// Changes are gathered this long before a pass, so a burst makes one plan.
     pub debounce: Duration,
     pub reconcile: ReconcileConfig,
+    /// Where reconcile passes and placements are counted.
+    pub metrics: crate::metrics::SchedulingMetrics,
 }
 
 impl Default for OrchestratorConfig {
@@ -36,6 +38,7 @@ impl Default for OrchestratorConfig {
             resync: Duration::from_secs(30),
             debounce: Duration::from_millis(10),
             reconcile: ReconcileConfig::default(),
+            metrics: crate::metrics::SchedulingMetrics::default(),
         }
     }
 }
@@ -216,14 +219,30 @@ async fn pass(
     .await
     .map_err(|_| ProposeError::Stopped)?;
     if outcome.plan.is_empty() {
+        cfg.metrics.observe_pass(started.elapsed().as_secs_f64(), 0);
         return Ok((outcome.truncated, outcome.wake_at_ms));
     }
+    // New tasks placed at once, and pending ones placed now.
+    let placed = outcome
+        .plan
+        .create
+        .iter()
+        .filter(|t| !t.node.is_empty())
+        .count()
+        + outcome
+            .plan
+            .update
+            .iter()
+            .filter(|c| !c.node.is_empty())
+            .count();
     let (creates, updates, removes) = (
         outcome.plan.create.len(),
         outcome.plan.update.len(),
         outcome.plan.remove.len(),
     );
     let applied = handle.propose(&Command::ApplyPlan(outcome.plan)).await?;
+    cfg.metrics
+        .observe_pass(started.elapsed().as_secs_f64(), placed);
     tracing::debug!(
         creates,
         updates,
@@ -268,6 +287,9 @@ async fn liveness(
             Ok(_) => tracing::warn!(node = %name, ?silent, "node marked down: heartbeats stopped"),
             Err(err) => tracing::warn!(node = %name, cause = %err, "cannot mark the node down"),
         }
+        // A registration that saw the node still ready may have opened a session meanwhile:
+        // close it too, so the node registers again and is marked ready through Raft.
+        sessions.close(&name);
     }
 }
 

@@ -16,8 +16,9 @@ use tug_api::v1::dispatcher_server::DispatcherServer;
 use tug_api::v1::raft_server::RaftServer;
 
 use crate::api_server::ControlApi;
-use crate::dispatcher::{DispatcherApi, Router, Sessions};
+use crate::dispatcher::{DispatcherApi, Router, Sessions, UsageBoard};
 use crate::leader::LeaderLink;
+use crate::metrics::{self, ApiMetricsLayer, ControllerMetrics};
 use crate::orchestrator::{self, OrchestratorConfig};
 use crate::raft::grpc_transport::{GrpcTransport, MAX_MESSAGE_BYTES, RaftService};
 use crate::raft::{Node, NodeConfig, NodeError};
@@ -53,6 +54,8 @@ pub enum ServerError {
     NodeTask,
     #[error("the API server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("set up the controller's metrics: {0}")]
+    Metrics(#[source] prometheus::Error),
 }
 
 /// Runs a replica on `listener` until `shutdown` resolves (or the Raft node fails), then stops
@@ -62,6 +65,19 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
+    run_with_metrics(cfg, listener, None, shutdown).await
+}
+
+/// [`run`], also serving Prometheus `/metrics` and service discovery (`/sd`) on `metrics`.
+pub async fn run_with_metrics(
+    mut cfg: ControllerConfig,
+    listener: TcpListener,
+    metrics: Option<metrics::Endpoint>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let instruments = ControllerMetrics::new().map_err(ServerError::Metrics)?;
+    cfg.node.metrics = instruments.raft.clone();
+    cfg.orchestrator.metrics = instruments.scheduling.clone();
     let id = cfg.node.id;
     let cell = Arc::new(OnceLock::new());
     let transport = GrpcTransport::new(id, &cfg.peers, cell.clone())
@@ -84,31 +100,53 @@ pub async fn run(
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let link = LeaderLink::new(handle.clone(), addresses, reachability);
     let sessions = Sessions::default();
+    let usage = UsageBoard::default();
     let router = Router::spawn(handle.clone(), stopping.clone());
     let dispatcher = DispatcherServer::new(DispatcherApi::new(
         link.clone(),
         router,
         sessions.clone(),
+        usage.clone(),
         cfg.orchestrator.heartbeat_period,
         stopping.clone(),
     ))
     .max_decoding_message_size(MAX_API_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_API_MESSAGE_BYTES);
+    let leader_changes = tokio::spawn(metrics::count_leader_changes(
+        handle.clone(),
+        instruments.leader_changes.clone(),
+        stopping.clone(),
+    ));
+    let metrics_server = metrics.map(|endpoint| {
+        let mut stopping = stopping.clone();
+        tracing::info!(node = id, metrics = %endpoint.advertise, "serving /metrics and /sd");
+        tokio::spawn(metrics::serve(
+            instruments.clone(),
+            handle.clone(),
+            link.peers.clone(),
+            endpoint,
+            async move {
+                let _ = stopping.wait_for(|s| *s).await;
+            },
+        ))
+    });
     let orchestrator = tokio::spawn(orchestrator::run(
         handle,
         sessions,
         cfg.orchestrator.clone(),
         stopping.clone(),
     ));
-    let control = ControlServer::new(ControlApi::new(link.clone(), stopping.clone()))
-        .max_decoding_message_size(MAX_API_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_API_MESSAGE_BYTES);
+    let control =
+        ControlServer::new(ControlApi::new(link.clone(), stopping.clone()).with_usage(usage))
+            .max_decoding_message_size(MAX_API_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_API_MESSAGE_BYTES);
     let addr = listener.local_addr().ok();
     tracing::info!(node = id, addr = ?addr, "controller serving");
 
     let (node_failed_tx, node_failed_rx) = oneshot::channel::<()>();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let serve = Server::builder()
+        .layer(ApiMetricsLayer(instruments.api.clone()))
         .add_service(raft)
         .add_service(control)
         .add_service(dispatcher)
@@ -134,6 +172,10 @@ pub async fn run(
         _ = async { stopping_seen.wait_for(|s| *s).await.is_ok() } => drain(id, serve).await,
     };
     orchestrator.abort();
+    leader_changes.abort();
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     let joined = match node_result {
         Some(joined) => joined,
         None => {

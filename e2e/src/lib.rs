@@ -24,6 +24,7 @@ pub mod net;
 pub mod netns;
 pub mod peers;
 pub mod process;
+pub mod prometheus;
 pub mod redirect;
 pub mod registry;
 pub mod sim_agent;

@@ -194,6 +194,7 @@ async fn session(
                 kernel_version: "simulated".into(),
                 os: "linux".into(),
                 arch: "amd64".into(),
+                ..Default::default()
             }),
         })
         .await?
@@ -207,19 +208,34 @@ async fn session(
         })
         .await?
         .into_inner();
-    let mut heartbeat = tokio::time::interval(period);
+    // Heartbeats run on their own task, as a real agent's do: a slow status report must not
+    // delay them (the node would be declared down).
+    let mut beats = AbortOnDrop(tokio::spawn({
+        let mut client = client.clone();
+        let (node, session_id, paused) = (cfg.name.clone(), session_id.clone(), paused.clone());
+        async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                if paused.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                client
+                    .heartbeat(HeartbeatRequest {
+                        node: node.clone(),
+                        session_id: session_id.clone(),
+                    })
+                    .await?;
+            }
+        }
+    }));
     loop {
         if paused.load(Ordering::SeqCst) {
             return Ok(());
         }
         tokio::select! {
-            _ = heartbeat.tick() => {
-                client
-                    .heartbeat(HeartbeatRequest {
-                        node: cfg.name.clone(),
-                        session_id: session_id.clone(),
-                    })
-                    .await?;
+            ended = &mut beats.0 => {
+                return ended.unwrap_or_else(|e| Err(tonic::Status::internal(e.to_string())));
             }
             message = stream.message() => {
                 let Some(message) = message? else {
@@ -236,12 +252,22 @@ async fn session(
                             node: cfg.name.clone(),
                             session_id: session_id.clone(),
                             updates,
+                            ..Default::default()
                         })
                         .await?;
                     shared.reported.fetch_add(started, Ordering::Relaxed);
                 }
             }
         }
+    }
+}
+
+/// Aborts the task when the session it belongs to ends.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

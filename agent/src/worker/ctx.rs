@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::records::TaskFiles;
 use super::reporter::StatusBoard;
 use crate::image::ImageStore;
+use crate::metrics::AgentMetrics;
 use crate::runtime::container::Runtime;
 
 #[derive(Debug)]
@@ -32,6 +33,8 @@ pub(crate) struct Ctx {
     /// concurrent pulls of the same reference race on the store's record file (its temp name
     /// is per reference), failing one of them.
     pub pulls: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The node's metrics: runners keep its container table current and time pulls and starts.
+    pub metrics: Arc<AgentMetrics>,
 }
 
 impl Ctx {

@@ -22,6 +22,13 @@ pub enum WorkerError {
     Serve(#[from] tonic::transport::Error),
     #[error("the agent API listener: {0}")]
     Listener(std::io::Error),
+    #[error("cannot listen on {address} for /metrics: {source}")]
+    MetricsListener {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("set up the agent's metrics: {0}")]
+    Metrics(#[source] prometheus::Error),
 }
 
 /// Why a session with a controller ended; the worker then picks the next controller.

@@ -53,6 +53,7 @@ pub use api::AgentApi;
 pub use error::WorkerError;
 
 use crate::image::{CredentialStore, ImageStore, StoreConfig};
+use crate::metrics::{self, AgentMetrics};
 use crate::runtime::container::Runtime;
 
 /// Default address of the agent API.
@@ -85,6 +86,20 @@ pub struct WorkerConfig {
     pub monitor_exe: PathBuf,
     /// Pulls, creates, stops and removals running at once.
     pub max_parallel: usize,
+    /// Where to serve Prometheus `/metrics`.
+    pub metrics: MetricsListen,
+}
+
+/// Where the agent serves `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsListen {
+    /// Not served (the container table and usage reports work all the same).
+    Off,
+    /// On the node's advertised address, port [`metrics::DEFAULT_PORT`]; if that cannot be
+    /// bound, not served (with a warning).
+    NodeAddress,
+    /// On this `host:port` (an unspecified host is advertised as the node's address).
+    At(String),
 }
 
 impl WorkerConfig {
@@ -108,6 +123,7 @@ impl WorkerConfig {
             oci_runtime: None,
             monitor_exe,
             max_parallel: 4,
+            metrics: MetricsListen::Off,
         }
     }
 }
@@ -124,16 +140,42 @@ pub async fn run(
         return Err(WorkerError::NoControllers);
     }
     let listening: SocketAddr = listener.local_addr().map_err(WorkerError::Listener)?;
-    let ctx = Arc::new(context(&cfg)?);
+    let first_controller = cfg.controllers.first().cloned();
+    let address = {
+        let (advertise, first) = (cfg.advertise.clone(), first_controller.clone());
+        ctx::blocking(move || {
+            node::advertise_address(advertise.as_deref(), listening, first.as_deref())
+        })
+        .await
+        .map_err(|e| WorkerError::Listener(std::io::Error::other(e)))?
+    };
+    let metrics_listener = bind_metrics(&cfg.metrics, &address).await?;
+    let metrics_address = match &metrics_listener {
+        Some(l) => {
+            let local = l.local_addr().map_err(WorkerError::Listener)?;
+            let first = first_controller.clone();
+            Some(
+                ctx::blocking(move || node::advertise_address(None, local, first.as_deref()))
+                    .await
+                    .map_err(|e| WorkerError::Listener(std::io::Error::other(e)))?,
+            )
+        }
+        None => None,
+    };
+    let metrics = Arc::new(
+        AgentMetrics::new(
+            &cfg.name,
+            node::machine_cpu_millis() / 1000,
+            node::machine_memory_bytes(),
+        )
+        .map_err(WorkerError::Metrics)?,
+    );
+    let ctx = Arc::new(context(&cfg, metrics.clone())?);
     let runtime = ctx.runtime.clone();
     let description = {
         let cfg = cfg.clone();
+        let metrics_address = metrics_address.clone();
         ctx::blocking(move || {
-            let address = node::advertise_address(
-                cfg.advertise.as_deref(),
-                listening,
-                cfg.controllers.first().map(String::as_str),
-            );
             node::describe(
                 &cfg.name,
                 address,
@@ -141,12 +183,13 @@ pub async fn run(
                 cfg.capacity_cpu_millis,
                 cfg.capacity_memory_bytes,
                 cfg.oci_runtime.as_deref(),
+                metrics_address,
             )
         })
         .await
         .map_err(|e| WorkerError::Listener(std::io::Error::other(e)))?
     };
-    tracing::info!(node = %description.name, address = %description.address, runtime = %description.runtime_version, "agent starting");
+    tracing::info!(node = %description.name, address = %description.address, metrics = %description.metrics_address, runtime = %description.runtime_version, "agent starting");
 
     let worker = Arc::new(core::Worker::start(ctx.clone()).await);
     let stop = CancellationToken::new();
@@ -156,6 +199,14 @@ pub async fn run(
         cfg.controllers.clone(),
         stop.clone(),
     ));
+    let metrics_server = metrics_listener.map(|l| {
+        let stop = stop.clone();
+        tokio::spawn(metrics::serve(
+            metrics,
+            l,
+            async move { stop.cancelled().await },
+        ))
+    });
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let stop_api = stop.clone();
     let served = tonic::transport::Server::builder()
@@ -170,6 +221,9 @@ pub async fn run(
     tracing::info!("agent stopping; containers keep running");
     stop.cancel();
     let _ = sessions.await;
+    if let Some(server) = metrics_server {
+        let _ = server.await;
+    }
     worker.shutdown().await;
     if result.is_ok() {
         let _ = served.await;
@@ -177,7 +231,37 @@ pub async fn run(
     result
 }
 
-fn context(cfg: &WorkerConfig) -> Result<ctx::Ctx, WorkerError> {
+/// The metrics listener `how` asks for; `node_address` is the agent API's advertised address.
+async fn bind_metrics(
+    how: &MetricsListen,
+    node_address: &str,
+) -> Result<Option<TcpListener>, WorkerError> {
+    let at = match how {
+        MetricsListen::Off => return Ok(None),
+        MetricsListen::At(at) => at.clone(),
+        MetricsListen::NodeAddress => {
+            let host = node_address
+                .rsplit_once(':')
+                .map_or(node_address, |(host, _)| host);
+            format!("{host}:{}", metrics::DEFAULT_PORT)
+        }
+    };
+    match TcpListener::bind(&at).await {
+        Ok(listener) => Ok(Some(listener)),
+        // The default port may be taken (several agents on one address, in tests): the agent
+        // runs without /metrics rather than not at all. An address asked for must work.
+        Err(source) if *how == MetricsListen::NodeAddress => {
+            tracing::warn!(address = %at, cause = %source, "cannot serve /metrics on the default address; pass --metrics-listen");
+            Ok(None)
+        }
+        Err(source) => Err(WorkerError::MetricsListener {
+            address: at,
+            source,
+        }),
+    }
+}
+
+fn context(cfg: &WorkerConfig, metrics: Arc<AgentMetrics>) -> Result<ctx::Ctx, WorkerError> {
     let credentials = match &cfg.registry_credentials {
         Some(path) => CredentialStore::load(path)
             .map_err(|e| WorkerError::Images(crate::image::ImageError::from(e)))?,
@@ -201,5 +285,6 @@ fn context(cfg: &WorkerConfig) -> Result<ctx::Ctx, WorkerError> {
         removing: Mutex::new(BTreeSet::new()),
         shutdown: CancellationToken::new(),
         pulls: Mutex::new(BTreeMap::new()),
+        metrics,
     })
 }

@@ -86,6 +86,7 @@ pub(crate) fn describe(
     capacity_cpu_millis: Option<u64>,
     capacity_memory_bytes: Option<u64>,
     oci_runtime: Option<&Path>,
+    metrics_address: Option<String>,
 ) -> NodeDescription {
     let platform = Platform::host();
     NodeDescription {
@@ -100,6 +101,7 @@ pub(crate) fn describe(
         kernel_version: kernel_version(),
         os: platform.os,
         arch: platform.architecture,
+        metrics_address: metrics_address.unwrap_or_default(),
     }
 }
 
@@ -121,6 +123,7 @@ mod tests {
             None,
             Some(1 << 30),
             None,
+            Some("10.0.0.1:7443".into()),
         );
         assert_eq!(d.name, "n1");
         let cap = d.capacity.unwrap_or_default();
@@ -130,6 +133,7 @@ mod tests {
         assert!(!d.kernel_version.is_empty());
         assert_eq!(d.os, "linux");
         assert_eq!(d.labels.get("zone").map(String::as_str), Some("a"));
+        assert_eq!(d.metrics_address, "10.0.0.1:7443");
     }
 
     #[test]

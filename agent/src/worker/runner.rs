@@ -23,6 +23,7 @@ use super::health::{self, Check};
 use super::records::TaskRecord;
 use super::{launch, outcome, task_config};
 use crate::image::{ImageError, ImageRef, Platform, Progress};
+use crate::metrics::{TaskLabels, Tracked};
 use crate::runtime::container::ContainerError;
 use crate::runtime::state::{RuntimeOptions, State, Status, read_json};
 use crate::supervisor::restarts::{Backoff, RestartPolicy, RestartTracker};
@@ -199,6 +200,7 @@ impl Runner {
 
     fn report_failed(&mut self, message: String) {
         tracing::warn!(task = %self.id, %message, "task failed");
+        self.ctx.metrics.reconcile_errors.inc();
         self.report(|s| {
             s.state = TaskState::Failed.into();
             s.pid = 0;
@@ -302,8 +304,51 @@ impl Runner {
                 secs * 1000
             };
             self.report_running(&state, health, started_ms);
+            self.track_running(task, &state, started_ms).await;
         }
         Ok(state)
+    }
+
+    /// The container runs: its metrics are collected from now on.
+    async fn track_running(&self, task: &Task, state: &State, started_ms: u64) {
+        let (rt, id) = (self.ctx.runtime.clone(), self.id.clone());
+        let opts = match blocking(move || read_json::<RuntimeOptions>(&rt.dir(&id).runtime())).await
+        {
+            Ok(Ok(opts)) => opts,
+            Ok(Err(e)) => {
+                tracing::warn!(task = %self.id, cause = %e, "no metrics for the container");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(task = %self.id, cause = %e, "no metrics for the container");
+                return;
+            }
+        };
+        self.ctx.metrics.containers.running(Tracked {
+            labels: TaskLabels {
+                namespace: task.namespace.clone(),
+                service: task.service.clone(),
+                task: task.id.clone(),
+                image: task
+                    .spec
+                    .as_ref()
+                    .map(|s| s.image.clone())
+                    .unwrap_or_default(),
+            },
+            cgroup_path: opts.cgroup_path,
+            cpu_quota: opts.resources.cpu_quota,
+            pid: state.pid.unwrap_or(0),
+            started_at: started_ms as f64 / 1000.0,
+            restarts: self.record.restart_count,
+            past_oom_events: 0,
+            running: true,
+        });
+    }
+
+    /// The container stopped: only its counters stay in the metrics.
+    async fn track_exit(&self, state: &State) {
+        let (metrics, id, oom) = (self.ctx.metrics.clone(), self.id.clone(), state.oom_killed);
+        let _ = blocking(move || metrics.container_exited(&id, oom)).await;
     }
 
     /// A converge slot (bounded parallelism), unless something wakes the runner first.
@@ -346,7 +391,16 @@ impl Runner {
                 let (ctx, r2) = (self.ctx.clone(), reference.clone());
                 let handle = tokio::runtime::Handle::current();
                 let pull = blocking(move || {
-                    handle.block_on(ctx.store.pull(&r2, &Platform::host(), &Progress(&|_| {})))
+                    let started = std::time::Instant::now();
+                    let pulled =
+                        handle.block_on(ctx.store.pull(&r2, &Platform::host(), &Progress(&|_| {})));
+                    if let Ok(record) = &pulled {
+                        let m = &ctx.metrics;
+                        m.pull_seconds.observe(started.elapsed().as_secs_f64());
+                        m.pull_bytes
+                            .observe(record.layers.iter().map(|l| l.size).sum::<u64>() as f64);
+                    }
+                    pulled
                 });
                 tokio::select! {
                     r = pull => r
@@ -362,16 +416,21 @@ impl Runner {
             .map_err(NotRunning::Failed)?;
         let ctx = self.ctx.clone();
         let started = blocking(move || -> Result<State, String> {
+            let timer = std::time::Instant::now();
             let id = l.id.clone();
             // A rootfs without a container is what an interrupted create left: start afresh.
             launch::remove_rootfs_of(&ctx.data_dir, &id).map_err(|e| e.to_string())?;
             launch::create(&ctx.store, &ctx.runtime, &ctx.data_dir, &record, l)
                 .map_err(|e| format!("create the container: {e}"))?;
-            ctx.runtime.start(&id).map_err(|e| {
+            let state = ctx.runtime.start(&id).map_err(|e| {
                 let _ = ctx.runtime.delete(&id, true);
                 let _ = launch::remove_rootfs_of(&ctx.data_dir, &id);
                 format!("start the container: {e}")
-            })
+            })?;
+            ctx.metrics
+                .start_seconds
+                .observe(timer.elapsed().as_secs_f64());
+            Ok(state)
         })
         .await
         .map_err(NotRunning::Failed)?
@@ -422,6 +481,7 @@ impl Runner {
 
     /// The container stopped while it should run: restart it per policy, or report it done.
     async fn exited(&mut self, state: &State, unhealthy: bool) -> Option<Wake> {
+        self.track_exit(state).await;
         let o = outcome::on_exit(
             &mut self.restarts,
             self.policy,
@@ -483,6 +543,7 @@ impl Runner {
         };
         match stopped {
             Some(s) => {
+                self.track_exit(&s).await;
                 let code = s.exit_status().unwrap_or(255);
                 self.report(|st| {
                     st.state = TaskState::Stopped.into();
@@ -532,5 +593,6 @@ pub(crate) async fn remove(ctx: Arc<Ctx>, id: String, grace: Duration) {
     }
     ctx.files.remove(&id);
     ctx.board.forget(&id);
+    ctx.metrics.containers.remove(&id);
     ctx.removing().remove(&id);
 }

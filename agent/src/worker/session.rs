@@ -25,6 +25,8 @@ const DEFAULT_PERIOD: Duration = Duration::from_secs(5);
 const MAX_BATCH: usize = 256;
 /// How long the reporter waits after a change for more changes to send with it.
 const COALESCE: Duration = Duration::from_millis(50);
+/// How often the usage of the node's tasks goes with a report (for `tug top`).
+const USAGE_PERIOD: Duration = Duration::from_secs(5);
 
 type Result<T, E = SessionError> = std::result::Result<T, E>;
 
@@ -166,21 +168,36 @@ async fn report(
     session_id: &str,
 ) -> Result<()> {
     let board = &worker.ctx.board;
+    let mut usage_at = tokio::time::Instant::now();
     loop {
         if !board.has_dirty() {
-            board.changed().await;
-            tokio::time::sleep(COALESCE).await;
+            tokio::select! {
+                () = board.changed() => tokio::time::sleep(COALESCE).await,
+                () = tokio::time::sleep_until(usage_at) => {}
+            }
         }
+        let usage_due = tokio::time::Instant::now() >= usage_at;
         let updates = board.take(MAX_BATCH);
-        if updates.is_empty() {
+        if updates.is_empty() && !usage_due {
             continue;
         }
+        let usage = if usage_due {
+            usage_at = tokio::time::Instant::now() + USAGE_PERIOD;
+            let metrics = worker.ctx.metrics.clone();
+            super::ctx::blocking(move || metrics.task_usage())
+                .await
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let sent = call(
             "ReportStatus",
             client.report_status(ReportStatusRequest {
                 node: node.into(),
                 session_id: session_id.into(),
                 updates: updates.clone(),
+                usage,
+                has_usage: usage_due,
             }),
         )
         .await;

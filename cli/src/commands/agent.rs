@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, bail};
 use tug_agent::image::CredentialStore;
-use tug_agent::worker::WorkerConfig;
+use tug_agent::worker::{MetricsListen, WorkerConfig};
 use tug_api::manifest::{Cpu, Memory};
 
 use crate::args::{AgentArgs, GlobalArgs};
@@ -70,6 +70,11 @@ pub(super) fn config(global: &GlobalArgs, args: &AgentArgs) -> anyhow::Result<Wo
         bail!("--max-parallel must be 1 or more");
     }
     cfg.max_parallel = args.node.max_parallel;
+    cfg.metrics = match args.metrics_listen.as_deref().map(str::trim) {
+        None => MetricsListen::NodeAddress,
+        Some("off") | Some("none") => MetricsListen::Off,
+        Some(at) => MetricsListen::At(at.to_string()),
+    };
     Ok(cfg)
 }
 

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, bail};
 use tug_controller::ControllerConfig;
+use tug_controller::metrics::{Endpoint, sd};
 use tug_controller::orchestrator::OrchestratorConfig;
 use tug_controller::raft::NodeConfig;
 
@@ -37,18 +38,72 @@ pub fn run(global: &GlobalArgs, args: ControllerArgs) -> anyhow::Result<()> {
         heartbeat_period: args.heartbeat_period,
         ..OrchestratorConfig::default()
     };
+    let own_peer = peers
+        .get(&id)
+        .cloned()
+        .unwrap_or_else(|| args.listen.clone());
     let cfg = ControllerConfig {
         node,
         peers,
         orchestrator,
     };
+    let metrics_listen = metrics_listen(&args.listen, args.metrics_listen.as_deref());
+    let explicit = args.metrics_listen.is_some();
     super::server_runtime()?.block_on(async {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
-        tug_controller::run(cfg, listener, shutdown_signal()).await?;
+        let metrics = metrics_endpoint(metrics_listen.as_deref(), &own_peer, explicit).await?;
+        tug_controller::run_with_metrics(cfg, listener, metrics, shutdown_signal()).await?;
         Ok(())
     })
+}
+
+/// Where `/metrics` goes: `flag` (`off`: nowhere), else the host of `listen` at the default
+/// port.
+pub(super) fn metrics_listen(listen: &str, flag: Option<&str>) -> Option<String> {
+    match flag.map(str::trim) {
+        Some("off") | Some("none") => None,
+        Some(at) => Some(at.to_string()),
+        None => Some(format!(
+            "{}:{}",
+            sd::host_of(listen),
+            tug_controller::metrics::DEFAULT_PORT
+        )),
+    }
+}
+
+/// Bind `/metrics` at `at`; it is advertised at `at`, or at the host of this replica's peer
+/// address when `at` names no host (0.0.0.0). A default address (not `explicit`) that cannot
+/// be bound (several replicas on one host, in tests) means no `/metrics`, with a warning.
+pub(super) async fn metrics_endpoint(
+    at: Option<&str>,
+    own_peer: &str,
+    explicit: bool,
+) -> anyhow::Result<Option<Endpoint>> {
+    let Some(at) = at else {
+        return Ok(None);
+    };
+    let listener = match tokio::net::TcpListener::bind(at).await {
+        Ok(listener) => listener,
+        Err(err) if !explicit => {
+            tracing::warn!(address = %at, cause = %err, "cannot serve /metrics on the default address; pass --metrics-listen");
+            return Ok(None);
+        }
+        Err(err) => {
+            return Err(err).with_context(|| format!("cannot listen on {at} for /metrics"));
+        }
+    };
+    let local = listener.local_addr()?;
+    let advertise = if local.ip().is_unspecified() {
+        format!("{}:{}", sd::host_of(own_peer), local.port())
+    } else {
+        local.to_string()
+    };
+    Ok(Some(Endpoint {
+        listener,
+        advertise,
+    }))
 }
 
 /// `ID=ADDR` entries; none means a one-node cluster of this replica at `listen`.
@@ -113,5 +168,18 @@ mod tests {
         assert!(parse_peers(1, "x", &["1a:1".into()]).is_err());
         assert!(parse_peers(1, "x", &["1=a".into(), "1=b".into()]).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn metrics_listen_on_the_listen_host_by_default() {
+        assert_eq!(
+            metrics_listen("10.0.0.1:7440", None).as_deref(),
+            Some("10.0.0.1:7442")
+        );
+        assert_eq!(
+            metrics_listen("x:1", Some("0.0.0.0:9")).as_deref(),
+            Some("0.0.0.0:9")
+        );
+        assert_eq!(metrics_listen("x:1", Some("off")), None);
     }
 }

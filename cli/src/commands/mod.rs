@@ -11,11 +11,12 @@ pub mod image;
 mod remote;
 mod run;
 pub mod runtime;
+mod top;
 mod up;
 
 use tug_api::v1::NodeAvailability;
 
-use crate::args::{Cli, ClusterCommand, Command, RolloutCommand};
+use crate::args::{Cli, ClusterCommand, Command, RolloutCommand, TopCommand};
 
 /// The multi-threaded async runtime of the long-running roles (controller, agent, up).
 fn server_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -58,6 +59,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             cluster::rollout_undo(&cli.global, namespace.as_deref(), &service)
         }
         Command::Nodes => cluster::nodes(&cli.global, None, false),
+        Command::Top(TopCommand::Nodes { output }) => top::nodes(&cli.global, output),
+        Command::Top(TopCommand::Services { namespace, output }) => {
+            top::services(&cli.global, namespace.as_deref(), output)
+        }
         Command::Drain(args) => {
             cluster::set_availability(&cli.global, &args.node, NodeAvailability::Drain)
         }

@@ -13,11 +13,16 @@ use tug_controller::raft::NodeConfig;
 
 use crate::args::{AgentArgs, GlobalArgs, UpArgs};
 
+/// Where `tug up` serves the controller's `/metrics` and `/sd` unless told otherwise.
+const UP_METRICS: &str = "127.0.0.1:7442";
+
 pub fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
     let agent_args = AgentArgs {
         join: vec![args.listen.clone()],
         listen: args.agent_listen.clone(),
         advertise: None,
+        // None: the agent's node address (127.0.0.1 here), port 7443, if free.
+        metrics_listen: args.agent_metrics_listen.clone(),
         node: args.node.clone(),
     };
     let worker = super::agent::config(global, &agent_args)?;
@@ -28,7 +33,17 @@ pub fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
         peers: BTreeMap::from([(1, args.listen.clone())]),
         orchestrator: OrchestratorConfig::default(),
     };
+    let metrics_listen = super::controller::metrics_listen(
+        &args.listen,
+        Some(args.metrics_listen.as_deref().unwrap_or(UP_METRICS)),
+    );
     super::server_runtime()?.block_on(async {
+        let metrics = super::controller::metrics_endpoint(
+            metrics_listen.as_deref(),
+            &args.listen,
+            args.metrics_listen.is_some(),
+        )
+        .await?;
         let controller_listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("cannot listen on {} (controller)", args.listen))?;
@@ -39,9 +54,10 @@ pub fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
         let until = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let mut controller = tokio::spawn(tug_controller::run(
+        let mut controller = tokio::spawn(tug_controller::run_with_metrics(
             controller,
             controller_listener,
+            metrics,
             until(stopped.clone()),
         ));
         let mut agent = tokio::spawn(tug_agent::worker::run(

@@ -6,9 +6,11 @@
 mod assignments;
 mod router;
 mod sessions;
+mod usage;
 
 pub use router::Router;
 pub use sessions::Sessions;
+pub use usage::{Reported, UsageBoard};
 
 use std::pin::Pin;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -40,6 +42,7 @@ pub struct DispatcherApi {
     handle: NodeHandle,
     router: Router,
     sessions: Sessions,
+    usage: UsageBoard,
     heartbeat_period: Duration,
     stopping: watch::Receiver<bool>,
 }
@@ -49,6 +52,7 @@ impl DispatcherApi {
         link: LeaderLink,
         router: Router,
         sessions: Sessions,
+        usage: UsageBoard,
         heartbeat_period: Duration,
         stopping: watch::Receiver<bool>,
     ) -> Self {
@@ -57,6 +61,7 @@ impl DispatcherApi {
             link,
             router,
             sessions,
+            usage,
             heartbeat_period,
             stopping,
         }
@@ -161,16 +166,13 @@ impl Dispatcher for DispatcherApi {
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let req = request.get_ref();
+        // No store read here: a heartbeat must never wait behind the store's lock (a long
+        // reconcile pass holds it for reading while an apply queues for writing), or a busy
+        // leader would declare live nodes down. A node marked down has its session closed by
+        // the liveness check (before and after the change), so it registers again.
         let op = || async {
             self.lead()?;
-            // A node marked down registers again, which marks it ready through Raft.
-            let down = self
-                .handle
-                .store()
-                .read()
-                .get_node(&req.node)
-                .is_none_or(|n| n.state() != NodeState::Ready);
-            Ok(!down && self.sessions.touch(&req.node, &req.session_id))
+            Ok(self.sessions.touch(&req.node, &req.session_id))
         };
         let forward = |channel: Channel, request| async move {
             DispatcherClient::new(channel).heartbeat(request).await
@@ -226,6 +228,13 @@ impl Dispatcher for DispatcherApi {
             self.lead()?;
             if !self.sessions.is_current(&req.node, &req.session_id) {
                 return Ok(None);
+            }
+            if req.has_usage {
+                self.usage.record(&req.node, req.usage.clone(), now_ms());
+            }
+            if req.updates.is_empty() {
+                // Usage only: nothing to commit.
+                return Ok(Some(self.handle.store().read().revision()));
             }
             let command = Command::ReportStatus {
                 node: req.node.clone(),

@@ -42,6 +42,8 @@ pub struct NodeConfig {
     pub watch_history: usize,
     /// Peer messages queued for the node before new ones are dropped.
     pub mailbox_capacity: usize,
+    /// Histograms the node records proposal latency and snapshot duration into.
+    pub metrics: crate::metrics::RaftMetrics,
 }
 
 impl NodeConfig {
@@ -64,6 +66,7 @@ impl NodeConfig {
             segment_bytes: 64 << 20,
             watch_history: 10_000,
             mailbox_capacity: 4096,
+            metrics: crate::metrics::RaftMetrics::default(),
         }
     }
 

@@ -95,7 +95,8 @@ impl PeerAddresses {
             .cloned()
     }
 
-    fn snapshot(&self) -> BTreeMap<u64, String> {
+    /// Every known id and address.
+    pub fn snapshot(&self) -> BTreeMap<u64, String> {
         self.0
             .read()
             .unwrap_or_else(PoisonError::into_inner)

@@ -127,6 +127,7 @@ pub struct NodeHandle {
     store: SharedStore,
     proposal_timeout: Duration,
     read_timeout: Duration,
+    metrics: crate::metrics::RaftMetrics,
 }
 
 impl NodeHandle {
@@ -147,7 +148,14 @@ impl NodeHandle {
             store,
             proposal_timeout,
             read_timeout,
+            metrics: crate::metrics::RaftMetrics::default(),
         }
+    }
+
+    /// Record proposal latency into `metrics`.
+    pub(crate) fn with_metrics(mut self, metrics: crate::metrics::RaftMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     pub fn id(&self) -> u64 {
@@ -178,7 +186,8 @@ impl NodeHandle {
     /// (otherwise [`ProposeError::NotLeader`] says where to forward it); when no leader is known
     /// it waits for one. Fails after the proposal timeout rather than hanging.
     pub async fn propose(&self, command: &Command) -> Result<Applied, ProposeError> {
-        let deadline = Instant::now() + self.proposal_timeout;
+        let started = Instant::now();
+        let deadline = started + self.proposal_timeout;
         let data = command.encode();
         loop {
             self.ensure_leader(deadline).await?;
@@ -192,7 +201,13 @@ impl NodeHandle {
                 // Leadership moved between our look at the status and the node's: wait for
                 // the next leader (or the deadline), like a proposal made a moment later.
                 Err(ProposeError::NotLeader { leader_id: None }) => continue,
-                result => return result,
+                result => {
+                    if result.is_ok() {
+                        self.metrics
+                            .observe_proposal(started.elapsed().as_secs_f64());
+                    }
+                    return result;
+                }
             }
         }
     }

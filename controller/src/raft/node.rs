@@ -201,7 +201,8 @@ impl Node {
             store,
             cfg.proposal_timeout,
             cfg.read_timeout,
-        );
+        )
+        .with_metrics(cfg.metrics.clone());
         let incarnation = RandomState::new().hash_one((
             id,
             SystemTime::now()
@@ -617,6 +618,7 @@ impl Node {
         {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let index = self.applied;
         let conf_state = self.raw.raft.prs().conf().to_conf_state();
         let data = self.fsm.snapshot();
@@ -626,6 +628,9 @@ impl Node {
         let compact_to = (index + 1).saturating_sub(self.cfg.snapshot_catch_up_entries);
         store.compact(compact_to)?;
         self.snapshot_index = index;
+        self.cfg
+            .metrics
+            .observe_snapshot(started.elapsed().as_secs_f64());
         tracing::info!(
             node = self.id,
             index,

@@ -1,0 +1,375 @@
+//! Per-container networking with CNI semantics: `add` wires a container's network namespace to
+//! the node bridge, `del` removes all of it, `check` reports drift.
+//!
+//! `add` makes the veth pair with a single netlink request: the host end is created on the bridge,
+//! up, with the bridge's MTU, and the peer is created directly inside the container's namespace
+//! (named by an open fd of the namespace file) as `eth0`. That is the same end state as creating
+//! the pair on the host and moving the peer, but needs no temporary name that could clash on the
+//! host and cannot leave a half-moved peer behind. Address, loopback and default route are then
+//! set from a helper thread inside the namespace (see [`crate::netns`]).
+//!
+//! The host end's name is derived from the container id (`tv` + 13 hex digits of its SHA-256), so
+//! `del` and `check` find it from the id alone, even after an agent restart.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+
+use nix::errno::Errno;
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
+use rtnetlink::{LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::ipam::{Ipam, validate_id};
+use crate::netlink::{Netlink, format_mac, is_errno};
+use crate::netns::{in_netns, open_netns};
+use crate::node::DEFAULT_MTU;
+use crate::subnet::Subnet;
+
+/// The interface name inside the container.
+pub const CONTAINER_IFNAME: &str = "eth0";
+/// Prefix of every host-side veth this plugin makes.
+pub const HOST_VETH_PREFIX: &str = "tv";
+
+/// One container's network request: the same value is passed to `add`, `del` and `check`, as a
+/// CNI runtime passes the same configuration to each command.
+#[derive(Debug, Clone)]
+pub struct ContainerNet {
+    /// The container's id: keys its address and names its host veth.
+    pub id: String,
+    /// The container's network namespace file (`/proc/PID/ns/net` or a bind mount of it).
+    pub netns_path: PathBuf,
+    /// The node bridge (see [`crate::node::NodeConfig::bridge`]).
+    pub bridge: String,
+    /// The node subnet addresses come from.
+    pub subnet: Subnet,
+    /// Where IPAM keeps its state (in the agent's data dir).
+    pub state_dir: PathBuf,
+}
+
+/// What `add` gave the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    /// The container's address on `eth0`.
+    pub address: Ipv4Addr,
+    /// Its prefix length (the node subnet's).
+    pub prefix: u8,
+    /// The default gateway: the bridge's address.
+    pub gateway: Ipv4Addr,
+    /// `eth0`'s hardware address, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// The host end's interface name.
+    pub host_veth: String,
+}
+
+/// The host-side veth name for a container id: `tv` + 13 hex digits (15 bytes, the kernel's
+/// limit), stable across restarts.
+pub fn host_veth_name(id: &str) -> String {
+    let digest = hex::encode(Sha256::digest(id.as_bytes()));
+    format!("{HOST_VETH_PREFIX}{}", &digest[..13])
+}
+
+/// Wire the container into the node bridge. Run in the node's network namespace, after node
+/// setup. Calling it again for the same id rebuilds the veth and keeps the address. On failure
+/// everything this call made is removed again.
+#[tracing::instrument(skip_all, fields(container.id = %net.id, netns = %net.netns_path.display()))]
+pub async fn add(net: &ContainerNet) -> Result<Attachment> {
+    validate_id(&net.id)?;
+    let nl = Netlink::open()?;
+    let bridge = nl
+        .require_link(
+            &net.bridge,
+            " (node setup must run before containers are added)",
+        )
+        .await?;
+    let ipam = Ipam::open(&net.state_dir, net.subnet)?;
+    let address = ipam.allocate(&net.id)?;
+    let host_veth = host_veth_name(&net.id);
+    match wire(
+        &nl,
+        net,
+        bridge.index,
+        bridge.mtu.unwrap_or(DEFAULT_MTU),
+        address,
+        &host_veth,
+    )
+    .await
+    {
+        Ok(mac) => {
+            tracing::info!(%address, %host_veth, "container network added");
+            Ok(Attachment {
+                address,
+                prefix: net.subnet.prefix(),
+                gateway: net.subnet.gateway(),
+                mac,
+                host_veth,
+            })
+        }
+        Err(err) => {
+            if let Err(cleanup) = nl.delete_link(&host_veth).await {
+                tracing::warn!(%cleanup, "could not remove the veth of a failed add");
+            }
+            if let Err(cleanup) = ipam.release(&net.id) {
+                tracing::warn!(%cleanup, "could not release the address of a failed add");
+            }
+            Err(err)
+        }
+    }
+}
+
+/// Create the veth pair and configure `eth0`; returns `eth0`'s MAC.
+async fn wire(
+    nl: &Netlink,
+    net: &ContainerNet,
+    bridge_index: u32,
+    mtu: u32,
+    address: Ipv4Addr,
+    host_veth: &str,
+) -> Result<String> {
+    if nl.delete_link(host_veth).await? {
+        tracing::info!(%host_veth, "replaced the veth of an earlier add");
+    }
+    let netns = open_netns(&net.netns_path)?;
+    let peer = LinkUnspec::new_with_name(CONTAINER_IFNAME)
+        .mtu(mtu)
+        .setns_by_fd(netns.as_raw_fd())
+        .build();
+    let veth = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
+        .name(host_veth)
+        .mtu(mtu)
+        .controller(bridge_index)
+        .up()
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+        .build();
+    match nl.handle.link().add(veth).execute().await {
+        Ok(()) => {}
+        Err(err) if is_errno(&err, Errno::EEXIST) => {
+            return Err(Error::Eth0Exists {
+                id: net.id.clone(),
+                netns: net.netns_path.clone(),
+            });
+        }
+        Err(err) => {
+            return Err(Error::netlink(format!(
+                "create veth {host_veth:?} for container {} on bridge {:?}",
+                net.id, net.bridge
+            ))(err));
+        }
+    }
+    drop(netns);
+
+    let prefix = net.subnet.prefix();
+    let gateway = net.subnet.gateway();
+    in_netns(&net.netns_path, move || {
+        configure_inside(address, prefix, gateway)
+    })
+    .await
+}
+
+/// Inside the container's namespace: `lo` up, address on `eth0`, `eth0` up, default route.
+async fn configure_inside(address: Ipv4Addr, prefix: u8, gateway: Ipv4Addr) -> Result<String> {
+    let nl = Netlink::open()?;
+    if let Some(lo) = nl.link_by_name("lo").await? {
+        nl.set_up(lo.index, "lo").await?;
+    }
+    let eth0 = nl
+        .require_link(
+            CONTAINER_IFNAME,
+            " in the container's namespace right after it was created there",
+        )
+        .await?;
+    nl.handle
+        .address()
+        .add(eth0.index, address.into(), prefix)
+        .replace()
+        .execute()
+        .await
+        .map_err(Error::netlink(format!(
+            "add address {address}/{prefix} to eth0"
+        )))?;
+    nl.set_up(eth0.index, CONTAINER_IFNAME).await?;
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .gateway(gateway)
+        .output_interface(eth0.index)
+        .build();
+    nl.handle
+        .route()
+        .add(route)
+        .replace()
+        .execute()
+        .await
+        .map_err(Error::netlink(format!(
+            "add the default route via {gateway} on eth0"
+        )))?;
+    Ok(eth0.mac.as_deref().map(format_mac).unwrap_or_default())
+}
+
+/// Remove what `add` made: the host veth (its peer `eth0` goes with it) and the address. Works
+/// when the namespace is already gone (the kernel then removed the pair) and when called twice.
+#[tracing::instrument(skip_all, fields(container.id = %net.id))]
+pub async fn del(net: &ContainerNet) -> Result<()> {
+    validate_id(&net.id)?;
+    let nl = Netlink::open()?;
+    let host_veth = host_veth_name(&net.id);
+    let removed = nl.delete_link(&host_veth).await?;
+    let ipam = Ipam::open(&net.state_dir, net.subnet)?;
+    let released = ipam.release(&net.id)?;
+    tracing::info!(veth_removed = removed, address = ?released, "container network deleted");
+    Ok(())
+}
+
+/// Compare the container's network with what `add` makes; [`Error::Drift`] lists every
+/// difference.
+#[tracing::instrument(skip_all, fields(container.id = %net.id))]
+pub async fn check(net: &ContainerNet) -> Result<()> {
+    validate_id(&net.id)?;
+    let mut drift = Vec::new();
+    let ipam = Ipam::open(&net.state_dir, net.subnet)?;
+    let address = ipam.get(&net.id)?;
+    if address.is_none() {
+        drift.push(DriftItem::NoAddress);
+    }
+
+    let nl = Netlink::open()?;
+    let host_veth = host_veth_name(&net.id);
+    let bridge = nl.link_by_name(&net.bridge).await?;
+    match nl.link_by_name(&host_veth).await? {
+        None => drift.push(DriftItem::HostVethMissing(host_veth.clone())),
+        Some(link) => {
+            if !link.up {
+                drift.push(DriftItem::HostVethDown(host_veth.clone()));
+            }
+            if bridge.as_ref().map(|b| b.index) != link.controller.filter(|c| *c != 0) {
+                drift.push(DriftItem::HostVethOffBridge {
+                    veth: host_veth.clone(),
+                    bridge: net.bridge.clone(),
+                });
+            }
+        }
+    }
+
+    match open_netns(&net.netns_path) {
+        Err(_) => drift.push(DriftItem::NetnsGone(net.netns_path.clone())),
+        Ok(_) => {
+            let want = address.map(|a| (a, net.subnet.prefix()));
+            let gateway = net.subnet.gateway();
+            drift.extend(in_netns(&net.netns_path, move || check_inside(want, gateway)).await?);
+        }
+    }
+
+    if drift.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Drift {
+            id: net.id.clone(),
+            drift: Drift(drift),
+        })
+    }
+}
+
+async fn check_inside(want: Option<(Ipv4Addr, u8)>, gateway: Ipv4Addr) -> Result<Vec<DriftItem>> {
+    let nl = Netlink::open()?;
+    let mut drift = Vec::new();
+    if !nl.link_by_name("lo").await?.is_some_and(|lo| lo.up) {
+        drift.push(DriftItem::LoopbackDown);
+    }
+    let Some(eth0) = nl.link_by_name(CONTAINER_IFNAME).await? else {
+        drift.push(DriftItem::Eth0Missing);
+        return Ok(drift);
+    };
+    if !eth0.up {
+        drift.push(DriftItem::Eth0Down);
+    }
+    if let Some((addr, prefix)) = want {
+        let have = nl.ipv4_addresses(eth0.index, CONTAINER_IFNAME).await?;
+        if !have.contains(&(addr, prefix)) {
+            drift.push(DriftItem::AddressMissing { addr, prefix });
+        }
+    }
+    let routes = nl.main_ipv4_routes().await?;
+    if !routes
+        .iter()
+        .any(|r| r.prefix == 0 && r.gateway == Some(gateway))
+    {
+        drift.push(DriftItem::DefaultRouteMissing(gateway));
+    }
+    Ok(drift)
+}
+
+/// Every difference `check` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drift(pub Vec<DriftItem>);
+
+/// One difference between a container's network and what `add` makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriftItem {
+    /// IPAM holds no address for the container.
+    NoAddress,
+    /// The host end of the veth pair is gone.
+    HostVethMissing(String),
+    /// The host end exists but is down.
+    HostVethDown(String),
+    /// The host end is not a port of the bridge.
+    HostVethOffBridge { veth: String, bridge: String },
+    /// The container's namespace file no longer opens.
+    NetnsGone(PathBuf),
+    /// `lo` is down (or missing) inside.
+    LoopbackDown,
+    /// `eth0` is gone inside.
+    Eth0Missing,
+    /// `eth0` is down.
+    Eth0Down,
+    /// `eth0` lacks the allocated address.
+    AddressMissing { addr: Ipv4Addr, prefix: u8 },
+    /// No default route via the bridge.
+    DefaultRouteMissing(Ipv4Addr),
+}
+
+impl fmt::Display for DriftItem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DriftItem::NoAddress => write!(f, "IPAM holds no address for it"),
+            DriftItem::HostVethMissing(v) => write!(f, "host veth {v} is missing"),
+            DriftItem::HostVethDown(v) => write!(f, "host veth {v} is down"),
+            DriftItem::HostVethOffBridge { veth, bridge } => {
+                write!(f, "host veth {veth} is not attached to bridge {bridge}")
+            }
+            DriftItem::NetnsGone(p) => write!(f, "network namespace {} is gone", p.display()),
+            DriftItem::LoopbackDown => write!(f, "lo is down"),
+            DriftItem::Eth0Missing => write!(f, "eth0 is missing"),
+            DriftItem::Eth0Down => write!(f, "eth0 is down"),
+            DriftItem::AddressMissing { addr, prefix } => {
+                write!(f, "eth0 lacks address {addr}/{prefix}")
+            }
+            DriftItem::DefaultRouteMissing(gw) => write!(f, "there is no default route via {gw}"),
+        }
+    }
+}
+
+impl fmt::Display for Drift {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, item) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{item}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_veth_names_are_stable_and_short() {
+        let a = host_veth_name("4f1c-replica-1");
+        assert_eq!(a, host_veth_name("4f1c-replica-1"));
+        assert_ne!(a, host_veth_name("4f1c-replica-2"));
+        assert_eq!(a.len(), 15);
+        assert!(a.starts_with(HOST_VETH_PREFIX));
+    }
+}

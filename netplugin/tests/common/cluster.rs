@@ -1,0 +1,151 @@
+//! Two "nodes" for cross-host tests: namespaces joined by a veth pair (their shared L2, addresses
+//! 192.168.250.0/24), each with its own bridge (node subnets 10.88.1.0/24 and 10.88.2.0/24) and
+//! one container namespace wired to it. No peer routes: each test programs those.
+
+use std::net::Ipv4Addr;
+
+use tug_netplugin::netns::block_in_netns;
+use tug_netplugin::vxlan::{DEFAULT_DEVICE, DEFAULT_PORT, DEFAULT_VNI};
+use tug_netplugin::{
+    Attachment, ContainerNet, HostGwConfig, Mode, NodeConfig, RouteSync, Subnet, VxlanConfig, add,
+    setup_node, setup_vxlan, sync_peer_routes, sync_vxlan_peers,
+};
+
+use super::{TestNs, TestResult, subnet};
+
+pub const CLUSTER: &str = "10.88.0.0/16";
+
+#[derive(Debug)]
+pub struct Node {
+    pub ns: TestNs,
+    pub ctr: TestNs,
+    pub subnet: Subnet,
+    pub address: Ipv4Addr,
+    pub mode: Mode,
+    /// the container's, once set up
+    attachment: Option<Attachment>,
+    state: tempfile::TempDir,
+}
+
+impl Node {
+    fn new(role: &str, subnet_text: &str, address: Ipv4Addr, mode: Mode) -> TestResult<Node> {
+        Ok(Node {
+            ns: TestNs::new(role)?,
+            ctr: TestNs::new(&format!("{role}c"))?,
+            subnet: subnet(subnet_text)?,
+            address,
+            mode,
+            attachment: None,
+            state: tempfile::tempdir()?,
+        })
+    }
+
+    fn subnets(&self) -> TestResult<HostGwConfig> {
+        Ok(HostGwConfig {
+            cluster_cidr: subnet(CLUSTER)?,
+            own_subnet: self.subnet,
+        })
+    }
+
+    fn vxlan(&self, mtu: u32) -> TestResult<VxlanConfig> {
+        Ok(VxlanConfig {
+            device: DEFAULT_DEVICE.into(),
+            vni: DEFAULT_VNI,
+            port: DEFAULT_PORT,
+            local: self.address,
+            uplink: Some("wire".into()),
+            mtu,
+            subnets: self.subnets()?,
+        })
+    }
+
+    /// Node setup (plus the VXLAN device in vxlan mode) and one container.
+    fn setup(&mut self) -> TestResult {
+        let cfg = NodeConfig {
+            bridge: "tug0".into(),
+            subnet: self.subnet,
+            uplink: Some("wire".into()),
+            mode: self.mode,
+        };
+        let net = ContainerNet {
+            id: format!("{}-ctr", self.ns.name()),
+            netns_path: self.ctr.path(),
+            bridge: "tug0".into(),
+            subnet: self.subnet,
+            state_dir: self.state.path().to_path_buf(),
+        };
+        let node_mtu = block_in_netns(&self.ns.path(), || setup_node(&cfg))?.mtu;
+        if self.mode == Mode::Vxlan {
+            let vx = self.vxlan(node_mtu)?;
+            block_in_netns(&self.ns.path(), || setup_vxlan(&vx))?;
+        }
+        self.attachment = Some(block_in_netns(&self.ns.path(), || add(&net))?);
+        Ok(())
+    }
+
+    /// Program the peers the node's mode calls for.
+    pub fn sync(&self, peers: &[(Subnet, Ipv4Addr)]) -> TestResult<RouteSync> {
+        match self.mode {
+            Mode::HostGw => {
+                let cfg = self.subnets()?;
+                Ok(block_in_netns(&self.ns.path(), || {
+                    sync_peer_routes(&cfg, peers)
+                })?)
+            }
+            Mode::Vxlan => {
+                let cfg = self.vxlan(0)?;
+                Ok(block_in_netns(&self.ns.path(), || {
+                    sync_vxlan_peers(&cfg, peers)
+                })?)
+            }
+        }
+    }
+
+    pub fn container_address(&self) -> TestResult<Ipv4Addr> {
+        Ok(self.attachment.as_ref().ok_or("node not set up")?.address)
+    }
+
+    pub fn routes(&self) -> TestResult<String> {
+        self.ns.ip(&["-4", "route", "show"])
+    }
+}
+
+/// Two nodes on one wire, bridges and one container each, no peer routes yet.
+pub fn two_nodes(mode: Mode) -> TestResult<(Node, Node)> {
+    let mut a = Node::new("a", "10.88.1.0/24", Ipv4Addr::new(192, 168, 250, 1), mode)?;
+    let mut b = Node::new("b", "10.88.2.0/24", Ipv4Addr::new(192, 168, 250, 2), mode)?;
+    a.ns.ip(&[
+        "link",
+        "add",
+        "wire",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "wireb",
+        "netns",
+        b.ns.name(),
+    ])?;
+    b.ns.ip(&["link", "set", "wireb", "name", "wire"])?;
+    for n in [&a, &b] {
+        n.ns.ip(&["addr", "add", &format!("{}/24", n.address), "dev", "wire"])?;
+        n.ns.ip(&["link", "set", "wire", "up"])?;
+        n.ns.ip(&["link", "set", "lo", "up"])?;
+    }
+    a.setup()?;
+    b.setup()?;
+    Ok((a, b))
+}
+
+/// Each node's container pings the other's.
+pub fn assert_containers_reach_each_other(a: &Node, b: &Node) -> TestResult {
+    assert!(
+        a.ctr.pings(b.container_address()?)?,
+        "container a -> container b"
+    );
+    assert!(
+        b.ctr.pings(a.container_address()?)?,
+        "container b -> container a"
+    );
+    Ok(())
+}
