@@ -262,19 +262,35 @@ async fn liveness(
     since: Instant,
 ) {
     let grace = cfg.grace();
-    let silent: Vec<(String, Duration)> = {
+    let (ready, silent): (usize, Vec<(String, Duration)>) = {
         let store = handle.store().read();
-        store
+        let ready: Vec<_> = store
             .nodes()
             .filter(|n| n.state() == NodeState::Ready)
+            .collect();
+        let silent = ready
+            .iter()
             .filter_map(|n| {
                 let name = n.description.as_ref()?.name.clone();
                 let last = sessions.last_seen(&name).map_or(since, |t| t.max(since));
                 let silent = last.elapsed();
                 (silent > grace).then_some((name, silent))
             })
-            .collect()
+            .collect();
+        (ready.len(), silent)
     };
+    if mass_silence(ready, silent.len()) {
+        // Most nodes going quiet at once says more about this controller (overloaded, cut off)
+        // than about the nodes: declaring them all down would move every task for nothing
+        // (like Kubernetes' node lifecycle controller, which stops evicting on a full zone
+        // disruption). Wait until heartbeats come back or leadership moves.
+        tracing::warn!(
+            silent = silent.len(),
+            ready,
+            "most nodes silent at once: not marking them down (suspecting this controller)"
+        );
+        return;
+    }
     for (name, silent) in silent {
         sessions.close(&name);
         let command = Command::SetNodeState {
@@ -291,6 +307,12 @@ async fn liveness(
         // close it too, so the node registers again and is marked ready through Raft.
         sessions.close(&name);
     }
+}
+
+/// Whether `silent` of `ready` nodes missing their heartbeats at once is more likely this
+/// controller's trouble than theirs: more than half, in a cluster of at least three nodes.
+fn mass_silence(ready: usize, silent: usize) -> bool {
+    ready >= 3 && silent * 2 > ready
 }
 
 /// Task ids: `<service>.<slot>.<10 hex>`, at most 64 characters (container ids on the node).
@@ -314,6 +336,16 @@ impl TaskIds {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mass_silence_is_not_a_mass_failure() {
+        assert!(!mass_silence(1, 1), "a one-node cluster's node can go down");
+        assert!(!mass_silence(2, 2));
+        assert!(!mass_silence(3, 1));
+        assert!(mass_silence(3, 2));
+        assert!(!mass_silence(10_000, 5_000));
+        assert!(mass_silence(10_000, 5_001));
+    }
 
     #[test]
     fn task_ids_are_unique_and_short() {

@@ -25,8 +25,10 @@ const DEFAULT_PERIOD: Duration = Duration::from_secs(5);
 const MAX_BATCH: usize = 256;
 /// How long the reporter waits after a change for more changes to send with it.
 const COALESCE: Duration = Duration::from_millis(50);
-/// How often the usage of the node's tasks goes with a report (for `tug top`).
-const USAGE_PERIOD: Duration = Duration::from_secs(5);
+/// How often the usage of the node's tasks goes with a report (for `tug top`). Sampling reads
+/// every container's cgroup, so it costs agent cpu in proportion: 10 s keeps it (with a 15 s
+/// scrape) under 1% of a core at 200 containers, as fresh as `kubectl top`'s 15 s resolution.
+const USAGE_PERIOD: Duration = Duration::from_secs(10);
 
 type Result<T, E = SessionError> = std::result::Result<T, E>;
 

@@ -32,8 +32,10 @@ use crate::leader::{LeaderLink, Written};
 use crate::raft::{NodeHandle, ProposeError};
 use crate::scheduler::Constraint;
 
-/// Assignment messages buffered per agent before the stream waits for it.
-const STREAM_BUFFER: usize = 64;
+/// Assignment messages buffered per agent before the stream waits for it. Each may hold
+/// hundreds of tasks, and there is a stream per node: a deep buffer costs gigabytes at 1,000
+/// nodes with 1,000 tasks each. Changes wait in the router's queue instead (shared, cheap).
+const STREAM_BUFFER: usize = 2;
 
 /// The Dispatcher service of one replica.
 #[derive(Debug, Clone)]
