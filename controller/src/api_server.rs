@@ -543,15 +543,7 @@ impl Control for ControlApi {
         let forward = |channel: Channel, request| async move {
             ControlClient::new(channel).scale(request).await
         };
-        match self
-            .link
-            .write_or_forward(&request, &command, forward)
-            .await
-        {
-            Ok(Written::Here(applied)) => one_service_result(applied),
-            Ok(Written::Forwarded(response)) => Ok(response),
-            Err(status) => Err(not_found_if_missing(status)),
-        }
+        self.service_write(&request, &command, forward).await
     }
 
     async fn rollout_undo(
@@ -569,11 +561,25 @@ impl Control for ControlApi {
         let forward = |channel: Channel, request| async move {
             ControlClient::new(channel).rollout_undo(request).await
         };
-        match self
-            .link
-            .write_or_forward(&request, &command, forward)
-            .await
-        {
+        self.service_write(&request, &command, forward).await
+    }
+}
+
+impl ControlApi {
+    /// A write that changes one existing service (scale, undo): proposed here or forwarded, and
+    /// answered like an apply of that service.
+    async fn service_write<Req, F, Fut>(
+        &self,
+        request: &Request<Req>,
+        command: &Command,
+        forward: F,
+    ) -> Result<Response<ApplyResponse>, Status>
+    where
+        Req: Clone,
+        F: Fn(Channel, Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<ApplyResponse>, Status>>,
+    {
+        match self.link.write_or_forward(request, command, forward).await {
             Ok(Written::Here(applied)) => one_service_result(applied),
             Ok(Written::Forwarded(response)) => Ok(response),
             Err(status) => Err(not_found_if_missing(status)),

@@ -11,6 +11,8 @@ use tug_api::v1::{
     TaskState,
 };
 
+use tug_controller::state::{is_terminal, same_template};
+
 use super::client::{addresses, block_on, call, emit};
 use crate::args::{GlobalArgs, ObjectArgs, OutputFormat};
 use crate::output::{bytes, table};
@@ -241,15 +243,6 @@ impl Progress {
     }
 }
 
-fn same_template(a: Option<&v1::ServiceSpec>, b: &v1::ServiceSpec) -> bool {
-    a.is_some_and(|a| {
-        v1::ServiceSpec {
-            replicas: b.replicas,
-            ..a.clone()
-        } == *b
-    })
-}
-
 pub(super) fn progress(spec: &v1::ServiceSpec, tasks: &[Task]) -> Progress {
     let mut p = Progress {
         replicas: spec.replicas,
@@ -260,12 +253,8 @@ pub(super) fn progress(spec: &v1::ServiceSpec, tasks: &[Task]) -> Progress {
     let mut slots = std::collections::BTreeSet::new();
     for t in tasks {
         let status = t.status.clone().unwrap_or_default();
-        let live = t.desired_state() == DesiredState::Running
-            && !matches!(
-                status.state(),
-                TaskState::Exited | TaskState::Failed | TaskState::Lost | TaskState::Stopped
-            );
-        let current = same_template(t.spec.as_ref(), spec);
+        let live = t.desired_state() == DesiredState::Running && !is_terminal(status.state());
+        let current = same_template(t.spec.as_ref(), Some(spec));
         if current && status.state() == TaskState::Failed {
             p.failed.push(format!("{}: {}", t.id, status.message));
         }
