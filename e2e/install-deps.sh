@@ -6,7 +6,7 @@ set -euo pipefail
 
 PACKAGES=(
   iproute2          # ip netns / link / addr: the test hosts
-  iptables          # partitions between test hosts (inside their namespaces only)
+  iptables          # tug's masquerade and published ports; test-bed partitions (in namespaces)
   busybox-static    # content of the test images, ping/wget/httpd inside test hosts
   docker-registry   # the real registry (CNCF distribution)
   apache2-utils     # htpasswd (bcrypt) for the registry's basic auth
@@ -19,11 +19,13 @@ PACKAGES=(
   prometheus        # promtool check metrics; a real server scraping the cluster (metrics test)
   coreutils
   ca-certificates
+  containernetworking-plugins  # bridge + host-local: the agent's external CNI mode (tests)
 )
 if [ "${1:-}" = --bench ]; then
   PACKAGES+=(
     containerd      # ctr image pull (the image pull benchmark's peer)
     etcd-server     # etcd, 3 members on loopback (the controller benchmark's peer)
+    iperf3          # container-to-container throughput (the network benchmark)
   )
 fi
 

@@ -12,6 +12,7 @@
 
 pub mod image;
 pub mod metrics;
+pub mod network;
 pub mod runtime;
 pub mod supervisor;
 pub mod worker;

@@ -153,6 +153,8 @@ pub struct ControllerArgs {
     /// discovery document lists the others at the host of their peer address and this port.
     #[arg(long)]
     pub metrics_listen: Option<String>,
+    #[command(flatten)]
+    pub network: ClusterNetworkFlags,
     /// Change the membership of a running cluster (through `--controller`).
     #[command(subcommand)]
     pub member: Option<MemberCommand>,
@@ -177,6 +179,18 @@ pub enum MemberCommand {
     },
 }
 
+/// The container address plan of a new cluster: shared by `tug controller` and `tug up`.
+#[derive(Debug, Clone, Args)]
+pub struct ClusterNetworkFlags {
+    /// The IPv4 range containers get their addresses from; each node gets one subnet of it. Fixed
+    /// when the first node registers: later values are ignored.
+    #[arg(long, default_value = "10.88.0.0/16")]
+    pub cluster_cidr: String,
+    /// The prefix length of each node's subnet (24: 253 containers per node).
+    #[arg(long, default_value_t = 24)]
+    pub node_subnet_prefix: u8,
+}
+
 /// What a node says about itself: shared by `tug agent` and `tug up`.
 #[derive(Debug, Clone, Args)]
 pub struct NodeFlags {
@@ -198,6 +212,23 @@ pub struct NodeFlags {
     /// Pulls, creates and stops running at once.
     #[arg(long, default_value_t = 4)]
     pub max_parallel: usize,
+    /// How containers on different nodes reach each other: `host-gw` (a route per peer node;
+    /// the nodes share a network segment), `vxlan` (an overlay, for nodes in different
+    /// segments) or `none` (containers get no network).
+    #[arg(long, default_value = "host-gw")]
+    pub network_mode: String,
+    /// This node's IPv4 address, that other nodes route container traffic to and published
+    /// ports listen on (default: the host of the advertised agent address).
+    #[arg(long)]
+    pub node_ip: Option<std::net::Ipv4Addr>,
+    /// Attach containers with the standard CNI plugins of the first network configuration in
+    /// this directory instead of the built-in setup (`$TUG_NODE_SUBNET` in it is replaced by
+    /// the node's subnet).
+    #[arg(long)]
+    pub cni_conf_dir: Option<PathBuf>,
+    /// Where the CNI plugin binaries are.
+    #[arg(long, default_value = "/usr/lib/cni")]
+    pub cni_bin_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -236,6 +267,8 @@ pub struct UpArgs {
     /// 7443); `off`: not served.
     #[arg(long)]
     pub agent_metrics_listen: Option<String>,
+    #[command(flatten)]
+    pub network: ClusterNetworkFlags,
     #[command(flatten)]
     pub node: NodeFlags,
 }

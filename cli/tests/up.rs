@@ -48,6 +48,9 @@ impl Up {
             .args(["--insecure-registry", &self.registry])
             .args(["up", "--listen", &self.controller])
             .args(["--agent-listen", &self.agent, "--name", "up-test"])
+            // This test runs in the machine's own network namespace: no bridge or NAT rules
+            // there (networking is tested in the test bed's namespaces: tests/network.rs).
+            .args(["--network-mode", "none"])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

@@ -22,9 +22,10 @@ use tug_api::v1::{
     self, AddMemberRequest, ApplyRequest, ApplyResponse, ApplyResult, ClusterStatusRequest,
     ClusterStatusResponse, DeleteRequest, DeleteResponse, GetRequest, GetResponse,
     ListNodesRequest, ListNodesResponse, ListRequest, ListResponse, ListTasksRequest,
-    ListTasksResponse, Member, MemberResponse, RemoveMemberRequest, RolloutUndoRequest,
-    ScaleRequest, SetNodeAvailabilityRequest, SetNodeAvailabilityResponse, TaskUsageInfo,
-    TopRequest, TopResponse, WatchRequest, apply_result, watch_event,
+    ListTasksResponse, Member, MemberResponse, RemoveMemberRequest, RemoveNodeRequest,
+    RemoveNodeResponse, RolloutUndoRequest, ScaleRequest, SetNodeAvailabilityRequest,
+    SetNodeAvailabilityResponse, TaskUsageInfo, TopRequest, TopResponse, WatchRequest,
+    apply_result, watch_event,
 };
 
 use crate::dispatcher::{UsageBoard, now_ms};
@@ -507,24 +508,29 @@ impl Control for ControlApi {
                 .set_node_availability(request)
                 .await
         };
-        let applied = match self
-            .link
-            .write_or_forward(&request, &command, forward)
-            .await
-        {
-            Ok(Written::Here(applied)) => applied,
-            Ok(Written::Forwarded(response)) => return Ok(response),
-            Err(status) => return Err(not_found_if_missing(status)),
-        };
-        match applied.result {
-            CommandResult::Node(node) => Ok(Response::new(SetNodeAvailabilityResponse {
-                node: Some(*node),
-                revision: applied.index,
-            })),
-            _ => Err(Status::internal(
-                "the change was committed but produced no node",
-            )),
+        self.node_write(&request, &command, forward, |node, revision| {
+            SetNodeAvailabilityResponse { node, revision }
+        })
+        .await
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<RemoveNodeRequest>,
+    ) -> Result<Response<RemoveNodeResponse>, Status> {
+        if request.get_ref().node.is_empty() {
+            return Err(Status::invalid_argument("a node name is required"));
         }
+        let command = Command::RemoveNode {
+            name: request.get_ref().node.clone(),
+        };
+        let forward = |channel: Channel, request| async move {
+            ControlClient::new(channel).remove_node(request).await
+        };
+        self.node_write(&request, &command, forward, |node, revision| {
+            RemoveNodeResponse { node, revision }
+        })
+        .await
     }
 
     async fn scale(
@@ -568,6 +574,33 @@ impl Control for ControlApi {
 impl ControlApi {
     /// A write that changes one existing service (scale, undo): proposed here or forwarded, and
     /// answered like an apply of that service.
+    /// A write about one node: here when leading, else forwarded; `make` builds the answer from
+    /// the node and the revision.
+    async fn node_write<Req, Resp, F, Fut>(
+        &self,
+        request: &Request<Req>,
+        command: &Command,
+        forward: F,
+        make: impl FnOnce(Option<v1::Node>, u64) -> Resp,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Req: Clone,
+        F: Fn(Channel, Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
+    {
+        match self.link.write_or_forward(request, command, forward).await {
+            Ok(Written::Here(Applied {
+                result: CommandResult::Node(node),
+                index,
+            })) => Ok(Response::new(make(Some(*node), index))),
+            Ok(Written::Here(_)) => Err(Status::internal(
+                "the change was committed but produced no node",
+            )),
+            Ok(Written::Forwarded(response)) => Ok(response),
+            Err(status) => Err(not_found_if_missing(status)),
+        }
+    }
+
     async fn service_write<Req, F, Fut>(
         &self,
         request: &Request<Req>,

@@ -16,7 +16,7 @@ use crate::fsm::Command;
 use crate::raft::{
     Applied, NodeHandle, PeerAddresses, ProposeError, Reachability, ReadConsistency, ReadError,
 };
-use crate::state::Store;
+use crate::state::{Store, StoreError};
 
 /// Metadata key set on a request one controller forwards to another, so it is never forwarded
 /// twice (a stale leader hint must not bounce a request around).
@@ -184,6 +184,12 @@ impl LeaderLink {
             | ProposeError::Stopped => Status::unavailable(err.to_string()),
             ProposeError::Timeout { .. } => Status::deadline_exceeded(err.to_string()),
             ProposeError::Dropped { .. } => Status::aborted(err.to_string()),
+            ProposeError::Rejected(StoreError::NodeNotDown(..)) => {
+                Status::failed_precondition(err.to_string())
+            }
+            ProposeError::Rejected(StoreError::SubnetsExhausted { .. }) => {
+                Status::resource_exhausted(err.to_string())
+            }
             ProposeError::Rejected(_) => Status::invalid_argument(err.to_string()),
             ProposeError::MembershipChange(_) => Status::failed_precondition(err.to_string()),
         }

@@ -22,6 +22,7 @@ use crate::metrics::{self, ApiMetricsLayer, ControllerMetrics};
 use crate::orchestrator::{self, OrchestratorConfig};
 use crate::raft::grpc_transport::{GrpcTransport, MAX_MESSAGE_BYTES, RaftService};
 use crate::raft::{Node, NodeConfig, NodeError};
+use crate::state::ClusterNetwork;
 
 /// How long open calls (peer streams, watches, forwarded writes) get to finish at shutdown.
 const DRAIN: Duration = Duration::from_secs(3);
@@ -42,6 +43,9 @@ pub struct ControllerConfig {
     pub peers: BTreeMap<u64, String>,
     /// Reconciler and node liveness (acting while this replica leads).
     pub orchestrator: OrchestratorConfig,
+    /// The container address plan a new cluster starts with (the first node registration
+    /// fixes it; later values are ignored).
+    pub network: ClusterNetwork,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +112,7 @@ pub async fn run_with_metrics(
         sessions.clone(),
         usage.clone(),
         cfg.orchestrator.heartbeat_period,
+        cfg.network,
         stopping.clone(),
     ))
     .max_decoding_message_size(MAX_API_MESSAGE_BYTES)

@@ -134,6 +134,7 @@ mod tests {
                 ..Default::default()
             },
             0,
+            None,
         )?;
         store.apply_plan(
             4,

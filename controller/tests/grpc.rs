@@ -98,6 +98,7 @@ async fn prepare(
             node,
             peers: peers.clone(),
             orchestrator: Default::default(),
+            network: Default::default(),
         };
         prepared.insert(id, (cfg, listener));
     }

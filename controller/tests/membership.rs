@@ -168,6 +168,7 @@ async fn members_are_added_and_removed_at_run_time_over_grpc() -> TestResult {
             node,
             peers: founders.clone(),
             orchestrator: Default::default(),
+            network: Default::default(),
         }
     };
     for id in 1..=3u64 {
@@ -187,6 +188,7 @@ async fn members_are_added_and_removed_at_run_time_over_grpc() -> TestResult {
         node,
         peers: addrs.clone(),
         orchestrator: Default::default(),
+        network: Default::default(),
     };
     let listener = listeners.remove(&4).ok_or("no listener")?;
     replicas.insert(4, launch(cfg, listener));

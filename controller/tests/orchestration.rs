@@ -60,6 +60,7 @@ async fn start_cluster(dir: &std::path::Path) -> TestResult<Vec<Replica>> {
                 heartbeat_period: Duration::from_millis(200),
                 ..OrchestratorConfig::default()
             },
+            network: Default::default(),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(run(cfg, listener, async move {

@@ -29,6 +29,8 @@ pub const AGENTS: usize = 3;
 pub struct Cluster {
     tug: PathBuf,
     heartbeat: String,
+    /// Extra flags for every `tug agent` (e.g. `--network-mode vxlan`).
+    agent_args: Vec<String>,
     pub net: TestNet,
     base: tempfile::TempDir,
     pub registry: Registry,
@@ -40,6 +42,11 @@ impl Cluster {
     /// Starts the hosts, the registry (with the test images), the controllers and the agents.
     /// `tug` is the binary to run; agents heartbeat every `heartbeat` (e.g. `500ms`).
     pub fn start(tug: &Path, heartbeat: &str) -> Result<Cluster> {
+        Cluster::start_with(tug, heartbeat, &[])
+    }
+
+    /// [`Cluster::start`], passing `agent_args` to every agent.
+    pub fn start_with(tug: &Path, heartbeat: &str, agent_args: &[&str]) -> Result<Cluster> {
         // Hosts: c0..c2, a0..a2, registry, client.
         let mut net = TestNet::new(0)?;
         for i in 0..CONTROLLERS {
@@ -62,6 +69,7 @@ impl Cluster {
         let mut bed = Cluster {
             tug: tug.to_path_buf(),
             heartbeat: heartbeat.to_string(),
+            agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
             net,
             base,
             registry,
@@ -100,6 +108,11 @@ impl Cluster {
             .map(|i| self.controller_addr(i))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// Where the test bed keeps its files (data dirs, logs, manifests).
+    pub fn base_dir(&self) -> &Path {
+        self.base.path()
     }
 
     pub fn agent_dir(&self, i: usize) -> PathBuf {
@@ -146,6 +159,7 @@ impl Cluster {
             .args(["--labels", &format!("zone=z{i}")])
             .args(["--listen", &format!("{}:7441", host.addr())])
             .args(["--cpus", "4", "--memory", "4Gi"])
+            .args(&self.agent_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

@@ -107,6 +107,26 @@ pub enum Error {
         reason: String,
     },
 
+    /// A CNI configuration or plugin call failed.
+    #[error("could not {what}: {reason}")]
+    Cni { what: String, reason: String },
+
+    /// An iptables command failed (or could not run).
+    #[error("iptables {args} failed: {reason}")]
+    Iptables { args: String, reason: String },
+
+    /// A published port is taken on this node.
+    #[error("host port {port}/{protocol} is already {by}")]
+    PortTaken {
+        port: u16,
+        protocol: &'static str,
+        by: String,
+    },
+
+    /// A published port the plugin cannot program.
+    #[error("invalid port mapping: {0}")]
+    InvalidPort(String),
+
     /// `check` found the container's network different from what `add` made.
     #[error("container {id}'s network has drifted: {drift}")]
     Drift { id: String, drift: Drift },

@@ -11,12 +11,16 @@
 //! work inside the container's namespace runs on a helper thread ([`netns`]). Callers in another
 //! namespace (tests, a hook process) use [`netns::block_in_netns`] or [`netns::in_netns`].
 //!
-//! Not built yet: masquerade, published ports, service DNS.
+//! Masquerade and published ports are iptables rules ([`nat`]); service names are answered by
+//! [`dns`]; standard CNI plugins can replace the built-in container setup ([`cni`]).
 
+pub mod cni;
 pub mod container;
+pub mod dns;
 pub mod error;
 pub mod etc_files;
 pub mod ipam;
+pub mod nat;
 mod netlink;
 pub mod netns;
 pub mod node;

@@ -87,6 +87,21 @@ impl Netlink {
         Ok(found)
     }
 
+    /// The index of the link holding the IPv4 address `addr`, if any.
+    pub(crate) async fn link_index_with_address(&self, addr: Ipv4Addr) -> Result<Option<u32>> {
+        let mut stream = self.handle.address().get().execute();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(Error::netlink("list the addresses".to_string()))?
+        {
+            if msg.header.family == AddressFamily::Inet && local_v4(&msg) == Some(addr) {
+                return Ok(Some(msg.header.index));
+            }
+        }
+        Ok(None)
+    }
+
     /// Remove `addr/prefix` from the link `index`.
     pub(crate) async fn del_ipv4_address(
         &self,

@@ -147,6 +147,27 @@ async fn node_mtu(nl: &Netlink, cfg: &NodeConfig) -> Result<u32> {
     })
 }
 
+/// The name of the interface holding `addr` (the node's uplink, whose MTU the bridge takes), in
+/// the calling thread's network namespace.
+pub async fn interface_with_address(addr: std::net::Ipv4Addr) -> Result<Option<String>> {
+    let nl = Netlink::open()?;
+    let Some(index) = nl.link_index_with_address(addr).await? else {
+        return Ok(None);
+    };
+    let mut links = nl.handle.link().get().match_index(index).execute();
+    use futures_util::TryStreamExt;
+    let link = links
+        .try_next()
+        .await
+        .map_err(Error::netlink(format!("get link {index}")))?;
+    Ok(link.and_then(|msg| {
+        msg.attributes.into_iter().find_map(|a| match a {
+            rtnetlink::packet_route::link::LinkAttribute::IfName(name) => Some(name),
+            _ => None,
+        })
+    }))
+}
+
 /// Make the gateway address the bridge's only IPv4 address. Returns whether it changed anything.
 async fn converge_address(nl: &Netlink, cfg: &NodeConfig, index: u32) -> Result<bool> {
     let want = (cfg.subnet.gateway(), cfg.subnet.prefix());

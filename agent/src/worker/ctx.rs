@@ -13,6 +13,7 @@ use super::records::TaskFiles;
 use super::reporter::StatusBoard;
 use crate::image::ImageStore;
 use crate::metrics::AgentMetrics;
+use crate::network::NodeNetwork;
 use crate::runtime::container::Runtime;
 
 #[derive(Debug)]
@@ -35,6 +36,8 @@ pub(crate) struct Ctx {
     pub pulls: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The node's metrics: runners keep its container table current and time pulls and starts.
     pub metrics: Arc<AgentMetrics>,
+    /// The node's container network (bridge, peers, DNS, published ports).
+    pub network: Arc<NodeNetwork>,
 }
 
 impl Ctx {

@@ -39,7 +39,7 @@ pub mod task_config;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -54,6 +54,7 @@ pub use error::WorkerError;
 
 use crate::image::{CredentialStore, ImageStore, StoreConfig};
 use crate::metrics::{self, AgentMetrics};
+use crate::network::{CniSettings, NetworkError, NetworkMode, NodeNetwork};
 use crate::runtime::container::Runtime;
 
 /// Default address of the agent API.
@@ -88,6 +89,12 @@ pub struct WorkerConfig {
     pub max_parallel: usize,
     /// Where to serve Prometheus `/metrics`.
     pub metrics: MetricsListen,
+    /// How containers get their network.
+    pub network_mode: NetworkMode,
+    /// The node's own address for peers and published ports; `None`: the advertised host.
+    pub node_ip: Option<Ipv4Addr>,
+    /// Attach containers with these CNI plugins instead of the built-in setup.
+    pub cni: Option<CniSettings>,
 }
 
 /// Where the agent serves `/metrics`.
@@ -124,6 +131,9 @@ impl WorkerConfig {
             monitor_exe,
             max_parallel: 4,
             metrics: MetricsListen::Off,
+            network_mode: NetworkMode::HostGw,
+            node_ip: None,
+            cni: None,
         }
     }
 }
@@ -170,7 +180,20 @@ pub async fn run(
         )
         .map_err(WorkerError::Metrics)?,
     );
-    let ctx = Arc::new(context(&cfg, metrics.clone())?);
+    let node_ip = match cfg.node_ip {
+        Some(ip) => ip,
+        None => node::host_ipv4(&address).ok_or_else(|| {
+            WorkerError::Network(NetworkError::Internal(format!(
+                "the advertised address {address} has no IPv4 host: pass --node-ip"
+            )))
+        })?,
+    };
+    let network = Arc::new(
+        NodeNetwork::open(cfg.network_mode, cfg.cni.clone(), &cfg.data_dir, node_ip)
+            .await
+            .map_err(WorkerError::Network)?,
+    );
+    let ctx = Arc::new(context(&cfg, metrics.clone(), network)?);
     let runtime = ctx.runtime.clone();
     let description = {
         let cfg = cfg.clone();
@@ -180,10 +203,10 @@ pub async fn run(
                 &cfg.name,
                 address,
                 &cfg.labels,
-                cfg.capacity_cpu_millis,
-                cfg.capacity_memory_bytes,
+                (cfg.capacity_cpu_millis, cfg.capacity_memory_bytes),
                 cfg.oci_runtime.as_deref(),
                 metrics_address,
+                node_ip,
             )
         })
         .await
@@ -261,7 +284,11 @@ async fn bind_metrics(
     }
 }
 
-fn context(cfg: &WorkerConfig, metrics: Arc<AgentMetrics>) -> Result<ctx::Ctx, WorkerError> {
+fn context(
+    cfg: &WorkerConfig,
+    metrics: Arc<AgentMetrics>,
+    network: Arc<NodeNetwork>,
+) -> Result<ctx::Ctx, WorkerError> {
     let credentials = match &cfg.registry_credentials {
         Some(path) => CredentialStore::load(path)
             .map_err(|e| WorkerError::Images(crate::image::ImageError::from(e)))?,
@@ -286,5 +313,6 @@ fn context(cfg: &WorkerConfig, metrics: Arc<AgentMetrics>) -> Result<ctx::Ctx, W
         shutdown: CancellationToken::new(),
         pulls: Mutex::new(BTreeMap::new()),
         metrics,
+        network,
     })
 }

@@ -83,10 +83,10 @@ pub(crate) fn describe(
     name: &str,
     address: String,
     labels: &BTreeMap<String, String>,
-    capacity_cpu_millis: Option<u64>,
-    capacity_memory_bytes: Option<u64>,
+    (capacity_cpu_millis, capacity_memory_bytes): (Option<u64>, Option<u64>),
     oci_runtime: Option<&Path>,
     metrics_address: Option<String>,
+    node_ip: std::net::Ipv4Addr,
 ) -> NodeDescription {
     let platform = Platform::host();
     NodeDescription {
@@ -102,7 +102,14 @@ pub(crate) fn describe(
         os: platform.os,
         arch: platform.architecture,
         metrics_address: metrics_address.unwrap_or_default(),
+        node_ip: node_ip.to_string(),
     }
+}
+
+/// The IPv4 host of a `host:port` address, if it is one (and not 0.0.0.0).
+pub(crate) fn host_ipv4(address: &str) -> Option<std::net::Ipv4Addr> {
+    let addr: std::net::SocketAddrV4 = address.parse().ok()?;
+    (!addr.ip().is_unspecified()).then(|| *addr.ip())
 }
 
 #[cfg(test)]
@@ -120,10 +127,10 @@ mod tests {
             "n1",
             "10.0.0.1:7441".into(),
             &BTreeMap::from([("zone".into(), "a".into())]),
-            None,
-            Some(1 << 30),
+            (None, Some(1 << 30)),
             None,
             Some("10.0.0.1:7443".into()),
+            std::net::Ipv4Addr::new(10, 0, 0, 1),
         );
         assert_eq!(d.name, "n1");
         let cap = d.capacity.unwrap_or_default();

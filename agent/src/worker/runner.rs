@@ -24,9 +24,12 @@ use super::records::TaskRecord;
 use super::{launch, outcome, task_config};
 use crate::image::{ImageError, ImageRef, Platform, Progress};
 use crate::metrics::{TaskLabels, Tracked};
+use crate::network::AttachRequest;
 use crate::runtime::container::ContainerError;
 use crate::runtime::state::{RuntimeOptions, State, Status, read_json};
 use crate::supervisor::restarts::{Backoff, RestartPolicy, RestartTracker};
+use tug_api::v1::port_spec::Protocol as ApiProtocol;
+use tug_netplugin::nat::{PortMapping, Protocol};
 
 /// The worker's side of a runner.
 #[derive(Debug)]
@@ -189,9 +192,16 @@ impl Runner {
 
     fn report_running(&mut self, state: &State, health: TaskHealth, started_ms: u64) {
         let pid = state.pid.and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
+        let address = self
+            .ctx
+            .network
+            .address_of(&self.id)
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         self.report(|s| {
             s.state = TaskState::Running.into();
             s.pid = pid;
+            s.address = address;
             s.started_ms = started_ms;
             s.message = String::new();
             s.health = health.into();
@@ -274,20 +284,30 @@ impl Runner {
                     self.id.clone(),
                     s.status == Status::Stopped,
                 );
-                blocking(move || -> Result<State, ContainerError> {
-                    if recreate {
+                if recreate {
+                    blocking(move || -> Result<(), ContainerError> {
                         // Same spec, same rootfs (its writes survive, as with docker restart).
                         let dir = rt.dir(&id);
                         let spec: Spec = read_json(&dir.config())?;
                         let opts: RuntimeOptions = read_json(&dir.runtime())?;
                         rt.delete(&id, false)?;
                         rt.create(&id, &spec, &opts)?;
-                    }
-                    rt.start(&id)
-                })
-                .await
-                .map_err(NotRunning::Failed)?
-                .map_err(|e| NotRunning::Failed(format!("restart the container: {e}")))?
+                        Ok(())
+                    })
+                    .await
+                    .map_err(NotRunning::Failed)?
+                    .map_err(|e| NotRunning::Failed(format!("restart the container: {e}")))?;
+                }
+                // A new network namespace (or one an interrupted start left): wire it again;
+                // the address stays the same.
+                self.attach_network(task)
+                    .await
+                    .map_err(|e| NotRunning::Failed(format!("attach the network: {e}")))?;
+                let (rt, id) = (self.ctx.runtime.clone(), self.id.clone());
+                blocking(move || rt.start(&id))
+                    .await
+                    .map_err(NotRunning::Failed)?
+                    .map_err(|e| NotRunning::Failed(format!("restart the container: {e}")))?
             }
             Err(ContainerError::NotFound(_)) => self.launch(task).await?,
             Err(e) => return Err(NotRunning::Failed(e.to_string())),
@@ -360,6 +380,45 @@ impl Runner {
         }
     }
 
+    /// Wire the created container's network namespace into the node network (nothing to do
+    /// when the node runs without one).
+    async fn attach_network(&self, task: &Task) -> Result<(), String> {
+        let net = &self.ctx.network;
+        if !net.enabled() {
+            return Ok(());
+        }
+        let spec = task.spec.as_ref();
+        let ports = spec
+            .map(|s| s.ports.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .filter(|p| p.host_port != 0)
+            .map(|p| -> Result<PortMapping, String> {
+                let port =
+                    |n: u32| u16::try_from(n).map_err(|_| format!("port {n} is out of range"));
+                Ok(PortMapping {
+                    host_port: port(p.host_port)?,
+                    container_port: port(p.container_port)?,
+                    protocol: match p.protocol() {
+                        ApiProtocol::Udp => Protocol::Udp,
+                        _ => Protocol::Tcp,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let request = AttachRequest {
+            id: self.id.clone(),
+            namespace: task.namespace.clone(),
+            hostname: task_config::hostname_of(task),
+            netns_path: self.ctx.runtime.dir(&self.id).netns(),
+            rootfs: launch::rootfs_dir(&self.ctx.data_dir, &self.id).join("rootfs"),
+            ports,
+        };
+        let address = net.attach(&request).await.map_err(|e| e.to_string())?;
+        tracing::debug!(task = %self.id, %address, "network attached");
+        Ok(())
+    }
+
     /// Pull (if needed), create and start a new container.
     async fn launch(&mut self, task: &Task) -> Result<State, NotRunning> {
         let _permit = self.permit().await?;
@@ -415,26 +474,51 @@ impl Runner {
         let l = task_config::launch_of(task, &self.ctx.data_dir, self.ctx.oci_runtime.as_ref())
             .map_err(NotRunning::Failed)?;
         let ctx = self.ctx.clone();
-        let started = blocking(move || -> Result<State, String> {
-            let timer = std::time::Instant::now();
+        let timer = std::time::Instant::now();
+        blocking(move || -> Result<(), String> {
             let id = l.id.clone();
             // A rootfs without a container is what an interrupted create left: start afresh.
             launch::remove_rootfs_of(&ctx.data_dir, &id).map_err(|e| e.to_string())?;
             launch::create(&ctx.store, &ctx.runtime, &ctx.data_dir, &record, l)
                 .map_err(|e| format!("create the container: {e}"))?;
-            let state = ctx.runtime.start(&id).map_err(|e| {
+            Ok(())
+        })
+        .await
+        .map_err(NotRunning::Failed)?
+        .map_err(NotRunning::Failed)?;
+        let attached = self
+            .attach_network(task)
+            .await
+            .map_err(|e| format!("attach the network: {e}"));
+        let ctx = self.ctx.clone();
+        let id = self.id.clone();
+        let started = blocking(move || -> Result<State, String> {
+            let state = attached.and_then(|()| {
+                ctx.runtime
+                    .start(&id)
+                    .map_err(|e| format!("start the container: {e}"))
+            });
+            if state.is_err() {
                 let _ = ctx.runtime.delete(&id, true);
                 let _ = launch::remove_rootfs_of(&ctx.data_dir, &id);
-                format!("start the container: {e}")
-            })?;
+            }
+            let state = state?;
             ctx.metrics
                 .start_seconds
                 .observe(timer.elapsed().as_secs_f64());
             Ok(state)
         })
         .await
-        .map_err(NotRunning::Failed)?
         .map_err(NotRunning::Failed)?;
+        let started = match started {
+            Ok(state) => state,
+            Err(e) => {
+                if let Err(cleanup) = self.ctx.network.detach(&self.id).await {
+                    tracing::warn!(task = %self.id, cause = %cleanup, "network cleanup after a failed start");
+                }
+                return Err(NotRunning::Failed(e));
+            }
+        };
         tracing::info!(task = %self.id, pid = ?started.pid, "started");
         Ok(started)
     }
@@ -585,9 +669,13 @@ pub(crate) async fn remove(ctx: Arc<Ctx>, id: String, grace: Duration) {
         launch::remove_rootfs_of(&c.data_dir, &id2).map_err(|e| e.to_string())
     })
     .await;
+    let result = match result {
+        Ok(Ok(())) => ctx.network.detach(&id).await.map_err(|e| e.to_string()),
+        Ok(Err(e)) | Err(e) => Err(e),
+    };
     match result {
-        Ok(Ok(())) => tracing::info!(task = %id, "removed"),
-        Ok(Err(e)) | Err(e) => {
+        Ok(()) => tracing::info!(task = %id, "removed"),
+        Err(e) => {
             tracing::warn!(task = %id, cause = %e, "cannot remove the container")
         }
     }

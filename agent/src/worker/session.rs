@@ -10,7 +10,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tug_api::v1::dispatcher_client::DispatcherClient;
 use tug_api::v1::{
-    AssignmentsRequest, HeartbeatRequest, NodeDescription, RegisterRequest, ReportStatusRequest,
+    AssignmentsRequest, HeartbeatRequest, NetworkRequest, NodeDescription, RegisterRequest,
+    ReportStatusRequest,
 };
 
 use super::backoff::{Backoff, Jitter};
@@ -104,7 +105,18 @@ async fn session(
         0 => DEFAULT_PERIOD,
         ms => Duration::from_millis(ms),
     };
-    tracing::info!(controller = %address, session = %registered.session_id, ?period, "registered");
+    tracing::info!(controller = %address, session = %registered.session_id, ?period, subnet = %registered.subnet, "registered");
+    if let Err(e) = worker
+        .ctx
+        .network
+        .configure(&registered.subnet, &registered.cluster_cidr)
+        .await
+    {
+        // Containers cannot be wired in until this works; the session stays up (tasks fail
+        // with the reason) and the next registration tries again.
+        tracing::error!(cause = %e, subnet = %registered.subnet, "cannot set up the node network");
+        worker.ctx.network.set_failure(e.to_string());
+    }
     // The controller may have missed anything while there was no session.
     worker.ctx.board.mark_all_dirty();
     let node = description.name.clone();
@@ -112,8 +124,32 @@ async fn session(
     tokio::select! {
         r = heartbeat(client.clone(), &node, &session_id, period) => r,
         r = assignments(client.clone(), worker, &node) => r,
+        r = network(client.clone(), worker, &node) => r,
         r = report(client, worker, &node, &session_id) => r,
     }
+}
+
+/// Follow the cluster's network map: peers' routes and the DNS table. A failed sync is logged
+/// and tried again with the next map (or the next session).
+async fn network(mut client: DispatcherClient<Channel>, worker: &Worker, node: &str) -> Result<()> {
+    if !worker.ctx.network.enabled() {
+        return std::future::pending().await;
+    }
+    let rpc = |status| SessionError::Rpc {
+        call: "Network",
+        status,
+    };
+    let mut stream = client
+        .network(NetworkRequest { node: node.into() })
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    while let Some(map) = stream.message().await.map_err(rpc)? {
+        if let Err(e) = worker.ctx.network.sync(&map).await {
+            tracing::warn!(cause = %e, "cannot apply the network map");
+        }
+    }
+    Err(SessionError::StreamEnded)
 }
 
 async fn heartbeat(

@@ -99,8 +99,7 @@ pub fn launch_of(
             .collect(),
         workdir: None,
         user: None,
-        // Host names are at most 64 bytes, like task ids.
-        hostname: task.id.chars().take(63).collect(),
+        hostname: hostname_of(task),
         volumes,
         resources: resources.clone(),
     };
@@ -123,6 +122,11 @@ pub fn launch_of(
             oci_runtime: oci_runtime.cloned(),
         },
     })
+}
+
+/// A task's container host name: its id (host names are at most 64 bytes).
+pub fn hostname_of(task: &Task) -> String {
+    task.id.chars().take(63).collect()
 }
 
 #[cfg(test)]

@@ -70,6 +70,23 @@ pub(super) fn config(global: &GlobalArgs, args: &AgentArgs) -> anyhow::Result<Wo
         bail!("--max-parallel must be 1 or more");
     }
     cfg.max_parallel = args.node.max_parallel;
+    cfg.network_mode = args
+        .node
+        .network_mode
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--network-mode: {e}"))?;
+    cfg.node_ip = args.node.node_ip;
+    cfg.cni = args
+        .node
+        .cni_conf_dir
+        .clone()
+        .map(|conf_dir| tug_agent::network::CniSettings {
+            conf_dir,
+            bin_dir: args.node.cni_bin_dir.clone(),
+        });
+    if cfg.cni.is_some() && cfg.network_mode == tug_agent::network::NetworkMode::None {
+        bail!("--cni-conf-dir needs a network: drop --network-mode none");
+    }
     cfg.metrics = match args.metrics_listen.as_deref().map(str::trim) {
         None => MetricsListen::NodeAddress,
         Some("off") | Some("none") => MetricsListen::Off,

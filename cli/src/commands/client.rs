@@ -241,6 +241,12 @@ fn services_table(services: &[v1::Service], wide: Option<OutputFormat>) -> Strin
 }
 
 pub fn delete(global: &GlobalArgs, args: &ObjectArgs) -> anyhow::Result<()> {
+    if args.files.is_empty() && matches!(args.kind.as_deref(), Some("node" | "nodes")) {
+        let Some(name) = &args.name else {
+            bail!("name the node to remove");
+        };
+        return super::cluster::remove_node(global, name);
+    }
     let targets: Vec<(String, String)> = if args.files.is_empty() {
         check_kind(args.kind.as_deref())?;
         let Some(name) = &args.name else {

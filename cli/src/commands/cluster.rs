@@ -7,8 +7,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail};
 use tug_api::v1::{
     self, DesiredState, GetRequest, ListNodesRequest, ListTasksRequest, NodeAvailability,
-    ReadOptions, RolloutUndoRequest, ScaleRequest, SetNodeAvailabilityRequest, Task, TaskHealth,
-    TaskState,
+    ReadOptions, RemoveNodeRequest, RolloutUndoRequest, ScaleRequest, SetNodeAvailabilityRequest,
+    Task, TaskHealth, TaskState,
 };
 
 use tug_controller::state::{is_terminal, same_template};
@@ -79,6 +79,7 @@ pub(super) fn tasks_table(tasks: &[Task]) -> String {
                 t.id.clone(),
                 format!("{}/{}", t.namespace, t.service),
                 t.node.clone(),
+                status.address.clone(),
                 desired(t.desired_state()).into(),
                 state(status.state()).into(),
                 health(status.health()).into(),
@@ -90,7 +91,8 @@ pub(super) fn tasks_table(tasks: &[Task]) -> String {
         .collect();
     table(
         &[
-            "ID", "SERVICE", "NODE", "DESIRED", "STATE", "HEALTH", "RESTARTS", "UPDATED", "MESSAGE",
+            "ID", "SERVICE", "NODE", "ADDRESS", "DESIRED", "STATE", "HEALTH", "RESTARTS",
+            "UPDATED", "MESSAGE",
         ],
         &rows,
     )
@@ -141,6 +143,7 @@ pub fn nodes(global: &GlobalArgs, output: Option<OutputFormat>, stale: bool) -> 
                     _ => "active".into(),
                 },
                 desc.address,
+                node.subnet,
                 format!("{}/{}", cpu(alloc.cpu_millis), cpu(cap.cpu_millis)),
                 format!("{}/{}", bytes(alloc.memory_bytes), bytes(cap.memory_bytes)),
                 info.tasks.to_string(),
@@ -155,6 +158,7 @@ pub fn nodes(global: &GlobalArgs, output: Option<OutputFormat>, stale: bool) -> 
             "STATE",
             "AVAILABILITY",
             "ADDRESS",
+            "SUBNET",
             "CPU",
             "MEMORY",
             "TASKS",
@@ -184,6 +188,21 @@ pub fn set_availability(
         _ => "uncordoned: it takes new tasks again",
     };
     emit(&format!("node/{node} {what}"))
+}
+
+/// `tug delete node NAME`: forget a down node.
+pub fn remove_node(global: &GlobalArgs, node: &str) -> anyhow::Result<()> {
+    let addrs = addresses(global);
+    let request = RemoveNodeRequest {
+        node: node.to_string(),
+    };
+    block_on(call(&addrs, |mut c| {
+        let request = request.clone();
+        async move { c.remove_node(request).await }
+    }))?;
+    emit(&format!(
+        "node/{node} removed: its subnet is free and the other nodes drop their routes to it"
+    ))
 }
 
 pub fn scale(

@@ -8,7 +8,9 @@ use tug_controller::metrics::{Endpoint, sd};
 use tug_controller::orchestrator::OrchestratorConfig;
 use tug_controller::raft::NodeConfig;
 
-use crate::args::{ControllerArgs, GlobalArgs, MemberCommand};
+use tug_controller::state::ClusterNetwork;
+
+use crate::args::{ClusterNetworkFlags, ControllerArgs, GlobalArgs, MemberCommand};
 
 pub fn run(global: &GlobalArgs, args: ControllerArgs) -> anyhow::Result<()> {
     match args.member {
@@ -46,6 +48,7 @@ pub fn run(global: &GlobalArgs, args: ControllerArgs) -> anyhow::Result<()> {
         node,
         peers,
         orchestrator,
+        network: cluster_network(&args.network)?,
     };
     let metrics_listen = metrics_listen(&args.listen, args.metrics_listen.as_deref());
     let explicit = args.metrics_listen.is_some();
@@ -57,6 +60,12 @@ pub fn run(global: &GlobalArgs, args: ControllerArgs) -> anyhow::Result<()> {
         tug_controller::run_with_metrics(cfg, listener, metrics, shutdown_signal()).await?;
         Ok(())
     })
+}
+
+/// The checked `--cluster-cidr` and `--node-subnet-prefix`.
+pub(super) fn cluster_network(flags: &ClusterNetworkFlags) -> anyhow::Result<ClusterNetwork> {
+    ClusterNetwork::parse(&flags.cluster_cidr, flags.node_subnet_prefix)
+        .context("--cluster-cidr / --node-subnet-prefix")
 }
 
 /// Where `/metrics` goes: `flag` (`off`: nowhere), else the host of `listen` at the default

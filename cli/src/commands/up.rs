@@ -32,6 +32,7 @@ pub fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
         node,
         peers: BTreeMap::from([(1, args.listen.clone())]),
         orchestrator: OrchestratorConfig::default(),
+        network: super::controller::cluster_network(&args.network)?,
     };
     let metrics_listen = super::controller::metrics_listen(
         &args.listen,

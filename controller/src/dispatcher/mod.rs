@@ -4,10 +4,12 @@
 //! status) become Raft commands. Assignments stream from the replica the agent asked.
 
 mod assignments;
+mod network;
 mod router;
 mod sessions;
 mod usage;
 
+pub use network::NetworkWatch;
 pub use router::Router;
 pub use sessions::Sessions;
 pub use usage::{Reported, UsageBoard};
@@ -23,14 +25,16 @@ use tonic::{Request, Response, Status};
 use tug_api::v1::dispatcher_client::DispatcherClient;
 use tug_api::v1::dispatcher_server::Dispatcher;
 use tug_api::v1::{
-    AssignmentsMessage, AssignmentsRequest, HeartbeatRequest, HeartbeatResponse, NodeState,
-    RegisterRequest, RegisterResponse, ReportStatusRequest, ReportStatusResponse,
+    AssignmentsMessage, AssignmentsRequest, HeartbeatRequest, HeartbeatResponse, NetworkMap,
+    NetworkRequest, NodeState, RegisterRequest, RegisterResponse, ReportStatusRequest,
+    ReportStatusResponse,
 };
 
 use crate::fsm::Command;
 use crate::leader::{LeaderLink, Written};
 use crate::raft::{NodeHandle, ProposeError};
 use crate::scheduler::Constraint;
+use crate::state::ClusterNetwork;
 
 /// Assignment messages buffered per agent before the stream waits for it. Each may hold
 /// hundreds of tasks, and there is a stream per node: a deep buffer costs gigabytes at 1,000
@@ -46,6 +50,8 @@ pub struct DispatcherApi {
     sessions: Sessions,
     usage: UsageBoard,
     heartbeat_period: Duration,
+    network: ClusterNetwork,
+    network_map: NetworkWatch,
     stopping: watch::Receiver<bool>,
 }
 
@@ -56,8 +62,10 @@ impl DispatcherApi {
         sessions: Sessions,
         usage: UsageBoard,
         heartbeat_period: Duration,
+        network: ClusterNetwork,
         stopping: watch::Receiver<bool>,
     ) -> Self {
+        let network_map = NetworkWatch::spawn(link.handle.clone(), stopping.clone());
         Self {
             handle: link.handle.clone(),
             link,
@@ -65,6 +73,8 @@ impl DispatcherApi {
             sessions,
             usage,
             heartbeat_period,
+            network,
+            network_map,
             stopping,
         }
     }
@@ -108,6 +118,7 @@ fn check_labels(labels: &std::collections::HashMap<String, String>) -> Result<()
 }
 
 type AssignmentStream = Pin<Box<dyn Stream<Item = Result<AssignmentsMessage, Status>> + Send>>;
+type NetworkMapStream = Pin<Box<dyn Stream<Item = Result<NetworkMap, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Dispatcher for DispatcherApi {
@@ -134,7 +145,9 @@ impl Dispatcher for DispatcherApi {
                 .read()
                 .get_node(&desc.name)
                 .is_some_and(|n| {
-                    n.state() == NodeState::Ready && n.description.as_ref() == Some(&desc)
+                    n.state() == NodeState::Ready
+                        && n.description.as_ref() == Some(&desc)
+                        && !n.subnet.is_empty()
                 });
             let revision = if unchanged {
                 self.handle.store().read().revision()
@@ -142,13 +155,32 @@ impl Dispatcher for DispatcherApi {
                 let command = Command::RegisterNode {
                     node: desc.clone(),
                     now_ms: now_ms(),
+                    network: (
+                        self.network.cidr.to_string(),
+                        u32::from(self.network.node_prefix),
+                    ),
                 };
                 self.handle.propose(&command).await?.index
+            };
+            let (subnet, cluster_cidr) = {
+                let store = self.handle.store().read();
+                (
+                    store
+                        .get_node(&desc.name)
+                        .map(|n| n.subnet.clone())
+                        .unwrap_or_default(),
+                    store
+                        .cluster_network()
+                        .map(|n| n.cidr.to_string())
+                        .unwrap_or_default(),
+                )
             };
             Ok(RegisterResponse {
                 session_id: self.sessions.open(&desc.name),
                 heartbeat_period_ms: self.period_ms(),
                 revision,
+                subnet,
+                cluster_cidr,
             })
         };
         let forward = |channel: Channel, request| async move {
@@ -255,5 +287,40 @@ impl Dispatcher for DispatcherApi {
             ))),
             Written::Forwarded(response) => Ok(response),
         }
+    }
+
+    type NetworkStream = NetworkMapStream;
+
+    async fn network(
+        &self,
+        request: Request<NetworkRequest>,
+    ) -> Result<Response<Self::NetworkStream>, Status> {
+        let mut maps = self.network_map.subscribe();
+        let mut stopping = self.stopping.clone();
+        let node = request.into_inner().node;
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            loop {
+                let map = NetworkMap::clone(&maps.borrow_and_update());
+                if tx.send(Ok(map)).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    changed = maps.changed() => if changed.is_err() {
+                        let _ = tx.send(Err(Status::unavailable("this controller is shutting down"))).await;
+                        return;
+                    },
+                    _ = async { stopping.wait_for(|s| *s).await.is_ok() } => {
+                        let _ = tx.send(Err(Status::unavailable("this controller is shutting down"))).await;
+                        return;
+                    }
+                    () = tx.closed() => {
+                        tracing::debug!(node, "network stream closed");
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -36,6 +36,8 @@ pub enum CommandType {
     ScaleService = 8,
     /// Make a service's previous spec current again.
     UndoService = 9,
+    /// Forget a down node (`tug delete node NAME`), freeing its subnet.
+    RemoveNode = 10,
 }
 
 impl CommandType {
@@ -51,6 +53,7 @@ impl CommandType {
             7 => Self::ReportStatus,
             8 => Self::ScaleService,
             9 => Self::UndoService,
+            10 => Self::RemoveNode,
             _ => return None,
         })
     }
@@ -63,6 +66,12 @@ pub struct RegisterNodeBody {
     pub node: Option<NodeDescription>,
     #[prost(uint64, tag = "2")]
     pub now_ms: u64,
+    /// The leader's `--cluster-cidr` and node subnet prefix: fix the cluster network if no
+    /// earlier registration did (empty: none given).
+    #[prost(string, tag = "3")]
+    pub cluster_cidr: String,
+    #[prost(uint32, tag = "4")]
+    pub node_prefix: u32,
 }
 
 /// Body of [`CommandType::SetNodeState`] and [`CommandType::SetNodeAvailability`].
@@ -118,6 +127,9 @@ pub struct DeleteServiceBody {
 
 /// A write to the replicated state.
 #[derive(Debug, Clone, PartialEq)]
+// Built once per proposal and encoded at once: boxing the node description would only add an
+// allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     Noop,
     /// Create or update each service (kubectl-apply semantics); all of the batch or none.
@@ -129,6 +141,8 @@ pub enum Command {
     RegisterNode {
         node: NodeDescription,
         now_ms: u64,
+        /// `(cluster CIDR, node prefix)` from the leader's flags; empty CIDR: none.
+        network: (String, u32),
     },
     SetNodeState {
         name: String,
@@ -152,6 +166,9 @@ pub enum Command {
     },
     UndoService {
         namespace: String,
+        name: String,
+    },
+    RemoveNode {
         name: String,
     },
 }
@@ -197,6 +214,7 @@ impl Command {
             Self::ReportStatus { .. } => CommandType::ReportStatus,
             Self::ScaleService { .. } => CommandType::ScaleService,
             Self::UndoService { .. } => CommandType::UndoService,
+            Self::RemoveNode { .. } => CommandType::RemoveNode,
         }
     }
 
@@ -218,9 +236,15 @@ impl Command {
                 };
                 body.encode_raw(&mut out);
             }
-            Self::RegisterNode { node, now_ms } => RegisterNodeBody {
+            Self::RegisterNode {
+                node,
+                now_ms,
+                network,
+            } => RegisterNodeBody {
                 node: Some(node.clone()),
                 now_ms: *now_ms,
+                cluster_cidr: network.0.clone(),
+                node_prefix: network.1,
             }
             .encode_raw(&mut out),
             Self::SetNodeState {
@@ -264,6 +288,11 @@ impl Command {
                 replicas: 0,
             }
             .encode_raw(&mut out),
+            Self::RemoveNode { name } => NodeChangeBody {
+                name: name.clone(),
+                ..Default::default()
+            }
+            .encode_raw(&mut out),
         }
         out
     }
@@ -294,6 +323,7 @@ impl Command {
                 Self::RegisterNode {
                     node: b.node.unwrap_or_default(),
                     now_ms: b.now_ms,
+                    network: (b.cluster_cidr, b.node_prefix),
                 }
             }
             CommandType::SetNodeState => {
@@ -335,6 +365,9 @@ impl Command {
                     name: b.name,
                 }
             }
+            CommandType::RemoveNode => Self::RemoveNode {
+                name: NodeChangeBody::decode(body).map_err(body_err)?.name,
+            },
         };
         Ok(Decoded::Command(command))
     }
@@ -357,6 +390,7 @@ mod tests {
         assert_eq!(CommandType::ReportStatus as u8, 7);
         assert_eq!(CommandType::ScaleService as u8, 8);
         assert_eq!(CommandType::UndoService as u8, 9);
+        assert_eq!(CommandType::RemoveNode as u8, 10);
     }
 
     #[test]
@@ -385,6 +419,7 @@ mod tests {
                     ..Default::default()
                 },
                 now_ms: 5,
+                network: ("10.88.0.0/16".into(), 24),
             },
             Command::SetNodeState {
                 name: "n1".into(),
@@ -416,6 +451,7 @@ mod tests {
                 namespace: "a".into(),
                 name: "b".into(),
             },
+            Command::RemoveNode { name: "n1".into() },
         ];
         for command in commands {
             let bytes = command.encode();

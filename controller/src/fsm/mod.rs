@@ -13,7 +13,7 @@ pub use snapshot::SnapshotError;
 
 use tug_api::v1::Node;
 
-use crate::state::{PlanResult, ServiceResult, SharedStore, Store, StoreError};
+use crate::state::{ClusterNetwork, PlanResult, ServiceResult, SharedStore, Store, StoreError};
 
 /// What applying one command did.
 #[derive(Debug, Clone, PartialEq)]
@@ -132,8 +132,23 @@ fn apply_command(
         Command::DeleteService { namespace, name } => Ok(CommandResult::Deleted {
             found: store.delete_service(index, &namespace, &name),
         }),
-        Command::RegisterNode { node, now_ms } => store
-            .register_node(index, node, now_ms)
+        Command::RegisterNode {
+            node,
+            now_ms,
+            network: (cidr, prefix),
+        } => {
+            let network = if cidr.is_empty() {
+                None
+            } else {
+                let prefix = u8::try_from(prefix).unwrap_or(u8::MAX);
+                Some(ClusterNetwork::parse(&cidr, prefix)?)
+            };
+            store
+                .register_node(index, node, now_ms, network)
+                .map(|n| CommandResult::Node(Box::new(n)))
+        }
+        Command::RemoveNode { name } => store
+            .remove_node(index, &name)
             .map(|n| CommandResult::Node(Box::new(n))),
         Command::SetNodeState {
             name,
@@ -215,6 +230,67 @@ mod tests {
         }
         assert_eq!(services(&replicas[0]), services(&replicas[1]));
         assert_eq!(replicas[0].store().read().revision(), 5);
+        Ok(())
+    }
+
+    fn register(fsm: &Fsm, index: u64, name: &str) -> Result<String, Box<dyn std::error::Error>> {
+        let command = Command::RegisterNode {
+            node: tug_api::v1::NodeDescription {
+                name: name.into(),
+                address: "10.0.0.1:7441".into(),
+                ..Default::default()
+            },
+            now_ms: 0,
+            network: ("10.88.0.0/23".into(), 24),
+        };
+        match fsm.apply(index, &command.encode())? {
+            Ok(CommandResult::Node(node)) => Ok(node.subnet),
+            Ok(other) => Err(format!("unexpected result {other:?}").into()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    #[test]
+    fn subnets_are_allocated_kept_freed_and_survive_a_snapshot()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let fsm = Fsm::new(SharedStore::new(10));
+        assert_eq!(register(&fsm, 2, "a")?, "10.88.0.0/24");
+        assert_eq!(register(&fsm, 3, "b")?, "10.88.1.0/24");
+        // Re-registering keeps the subnet.
+        assert_eq!(register(&fsm, 4, "a")?, "10.88.0.0/24");
+        // The CIDR holds two: a third node is refused, and nothing changes.
+        let err = register(&fsm, 5, "c").err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.starts_with("no free /24 subnet left in the cluster CIDR")),
+            "{err:?}"
+        );
+        assert!(fsm.store().read().get_node("c").is_none());
+        // A ready node cannot be removed; a down one can, and its subnet is free again.
+        let remove = |index| fsm.apply(index, &Command::RemoveNode { name: "b".into() }.encode());
+        assert!(matches!(remove(6)?, Err(StoreError::NodeNotDown(..))));
+        fsm.apply(
+            7,
+            &Command::SetNodeState {
+                name: "b".into(),
+                state: tug_api::v1::NodeState::Down,
+                message: "gone".into(),
+                now_ms: 1,
+            }
+            .encode(),
+        )??;
+        assert!(matches!(remove(8)?, Ok(CommandResult::Node(_))));
+        assert!(fsm.store().read().get_node("b").is_none());
+
+        // A snapshot keeps the plan and the taken subnets.
+        let restored = Fsm::new(SharedStore::new(10));
+        restored.restore(8, &fsm.snapshot())?;
+        assert_eq!(
+            restored.store().read().cluster_network(),
+            ClusterNetwork::parse("10.88.0.0/23", 24).ok()
+        );
+        assert_eq!(register(&restored, 9, "c")?, "10.88.1.0/24");
+        assert_eq!(register(&restored, 10, "a")?, "10.88.0.0/24");
         Ok(())
     }
 

@@ -11,7 +11,7 @@ use prost::Message;
 use tug_api::v1::{Node, Service, Task};
 
 use super::command::IGNORE_UNKNOWN;
-use crate::state::{Restored, Store};
+use crate::state::{ClusterNetwork, Restored, Store};
 
 const MAGIC: &[u8; 7] = b"TUGSNAP";
 const VERSION: u8 = 1;
@@ -33,6 +33,11 @@ pub struct SnapshotMeta {
     pub nodes: u64,
     #[prost(uint64, tag = "4")]
     pub tasks: u64,
+    /// The cluster network ("10.88.0.0/16", 24); empty when no registration fixed it yet.
+    #[prost(string, tag = "5")]
+    pub cluster_cidr: String,
+    #[prost(uint32, tag = "6")]
+    pub node_prefix: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +58,8 @@ pub enum SnapshotError {
     },
     #[error("snapshot has no metadata record")]
     MissingMeta,
+    #[error("snapshot holds an invalid cluster network: {0}")]
+    Network(String),
     #[error("snapshot says it holds {expected} {what} but has {found}")]
     Count {
         what: &'static str,
@@ -65,11 +72,14 @@ pub enum SnapshotError {
 pub fn encode(store: &Store) -> Vec<u8> {
     let services: Vec<&Service> = store.services().collect();
     let nodes: Vec<&Node> = store.nodes().collect();
+    let network = store.cluster_network();
     let meta = SnapshotMeta {
         revision: store.revision(),
         services: services.len() as u64,
         nodes: nodes.len() as u64,
         tasks: store.task_count() as u64,
+        cluster_cidr: network.map(|n| n.cidr.to_string()).unwrap_or_default(),
+        node_prefix: network.map_or(0, |n| u32::from(n.node_prefix)),
     };
     let mut out = Vec::with_capacity(
         64 + services.iter().map(|s| s.encoded_len() + 5).sum::<usize>() + store.task_count() * 256,
@@ -177,5 +187,12 @@ pub fn decode(data: &[u8]) -> Result<Restored, SnapshotError> {
         }
     }
     restored.revision = meta.revision;
+    if !meta.cluster_cidr.is_empty() {
+        let prefix = u8::try_from(meta.node_prefix).unwrap_or(u8::MAX);
+        restored.network = Some(
+            ClusterNetwork::parse(&meta.cluster_cidr, prefix)
+                .map_err(|e| SnapshotError::Network(e.to_string()))?,
+        );
+    }
     Ok(restored)
 }

@@ -112,8 +112,8 @@ mod tests {
             labels: HashMap::from([("zone".to_string(), "z1".to_string())]),
             ..Default::default()
         };
-        store.register_node(2, desc("a1", "10.0.1.1:7443"), 0)?;
-        store.register_node(3, desc("a2", ""), 0)?;
+        store.register_node(2, desc("a1", "10.0.1.1:7443"), 0, None)?;
+        store.register_node(3, desc("a2", ""), 0, None)?;
         let agents = agent_targets(&store);
         assert_eq!(agents.len(), 1, "an agent without metrics is not a target");
         let doc: Value =

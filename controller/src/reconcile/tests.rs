@@ -46,7 +46,7 @@ impl Sim {
             }),
             ..Default::default()
         };
-        let _ = self.store.register_node(index, desc, self.now_ms);
+        let _ = self.store.register_node(index, desc, self.now_ms, None);
     }
 
     fn apply(&mut self, name: &str, spec: ServiceSpec) {

@@ -1,5 +1,5 @@
-//! The replicated state every controller holds in memory: the objects (services, nodes, tasks;
-//! subnet allocations later), each stamped with the Raft log index that last changed it, and
+//! The replicated state every controller holds in memory: the objects (services, nodes with their
+//! container subnets, tasks), each stamped with the Raft log index that last changed it, and
 //! the change log that feeds watches.
 //!
 //! Only the state machine (`crate::fsm`) writes to it, in log order; the API server reads it
@@ -8,6 +8,7 @@
 mod allocations;
 mod nodes;
 mod store;
+mod subnets;
 mod tasks;
 pub mod watch;
 
@@ -17,6 +18,7 @@ pub use store::{
     ApplyOutcome, DEFAULT_NAMESPACE, Restored, ServiceKey, ServiceResult, Store, StoreError,
     normalize_namespace, same_template,
 };
+pub use subnets::ClusterNetwork;
 pub use tasks::{Plan, PlanResult, TaskChange, is_terminal};
 pub use watch::{EventKind, Object, WatchError, WatchEvent, Watcher};
 

@@ -5,6 +5,7 @@
 use tug_api::v1::{Node, NodeAvailability, NodeDescription, NodeState};
 
 use super::store::{Store, StoreError};
+use super::subnets::ClusterNetwork;
 use super::watch::{EventKind, Object};
 
 impl Store {
@@ -17,17 +18,40 @@ impl Store {
         self.nodes.values()
     }
 
+    /// The cluster's container address plan, once a registration fixed it.
+    pub fn cluster_network(&self) -> Option<ClusterNetwork> {
+        self.subnets.network()
+    }
+
     /// Creates the node or refreshes its description, and marks it ready. The operator's drain
-    /// survives a re-registration.
+    /// and the node's subnet survive a re-registration. `network` (the leader's flags) fixes the
+    /// cluster network if no registration did yet; a node without a subnet gets the lowest free
+    /// one. Nothing changes when none is free.
     pub(crate) fn register_node(
         &mut self,
         index: u64,
         description: NodeDescription,
         now_ms: u64,
+        network: Option<ClusterNetwork>,
     ) -> Result<Node, StoreError> {
         if description.name.is_empty() {
             return Err(StoreError::NodeWithoutName);
         }
+        let old_subnet = self
+            .nodes
+            .get(&description.name)
+            .map(|n| n.subnet.clone())
+            .unwrap_or_default();
+        let subnet = if !old_subnet.is_empty() {
+            old_subnet
+        } else if let Some(network) = network.or(self.subnets.network()) {
+            // Settling first is harmless if the allocation fails: the first registration cannot
+            // find the pool full.
+            self.subnets.settle(network);
+            self.subnets.allocate(&description.name)?.to_string()
+        } else {
+            String::new()
+        };
         let node = match self.nodes.get(&description.name) {
             Some(old) => Node {
                 description: Some(description),
@@ -39,6 +63,7 @@ impl Store {
                 },
                 message: String::new(),
                 revision: index,
+                subnet,
                 ..old.clone()
             },
             None => Node {
@@ -49,6 +74,7 @@ impl Store {
                 revision: index,
                 state_changed_ms: now_ms,
                 message: String::new(),
+                subnet,
             },
         };
         Ok(self.put_node(index, node))
@@ -101,6 +127,37 @@ impl Store {
         Ok(self.put_node(index, node))
     }
 
+    /// Forgets a down node: its tasks go (the reconciler replaces the wanted ones) and its
+    /// subnet is free again. A ready node is refused: its agent would register it again.
+    pub(crate) fn remove_node(&mut self, index: u64, name: &str) -> Result<Node, StoreError> {
+        let node = self
+            .nodes
+            .get(name)
+            .ok_or_else(|| StoreError::NodeNotFound(name.to_string()))?;
+        if node.state() != NodeState::Down {
+            let state = match node.state() {
+                NodeState::Ready => "ready",
+                _ => "not down",
+            };
+            return Err(StoreError::NodeNotDown(name.to_string(), state));
+        }
+        let ids: Vec<String> = self
+            .tasks_by_node
+            .get(name)
+            .map(|ids| ids.iter().cloned().collect())
+            .unwrap_or_default();
+        self.remove_tasks(index, ids);
+        let node = self
+            .nodes
+            .remove(name)
+            .ok_or_else(|| StoreError::NodeNotFound(name.to_string()))?;
+        self.subnets.release(name, &node.subnet);
+        let mut gone = node.clone();
+        gone.revision = index;
+        self.publish(EventKind::Delete, Object::Node(gone), index);
+        Ok(node)
+    }
+
     fn put_node(&mut self, index: u64, node: Node) -> Node {
         let name = node.description.as_ref().map_or("", |d| d.name.as_str());
         self.nodes.insert(name.to_string(), node.clone());
@@ -124,7 +181,7 @@ mod tests {
     #[test]
     fn registration_marks_ready_and_keeps_the_drain() -> Result<(), StoreError> {
         let mut store = Store::new(100);
-        let n = store.register_node(2, desc("a"), 1000)?;
+        let n = store.register_node(2, desc("a"), 1000, None)?;
         assert_eq!(
             (n.state(), n.availability(), n.create_revision),
             (NodeState::Ready, NodeAvailability::Active, 2)
@@ -132,7 +189,7 @@ mod tests {
         store.set_node_availability(3, "a", NodeAvailability::Drain)?;
         let n = store.set_node_state(4, "a", NodeState::Down, "missed heartbeats".into(), 2000)?;
         assert_eq!((n.state(), n.state_changed_ms), (NodeState::Down, 2000));
-        let n = store.register_node(5, desc("a"), 3000)?;
+        let n = store.register_node(5, desc("a"), 3000, None)?;
         assert_eq!(
             (n.state(), n.availability(), n.state_changed_ms),
             (NodeState::Ready, NodeAvailability::Drain, 3000)
@@ -149,7 +206,7 @@ mod tests {
             Err(StoreError::NodeNotFound("x".into()))
         );
         assert_eq!(
-            store.register_node(2, desc(""), 0),
+            store.register_node(2, desc(""), 0, None),
             Err(StoreError::NodeWithoutName)
         );
         assert_eq!(store.nodes().count(), 0);

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use tug_api::v1::{Node, ObjectMeta, Service, ServiceSpec, Task};
 
 use super::allocations::Allocations;
+use super::subnets::{ClusterNetwork, SubnetPool};
 use super::watch::{EventKind, Object, WatchError, WatchEvent, WatchHub, Watcher};
 
 /// Objects are keyed by (namespace, name).
@@ -49,6 +50,25 @@ pub enum StoreError {
     NodeNotFound(String),
     #[error("a node registration without a name")]
     NodeWithoutName,
+    #[error("invalid cluster network: {0}")]
+    BadClusterNetwork(String),
+    #[error("the cluster has no container network configured")]
+    NoClusterNetwork,
+    #[error(
+        "no free /{node_prefix} subnet left in the cluster CIDR {cidr} for node {node} (all \
+         {capacity} are taken; remove nodes that are gone with `tug delete node NAME`)"
+    )]
+    SubnetsExhausted {
+        cidr: String,
+        node_prefix: u8,
+        node: String,
+        capacity: u64,
+    },
+    #[error(
+        "node {0} is {1}: only a down node can be removed (stop its agent, or wait until it is \
+         marked down)"
+    )]
+    NodeNotDown(String, &'static str),
 }
 
 /// Services, nodes and tasks, the revision of the last applied log entry, and the change log for
@@ -62,6 +82,7 @@ pub struct Store {
     pub(super) tasks_by_service: BTreeMap<ServiceKey, BTreeSet<String>>,
     pub(super) tasks_by_node: BTreeMap<String, BTreeSet<String>>,
     pub(super) allocations: Allocations,
+    pub(super) subnets: SubnetPool,
     pub(super) revision: u64,
     pub(super) watch: WatchHub,
 }
@@ -75,6 +96,7 @@ impl Store {
             tasks_by_service: BTreeMap::new(),
             tasks_by_node: BTreeMap::new(),
             allocations: Allocations::default(),
+            subnets: SubnetPool::default(),
             revision: 0,
             watch: WatchHub::new(watch_history),
         }
@@ -293,6 +315,12 @@ impl Store {
     pub(crate) fn replace(&mut self, revision: u64, restored: Restored) {
         self.services = restored.services;
         self.nodes = restored.nodes;
+        self.subnets.restore(
+            restored.network,
+            self.nodes
+                .iter()
+                .map(|(name, node)| (name.as_str(), node.subnet.as_str())),
+        );
         self.tasks = BTreeMap::new();
         self.tasks_by_node = BTreeMap::new();
         self.tasks_by_service = BTreeMap::new();
@@ -314,6 +342,7 @@ pub struct Restored {
     pub services: BTreeMap<ServiceKey, Service>,
     pub nodes: BTreeMap<String, Node>,
     pub tasks: Vec<Task>,
+    pub network: Option<ClusterNetwork>,
 }
 
 /// Whether two specs run the same containers: equal but for the replica count. Tasks made from

@@ -173,15 +173,22 @@ impl Store {
             self.put_task(index, task);
             result.updated += 1;
         }
-        for id in plan.remove {
+        result.removed = self.remove_tasks(index, plan.remove);
+        result
+    }
+
+    /// Forgets the tasks `ids` (those still there); returns how many went.
+    pub(super) fn remove_tasks(&mut self, index: u64, ids: Vec<String>) -> usize {
+        let mut removed = 0;
+        for id in ids {
             if let Some(task) = self.tasks.remove(&id) {
                 self.unindex_task(&task);
                 self.allocations.update(Some(&task), None);
                 self.publish(EventKind::Delete, Object::Task(task), index);
-                result.removed += 1;
+                removed += 1;
             }
         }
-        result
+        removed
     }
 
     /// Applies status reports from the agent of `node`. Reports about tasks that are gone, that

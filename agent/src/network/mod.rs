@@ -1,0 +1,485 @@
+//! The node's container network (DESIGN.md, "Network"), driving `tug-netplugin`: the bridge,
+//! the cross-host mode (host-gw routes or VXLAN), masquerade and the service DNS server are set
+//! up once the controller has given the node its subnet; each container is attached between
+//! create and start (veth, address, `/etc/hosts`, `/etc/resolv.conf`, published ports) and
+//! detached when it is removed. The network map the controller streams keeps the peers and the
+//! DNS table current.
+//!
+//! The subnet is saved under `DATA/network/`, so a restarted agent sets the node up and restarts
+//! containers before any controller answers; container addresses survive in the plugin's IPAM
+//! file there too.
+
+mod etc;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+use tug_api::v1::NetworkMap;
+use tug_netplugin::cni::CniNetwork;
+use tug_netplugin::container::CONTAINER_IFNAME;
+use tug_netplugin::dns::{self, DnsTable};
+use tug_netplugin::nat::{self, PortMapping};
+use tug_netplugin::node::DEFAULT_BRIDGE;
+use tug_netplugin::vxlan::{DEFAULT_DEVICE, DEFAULT_PORT, DEFAULT_VNI};
+use tug_netplugin::{ContainerNet, HostGwConfig, Mode, NodeConfig, Subnet, VxlanConfig};
+
+/// How containers on different nodes reach each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NetworkMode {
+    /// Containers get no network (only loopback).
+    None,
+    #[default]
+    HostGw,
+    Vxlan,
+}
+
+impl std::str::FromStr for NetworkMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(NetworkMode::None),
+            "host-gw" => Ok(NetworkMode::HostGw),
+            "vxlan" => Ok(NetworkMode::Vxlan),
+            other => Err(format!(
+                "network mode {other:?} is not one of host-gw, vxlan, none"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error(transparent)]
+    Plugin(#[from] tug_netplugin::Error),
+    #[error("the node has no container subnet yet (no controller has answered)")]
+    NotReady,
+    #[error("the node network could not be set up: {0}")]
+    SetupFailed(String),
+    #[error("the controller gave an invalid subnet {0:?}")]
+    BadSubnet(String),
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("serve DNS on {address}: {source}")]
+    Dns {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The saved subnet (`DATA/network/node.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Saved {
+    subnet: Subnet,
+    cluster_cidr: Subnet,
+}
+
+/// What one container asks of the network.
+#[derive(Debug, Clone)]
+pub struct AttachRequest {
+    pub id: String,
+    pub namespace: String,
+    pub hostname: String,
+    pub netns_path: PathBuf,
+    /// The mounted rootfs, where `/etc/hosts` and `/etc/resolv.conf` go.
+    pub rootfs: PathBuf,
+    pub ports: Vec<PortMapping>,
+}
+
+/// Standard CNI plugins for containers instead of the built-in setup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CniSettings {
+    /// Where the network configuration is (`--cni-conf-dir`).
+    pub conf_dir: PathBuf,
+    /// Where the plugin binaries are (`--cni-bin-dir`).
+    pub bin_dir: PathBuf,
+}
+
+/// The node's network; shared by the worker's parts.
+#[derive(Debug)]
+pub struct NodeNetwork {
+    mode: NetworkMode,
+    cni_settings: Option<CniSettings>,
+    /// Loaded at setup (it names the node's subnet).
+    cni: Mutex<Option<Arc<CniNetwork>>>,
+    dir: PathBuf,
+    node_ip: Ipv4Addr,
+    state: Mutex<Option<Saved>>,
+    /// Serialises setup and peer syncs.
+    setup: tokio::sync::Mutex<()>,
+    dns: Arc<DnsTable>,
+    dns_server: Mutex<Option<(Ipv4Addr, JoinHandle<()>)>>,
+    /// Why the last setup failed, for tasks that cannot be attached meanwhile.
+    failure: Mutex<Option<String>>,
+}
+
+impl Drop for NodeNetwork {
+    fn drop(&mut self) {
+        if let Some((_, task)) = self.lock_dns().take() {
+            task.abort();
+        }
+    }
+}
+
+impl NodeNetwork {
+    /// The network of a node at `node_ip`, keeping its files in `DATA/network`. A subnet saved
+    /// by an earlier run is set up again at once.
+    pub async fn open(
+        mode: NetworkMode,
+        cni: Option<CniSettings>,
+        data_dir: &Path,
+        node_ip: Ipv4Addr,
+    ) -> Result<NodeNetwork, NetworkError> {
+        let dir = data_dir.join("network");
+        let net = NodeNetwork {
+            mode,
+            cni_settings: cni,
+            cni: Mutex::new(None),
+            dir,
+            node_ip,
+            state: Mutex::new(None),
+            setup: tokio::sync::Mutex::new(()),
+            dns: Arc::new(DnsTable::default()),
+            dns_server: Mutex::new(None),
+            failure: Mutex::new(None),
+        };
+        if mode == NetworkMode::None {
+            return Ok(net);
+        }
+        std::fs::create_dir_all(&net.dir).map_err(|source| NetworkError::Io {
+            what: "create",
+            path: net.dir.clone(),
+            source,
+        })?;
+        if let Some(saved) = net.load()? {
+            net.set_up(saved).await?;
+        }
+        Ok(net)
+    }
+
+    pub fn mode(&self) -> NetworkMode {
+        self.mode
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.mode != NetworkMode::None
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, Option<Saved>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_dns(&self) -> std::sync::MutexGuard<'_, Option<(Ipv4Addr, JoinHandle<()>)>> {
+        self.dns_server.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The subnet the node has, once set up.
+    pub fn subnet(&self) -> Option<Subnet> {
+        self.lock_state().map(|s| s.subnet)
+    }
+
+    /// The controller's answer to a registration: set the node up for `subnet` (nothing to do
+    /// when it is what the node has).
+    pub async fn configure(&self, subnet: &str, cluster_cidr: &str) -> Result<(), NetworkError> {
+        if !self.enabled() || subnet.is_empty() {
+            return Ok(());
+        }
+        let parse = |s: &str| {
+            s.parse::<Subnet>()
+                .map_err(|_| NetworkError::BadSubnet(s.to_string()))
+        };
+        let wanted = Saved {
+            subnet: parse(subnet)?,
+            cluster_cidr: parse(cluster_cidr)?,
+        };
+        if *self.lock_state() == Some(wanted) {
+            return Ok(());
+        }
+        self.set_up(wanted).await?;
+        self.save(wanted)
+    }
+
+    async fn set_up(&self, saved: Saved) -> Result<(), NetworkError> {
+        let _one = self.setup.lock().await;
+        let uplink = tug_netplugin::node::interface_with_address(self.node_ip).await?;
+        let mode = match self.mode {
+            NetworkMode::Vxlan => Mode::Vxlan,
+            _ => Mode::HostGw,
+        };
+        let node = tug_netplugin::setup_node(&NodeConfig {
+            bridge: DEFAULT_BRIDGE.into(),
+            subnet: saved.subnet,
+            uplink: uplink.clone(),
+            mode,
+        })
+        .await?;
+        if self.mode == NetworkMode::Vxlan {
+            tug_netplugin::setup_vxlan(&self.vxlan_config(saved, uplink, node.mtu)).await?;
+        }
+        let (subnet, cidr) = (saved.subnet, saved.cluster_cidr);
+        tokio::task::spawn_blocking(move || nat::setup_nat(subnet, cidr))
+            .await
+            .map_err(|e| NetworkError::Internal(e.to_string()))??;
+        if let Some(settings) = &self.cni_settings {
+            let loaded = CniNetwork::load(
+                &settings.conf_dir,
+                &settings.bin_dir,
+                &self.dir,
+                saved.subnet,
+            )?;
+            tracing::info!(file = %loaded.file.display(), network = %loaded.name, "containers are attached by CNI plugins");
+            *self.cni.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(loaded));
+        }
+        self.start_dns(saved.subnet.gateway()).await?;
+        *self.lock_state() = Some(saved);
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        tracing::info!(subnet = %saved.subnet, mode = ?self.mode, mtu = node.mtu, "node network set up");
+        Ok(())
+    }
+
+    fn vxlan_config(&self, saved: Saved, uplink: Option<String>, mtu: u32) -> VxlanConfig {
+        VxlanConfig {
+            device: DEFAULT_DEVICE.into(),
+            vni: DEFAULT_VNI,
+            port: DEFAULT_PORT,
+            local: self.node_ip,
+            uplink,
+            mtu,
+            subnets: HostGwConfig {
+                cluster_cidr: saved.cluster_cidr,
+                own_subnet: saved.subnet,
+            },
+        }
+    }
+
+    /// Serve DNS at the bridge address (again, if the address changed).
+    async fn start_dns(&self, at: Ipv4Addr) -> Result<(), NetworkError> {
+        if self.lock_dns().as_ref().is_some_and(|(a, _)| *a == at) {
+            return Ok(());
+        }
+        let address = SocketAddr::from((at, 53));
+        let socket = tokio::net::UdpSocket::bind(address)
+            .await
+            .map_err(|source| NetworkError::Dns { address, source })?;
+        let upstreams = std::fs::read_to_string("/etc/resolv.conf")
+            .map(|t| dns::nameservers(&t))
+            .unwrap_or_default();
+        let task = tokio::spawn(dns::serve(socket, self.dns.clone(), Arc::new(upstreams)));
+        if let Some((_, old)) = self.lock_dns().replace((at, task)) {
+            old.abort();
+        }
+        Ok(())
+    }
+
+    fn node_file(&self) -> PathBuf {
+        self.dir.join("node.json")
+    }
+
+    fn load(&self) -> Result<Option<Saved>, NetworkError> {
+        let path = self.node_file();
+        match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(saved) => Ok(Some(saved)),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), cause = %e, "ignoring an unreadable saved subnet");
+                    Ok(None)
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(NetworkError::Io {
+                what: "read",
+                path,
+                source,
+            }),
+        }
+    }
+
+    fn save(&self, saved: Saved) -> Result<(), NetworkError> {
+        let path = self.node_file();
+        let tmp = path.with_extension("json.tmp");
+        let bytes =
+            serde_json::to_vec(&saved).map_err(|e| NetworkError::Internal(e.to_string()))?;
+        std::fs::write(&tmp, bytes)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|source| NetworkError::Io {
+                what: "write",
+                path,
+                source,
+            })
+    }
+
+    /// Remember why setting the node up failed.
+    pub fn set_failure(&self, why: String) {
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+
+    fn container_net(&self, id: &str, netns_path: PathBuf) -> Result<ContainerNet, NetworkError> {
+        let saved = self.lock_state().ok_or_else(|| {
+            match self
+                .failure
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+            {
+                Some(why) => NetworkError::SetupFailed(why),
+                None => NetworkError::NotReady,
+            }
+        })?;
+        Ok(ContainerNet {
+            id: id.to_string(),
+            netns_path,
+            bridge: DEFAULT_BRIDGE.into(),
+            subnet: saved.subnet,
+            state_dir: self.dir.join("ipam"),
+        })
+    }
+
+    /// Wire a created container in: veth and address, `/etc` files, published ports. On error
+    /// nothing of it stays.
+    pub async fn attach(&self, req: &AttachRequest) -> Result<Ipv4Addr, NetworkError> {
+        let net = self.container_net(&req.id, req.netns_path.clone())?;
+        let gateway = net.subnet.gateway();
+        let address = match self.cni_network() {
+            Some(cni) => {
+                let (id, netns) = (req.id.clone(), req.netns_path.clone());
+                tokio::task::spawn_blocking(move || cni.add(&id, &netns, CONTAINER_IFNAME))
+                    .await
+                    .map_err(|e| NetworkError::Internal(e.to_string()))??
+            }
+            None => tug_netplugin::add(&net).await?.address,
+        };
+        let finish = {
+            let req = req.clone();
+            tokio::task::spawn_blocking(move || -> Result<(), NetworkError> {
+                write_etc(&req, address, gateway)?;
+                nat::publish(&req.id, address, &req.ports)?;
+                Ok(())
+            })
+            .await
+            .map_err(|e| NetworkError::Internal(e.to_string()))
+            .and_then(|r| r)
+        };
+        if let Err(e) = finish {
+            if let Err(cleanup) = self.remove_container_net(net).await {
+                tracing::warn!(container = %req.id, cause = %cleanup, "cleanup after a failed attach");
+            }
+            return Err(e);
+        }
+        Ok(address)
+    }
+
+    fn cni_network(&self) -> Option<Arc<CniNetwork>> {
+        self.cni.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    async fn remove_container_net(&self, net: ContainerNet) -> Result<(), NetworkError> {
+        match self.cni_network() {
+            Some(cni) => tokio::task::spawn_blocking(move || {
+                cni.del(&net.id, &net.netns_path, CONTAINER_IFNAME)
+            })
+            .await
+            .map_err(|e| NetworkError::Internal(e.to_string()))??,
+            None => tug_netplugin::del(&net).await?,
+        }
+        Ok(())
+    }
+
+    /// Undo [`NodeNetwork::attach`]: ports, veth, address. Nothing to do is fine.
+    pub async fn detach(&self, id: &str) -> Result<(), NetworkError> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let id2 = id.to_string();
+        tokio::task::spawn_blocking(move || nat::unpublish(&id2))
+            .await
+            .map_err(|e| NetworkError::Internal(e.to_string()))??;
+        // The namespace is gone by now; CNI plugins are told its old path all the same.
+        let netns = self.dir.join("gone");
+        match self.container_net(id, netns) {
+            Ok(net) => self.remove_container_net(net).await?,
+            // Never set up: nothing was attached.
+            Err(NetworkError::NotReady | NetworkError::SetupFailed(_)) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    /// The address a container holds (after an agent restart: from IPAM).
+    pub fn address_of(&self, id: &str) -> Option<Ipv4Addr> {
+        if let Some(cni) = self.cni_network() {
+            return cni.address_of(id);
+        }
+        let saved = (*self.lock_state())?;
+        tug_netplugin::Ipam::open(self.dir.join("ipam"), saved.subnet)
+            .ok()?
+            .get(id)
+            .ok()?
+    }
+
+    /// Program the peers and the DNS table from the controller's map.
+    pub async fn sync(&self, map: &NetworkMap) -> Result<(), NetworkError> {
+        let services = map.services.iter().map(|s| {
+            let addrs: Vec<Ipv4Addr> = s.addresses.iter().filter_map(|a| a.parse().ok()).collect();
+            (s.namespace.as_str(), s.name.as_str(), addrs)
+        });
+        self.dns.set_services(services);
+        let Some(saved) = *self.lock_state() else {
+            return Ok(());
+        };
+        let peers: Vec<(Subnet, Ipv4Addr)> = map
+            .peers
+            .iter()
+            .filter_map(|p| Some((p.subnet.parse().ok()?, p.node_ip.parse().ok()?)))
+            .filter(|(subnet, _)| *subnet != saved.subnet)
+            .collect();
+        let _one = self.setup.lock().await;
+        let cfg = HostGwConfig {
+            cluster_cidr: saved.cluster_cidr,
+            own_subnet: saved.subnet,
+        };
+        let changed = match self.mode {
+            NetworkMode::None => return Ok(()),
+            NetworkMode::HostGw => tug_netplugin::sync_peer_routes(&cfg, &peers).await?,
+            NetworkMode::Vxlan => {
+                let vx = self.vxlan_config(saved, None, 0);
+                tug_netplugin::sync_vxlan_peers(&vx, &peers).await?
+            }
+        };
+        if !changed.added.is_empty() || !changed.removed.is_empty() {
+            tracing::info!(
+                added = changed.added.len(),
+                removed = changed.removed.len(),
+                peers = peers.len(),
+                "peer routes synced"
+            );
+        }
+        Ok(())
+    }
+}
+
+fn write_etc(
+    req: &AttachRequest,
+    address: Ipv4Addr,
+    gateway: Ipv4Addr,
+) -> Result<(), NetworkError> {
+    let hosts = tug_netplugin::etc_files::hosts(&req.hostname, address, &[]);
+    let search = dns::search_domains(&req.namespace);
+    let search: Vec<&str> = search.iter().map(String::as_str).collect();
+    let resolv = tug_netplugin::etc_files::resolv_conf(&[gateway.into()], &search, &[]);
+    for (name, text) in [("hosts", hosts), ("resolv.conf", resolv)] {
+        etc::write_etc_file(&req.rootfs, name, &text).map_err(|source| NetworkError::Io {
+            what: "write /etc file",
+            path: req.rootfs.join("etc").join(name),
+            source,
+        })?;
+    }
+    Ok(())
+}

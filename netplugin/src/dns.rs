@@ -1,0 +1,313 @@
+//! Service DNS: each node answers A queries for its cluster's services at the bridge address
+//! (containers' `resolv.conf` names it) and forwards every other query to the node's own
+//! resolvers.
+//!
+//! A service `web` in namespace `shop` answers as `web.shop.svc.tug`, `web.shop` and (for the
+//! default namespace only, as the name alone is ambiguous) `web`; containers get the search
+//! domains `<their namespace>.svc.tug svc.tug`, so `web` finds the service of their own namespace
+//! first. An unknown name under `svc.tug` is NXDOMAIN without asking upstream. Answers carry a
+//! short TTL: endpoints change as replicas come and go. Messages are parsed and built with the
+//! `simple-dns` crate; UDP only (service answers are small; forwarded answers that need TCP come
+//! back truncated and the client retries upstream's way).
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use simple_dns::rdata::{A, RData};
+use simple_dns::{CLASS, Name, Packet, PacketFlag, QTYPE, RCODE, ResourceRecord, TYPE};
+use tokio::net::UdpSocket;
+
+/// The cluster's DNS domain.
+pub const DOMAIN: &str = "svc.tug";
+/// The default namespace, whose services also answer by bare name.
+pub const DEFAULT_NAMESPACE: &str = "default";
+/// TTL of service answers, seconds.
+pub const TTL: u32 = 5;
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Service names → addresses; shared by the server and whoever learns the endpoints.
+#[derive(Debug, Default)]
+pub struct DnsTable {
+    names: RwLock<HashMap<String, Vec<Ipv4Addr>>>,
+}
+
+impl DnsTable {
+    /// Replaces every service: `(namespace, name, addresses)`.
+    pub fn set_services<'a>(
+        &self,
+        services: impl IntoIterator<Item = (&'a str, &'a str, Vec<Ipv4Addr>)>,
+    ) {
+        let mut names = HashMap::new();
+        for (namespace, name, addresses) in services {
+            let namespace = if namespace.is_empty() {
+                DEFAULT_NAMESPACE
+            } else {
+                namespace
+            };
+            let (ns, svc) = (namespace.to_ascii_lowercase(), name.to_ascii_lowercase());
+            names.insert(format!("{svc}.{ns}.{DOMAIN}"), addresses.clone());
+            names.insert(format!("{svc}.{ns}"), addresses.clone());
+            if ns == DEFAULT_NAMESPACE {
+                names.insert(svc, addresses);
+            }
+        }
+        *self.names.write().unwrap_or_else(|p| p.into_inner()) = names;
+    }
+
+    /// The addresses of `name` (any case, trailing dot or not), if it is a service name.
+    pub fn lookup(&self, name: &str) -> Option<Vec<Ipv4Addr>> {
+        let key = name.trim_end_matches('.').to_ascii_lowercase();
+        self.names
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned()
+    }
+}
+
+/// The search domains of a container in `namespace`.
+pub fn search_domains(namespace: &str) -> Vec<String> {
+    let ns = if namespace.is_empty() {
+        DEFAULT_NAMESPACE
+    } else {
+        namespace
+    };
+    vec![
+        format!("{}.{DOMAIN}", ns.to_ascii_lowercase()),
+        DOMAIN.to_string(),
+    ]
+}
+
+/// The nameservers of a `resolv.conf` text (IPv4 and IPv6).
+pub fn nameservers(resolv_conf: &str) -> Vec<SocketAddr> {
+    resolv_conf
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.trim().parse::<std::net::IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
+/// Answer queries on `socket` until the future is dropped.
+pub async fn serve(socket: UdpSocket, table: Arc<DnsTable>, upstreams: Arc<Vec<SocketAddr>>) {
+    let socket = Arc::new(socket);
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (len, from) = match socket.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(cause = %e, "DNS receive failed");
+                continue;
+            }
+        };
+        let query = &buf[..len];
+        match answer(query, &table) {
+            Answer::Local(reply) => {
+                let _ = socket.send_to(&reply, from).await;
+            }
+            Answer::Forward => {
+                let (socket, upstreams, query) =
+                    (socket.clone(), upstreams.clone(), query.to_vec());
+                tokio::spawn(async move {
+                    if let Some(reply) = forward(&query, &upstreams).await {
+                        let _ = socket.send_to(&reply, from).await;
+                    }
+                });
+            }
+            Answer::Drop => {}
+        }
+    }
+}
+
+enum Answer {
+    Local(Vec<u8>),
+    Forward,
+    Drop,
+}
+
+fn answer(query: &[u8], table: &DnsTable) -> Answer {
+    let Ok(packet) = Packet::parse(query) else {
+        return Answer::Drop;
+    };
+    if packet.has_flags(PacketFlag::RESPONSE) {
+        return Answer::Drop;
+    }
+    let Some(question) = packet.questions.first() else {
+        return Answer::Drop;
+    };
+    let name = question.qname.to_string();
+    let lower = name.trim_end_matches('.').to_ascii_lowercase();
+    let ours = lower == DOMAIN || lower.ends_with(&format!(".{DOMAIN}"));
+    let found = table.lookup(&lower);
+    if found.is_none() && !ours {
+        return Answer::Forward;
+    }
+    let mut reply = Packet::new_reply(packet.id());
+    reply.set_flags(PacketFlag::AUTHORITATIVE_ANSWER);
+    if packet.has_flags(PacketFlag::RECURSION_DESIRED) {
+        reply.set_flags(PacketFlag::RECURSION_DESIRED | PacketFlag::RECURSION_AVAILABLE);
+    }
+    reply.questions.push(question.clone());
+    match found {
+        None => *reply.rcode_mut() = RCODE::NameError,
+        Some(addresses) => {
+            let wants_a = matches!(question.qtype, QTYPE::TYPE(TYPE::A) | QTYPE::ANY);
+            if wants_a {
+                for addr in addresses {
+                    reply.answers.push(ResourceRecord::new(
+                        Name::new_unchecked(&name),
+                        CLASS::IN,
+                        TTL,
+                        RData::A(A {
+                            address: u32::from(addr),
+                        }),
+                    ));
+                }
+            }
+        }
+    }
+    match reply.build_bytes_vec() {
+        Ok(bytes) => Answer::Local(bytes),
+        Err(_) => Answer::Drop,
+    }
+}
+
+async fn forward(query: &[u8], upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
+    for upstream in upstreams {
+        let bind: SocketAddr = if upstream.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let Ok(sock) = UdpSocket::bind(bind).await else {
+            continue;
+        };
+        if sock.send_to(query, upstream).await.is_err() {
+            continue;
+        }
+        let mut buf = vec![0u8; 65535];
+        match tokio::time::timeout(UPSTREAM_TIMEOUT, sock.recv_from(&mut buf)).await {
+            Ok(Ok((len, from))) if from == *upstream => {
+                buf.truncate(len);
+                return Some(buf);
+            }
+            _ => tracing::debug!(%upstream, "no DNS answer from upstream"),
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use simple_dns::Question;
+
+    fn query(name: &str, qtype: TYPE) -> Vec<u8> {
+        let mut p = Packet::new_query(7);
+        p.set_flags(PacketFlag::RECURSION_DESIRED);
+        p.questions.push(Question::new(
+            Name::new_unchecked(name),
+            QTYPE::TYPE(qtype),
+            simple_dns::QCLASS::CLASS(CLASS::IN),
+            false,
+        ));
+        p.build_bytes_vec().unwrap_or_default()
+    }
+
+    fn addresses(reply: &[u8]) -> (RCODE, Vec<Ipv4Addr>) {
+        let Ok(p) = Packet::parse(reply) else {
+            return (RCODE::ServerFailure, vec![]);
+        };
+        let addrs = p
+            .answers
+            .iter()
+            .filter_map(|rr| match &rr.rdata {
+                RData::A(a) => Some(Ipv4Addr::from(a.address)),
+                _ => None,
+            })
+            .collect();
+        (p.rcode(), addrs)
+    }
+
+    fn table() -> DnsTable {
+        let t = DnsTable::default();
+        t.set_services([
+            (
+                "",
+                "web",
+                vec![Ipv4Addr::new(10, 88, 0, 2), Ipv4Addr::new(10, 88, 1, 2)],
+            ),
+            ("shop", "db", vec![Ipv4Addr::new(10, 88, 2, 7)]),
+            ("shop", "idle", vec![]),
+        ]);
+        t
+    }
+
+    #[test]
+    fn services_answer_by_their_three_names() {
+        let t = table();
+        for name in [
+            "web",
+            "web.default",
+            "web.default.svc.tug.",
+            "WEB.Default.SVC.tug",
+        ] {
+            let Answer::Local(reply) = answer(&query(name, TYPE::A), &t) else {
+                panic!("{name} was not answered locally");
+            };
+            assert_eq!(addresses(&reply).1.len(), 2, "{name}");
+        }
+        let Answer::Local(reply) = answer(&query("db.shop", TYPE::A), &t) else {
+            panic!("db.shop was not answered locally");
+        };
+        assert_eq!(
+            addresses(&reply),
+            (RCODE::NoError, vec![Ipv4Addr::new(10, 88, 2, 7)])
+        );
+        // Only the default namespace answers by bare name.
+        assert!(matches!(answer(&query("db", TYPE::A), &t), Answer::Forward));
+    }
+
+    #[test]
+    fn unknown_cluster_names_are_nxdomain_and_others_are_forwarded() {
+        let t = table();
+        let Answer::Local(reply) = answer(&query("nope.shop.svc.tug", TYPE::A), &t) else {
+            panic!("not answered locally");
+        };
+        assert_eq!(addresses(&reply).0, RCODE::NameError);
+        // A service without ready replicas: the name exists, with no address.
+        let Answer::Local(reply) = answer(&query("idle.shop.svc.tug", TYPE::A), &t) else {
+            panic!("not answered locally");
+        };
+        assert_eq!(addresses(&reply), (RCODE::NoError, vec![]));
+        // AAAA for a service: no IPv6 addresses, no error.
+        let Answer::Local(reply) = answer(&query("web", TYPE::AAAA), &t) else {
+            panic!("not answered locally");
+        };
+        assert_eq!(addresses(&reply), (RCODE::NoError, vec![]));
+        assert!(matches!(
+            answer(&query("deb.debian.org", TYPE::A), &t),
+            Answer::Forward
+        ));
+        assert!(matches!(answer(b"garbage", &t), Answer::Drop));
+    }
+
+    #[test]
+    fn resolv_conf_and_search_domains() {
+        assert_eq!(
+            nameservers("# x\nnameserver 10.0.0.1\nnameserver ::1\nsearch a\n"),
+            vec![
+                "10.0.0.1:53"
+                    .parse::<SocketAddr>()
+                    .unwrap_or_else(|_| unreachable!()),
+                "[::1]:53"
+                    .parse::<SocketAddr>()
+                    .unwrap_or_else(|_| unreachable!()),
+            ]
+        );
+        assert_eq!(search_domains("Shop"), ["shop.svc.tug", "svc.tug"]);
+        assert_eq!(search_domains(""), ["default.svc.tug", "svc.tug"]);
+    }
+}
