@@ -12,12 +12,16 @@
 #                           startup latency (median, p99) vs Kubernetes' pod-startup SLO
 #   e2e/bench.sh metrics [CONTAINERS] [WINDOW_SECS]   agent /metrics scrape time, agent cpu at a
 #                           15 s scrape interval and RSS with 200 idle containers (default)
+#   e2e/bench.sh network [SECONDS] [CYCLES]   iperf3 and ping container-to-container across two
+#                           hosts (host-gw, vxlan) vs host-to-host; network setup/teardown vs the
+#                           CNI bridge + host-local plugins
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "e2e/bench.sh: run as root" >&2; exit 1; }
 e2e/install-deps.sh --bench
 cargo build --release --locked -p tug -p tug-e2e --bin tug --bin bench-pull --bin bench-runtime \
-  --bin bench-controller --bin bench-schedule --bin bench-startup --bin bench-metrics
+  --bin bench-controller --bin bench-schedule --bin bench-startup --bin bench-metrics \
+  --bin bench-network
 which=${1:-all}
 shift || true
 case "$which" in
@@ -27,7 +31,9 @@ case "$which" in
   schedule) target/release/bench-schedule "$@" ;;
   startup) target/release/bench-startup "$@" ;;
   metrics) target/release/bench-metrics "$@" ;;
+  network) target/release/bench-network "$@" ;;
   all) target/release/bench-pull && target/release/bench-runtime && target/release/bench-controller \
-    && target/release/bench-schedule && target/release/bench-startup && target/release/bench-metrics ;;
-  *) echo "e2e/bench.sh: unknown benchmark $which (pull, runtime, controller, schedule, startup, metrics)" >&2; exit 2 ;;
+    && target/release/bench-schedule && target/release/bench-startup && target/release/bench-metrics \
+    && target/release/bench-network ;;
+  *) echo "e2e/bench.sh: unknown benchmark $which (pull, runtime, controller, schedule, startup, metrics, network)" >&2; exit 2 ;;
 esac

@@ -153,6 +153,10 @@ pub struct ControllerArgs {
     /// discovery document lists the others at the host of their peer address and this port.
     #[arg(long)]
     pub metrics_listen: Option<String>,
+    /// Free space to keep on the data dir's disk: below it, writes are refused with a clear
+    /// error instead of the replica failing to persist its log (0: no check).
+    #[arg(long, default_value = "128Mi")]
+    pub disk_reserve: String,
     #[command(flatten)]
     pub network: ClusterNetworkFlags,
     /// Change the membership of a running cluster (through `--controller`).

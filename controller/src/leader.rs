@@ -187,6 +187,7 @@ impl LeaderLink {
             ProposeError::Rejected(StoreError::NodeNotDown(..)) => {
                 Status::failed_precondition(err.to_string())
             }
+            ProposeError::DiskFull { .. } => Status::resource_exhausted(err.to_string()),
             ProposeError::Rejected(StoreError::SubnetsExhausted { .. }) => {
                 Status::resource_exhausted(err.to_string())
             }

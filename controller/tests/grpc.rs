@@ -1,6 +1,6 @@
 //! Replicas over real gRPC on loopback: the peer transport, the Control API on every replica,
-//! forwarding of writes to the leader, reads, watches, and failover when the leader's server
-//! stops.
+//! forwarding of writes to the leader, reads, watches, failover when the leader's server stops,
+//! and a full disk (a small tmpfs, mounted and unmounted by the test).
 
 use std::collections::BTreeMap;
 use std::error::Error;
@@ -456,5 +456,107 @@ async fn a_replica_that_missed_compacted_entries_gets_a_snapshot_over_grpc() -> 
     for replica in &mut replicas {
         replica.stop().await?;
     }
+    Ok(())
+}
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted when dropped (also on failure).
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Result<SmallDisk, Box<dyn Error>> {
+        let dir = tempfile::Builder::new().prefix("tug-disk-").tempdir()?;
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tug-test-disk",
+            ])
+            .arg(dir.path())
+            .output()?;
+        if !out.status.success() {
+            return Err(format!("mount tmpfs: {}", String::from_utf8_lossy(&out.stderr)).into());
+        }
+        Ok(SmallDisk { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes a file until the disk is full.
+    fn fill(&self) -> Result<std::path::PathBuf, Box<dyn Error>> {
+        use std::io::Write;
+        let path = self.path().join("filler");
+        let mut file = std::fs::File::create(&path)?;
+        let chunk = vec![0u8; 64 << 10];
+        loop {
+            match file.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(28) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(path)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_writes_cleanly_and_they_work_again_once_there_is_room() -> TestResult {
+    init_tracing();
+    let disk = SmallDisk::mount("32m")?;
+    let tweak = |cfg: &mut NodeConfig| {
+        cfg.disk_reserve_bytes = 4 << 20;
+        cfg.segment_bytes = 1 << 20;
+    };
+    let mut replicas = cluster_with(disk.path(), 1, &[1], tweak).await?;
+    wait_for_leader(&replicas[0].addr).await?;
+    let mut c = client(&replicas[0].addr).await?;
+    c.apply(apply("before", "busybox")).await?;
+
+    let filler = disk.fill()?;
+    let refused = c.apply(apply("during", "busybox")).await;
+    match refused {
+        Err(status) => {
+            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+            assert!(
+                status.message().contains("the controller's disk is full")
+                    && status.message().contains("nothing was written"),
+                "{status:?}"
+            );
+        }
+        Ok(applied) => return Err(format!("applied on a full disk: {applied:?}").into()),
+    }
+    // The replica keeps serving reads, and nothing of the refused write is there.
+    let names = |listed: tug_api::v1::ListResponse| -> Vec<String> {
+        listed.services.iter().map(|s| name_of(Some(s))).collect()
+    };
+    let listed = c.list(ListRequest::default()).await?.into_inner();
+    assert_eq!(names(listed), ["before"]);
+
+    std::fs::remove_file(&filler)?;
+    c.apply(apply("after", "busybox")).await?;
+    replicas[0].stop().await?;
+    drop(replicas);
+
+    // Restarted from its disk: exactly the writes that were accepted.
+    let mut replicas = cluster_with(disk.path(), 1, &[1], tweak).await?;
+    wait_for_leader(&replicas[0].addr).await?;
+    let mut c = client(&replicas[0].addr).await?;
+    let listed = c.list(ListRequest::default()).await?.into_inner();
+    assert_eq!(names(listed), ["after", "before"]);
+    replicas[0].stop().await?;
     Ok(())
 }

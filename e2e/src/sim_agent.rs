@@ -28,6 +28,10 @@ pub struct SimAgentConfig {
     pub labels: HashMap<String, String>,
     pub cpu_millis: u64,
     pub memory_bytes: u64,
+    /// Heartbeats go over this connection when set, else over the session's. Agents sharing a
+    /// connection share its HTTP/2 flow-control window: assignment data they have not read yet
+    /// can hold back every heartbeat answer on it, and live nodes would be declared down.
+    pub heartbeat_channel: Option<Channel>,
 }
 
 impl SimAgentConfig {
@@ -37,6 +41,7 @@ impl SimAgentConfig {
             labels: HashMap::new(),
             cpu_millis: 4000,
             memory_bytes: 8 << 30,
+            heartbeat_channel: None,
         }
     }
 }
@@ -211,7 +216,10 @@ async fn session(
     // Heartbeats run on their own task, as a real agent's do: a slow status report must not
     // delay them (the node would be declared down).
     let mut beats = AbortOnDrop(tokio::spawn({
-        let mut client = client.clone();
+        let mut client = match &cfg.heartbeat_channel {
+            Some(channel) => DispatcherClient::new(channel.clone()),
+            None => client.clone(),
+        };
         let (node, session_id, paused) = (cfg.name.clone(), session_id.clone(), paused.clone());
         async move {
             let mut tick = tokio::time::interval(period);

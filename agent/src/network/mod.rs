@@ -209,7 +209,12 @@ impl NodeNetwork {
 
     async fn set_up(&self, saved: Saved) -> Result<(), NetworkError> {
         let _one = self.setup.lock().await;
-        let uplink = tug_netplugin::node::interface_with_address(self.node_ip).await?;
+        // A node known by a loopback address (`tug up`) has no uplink to take the MTU from.
+        let uplink = if self.node_ip.is_loopback() {
+            None
+        } else {
+            tug_netplugin::node::interface_with_address(self.node_ip).await?
+        };
         let mode = match self.mode {
             NetworkMode::Vxlan => Mode::Vxlan,
             _ => Mode::HostGw,

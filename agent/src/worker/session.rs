@@ -93,6 +93,16 @@ async fn session(
             source,
         })?;
     let mut client = DispatcherClient::new(channel);
+    // Heartbeats get a connection of their own: on the session's, assignment data the worker has
+    // not read yet fills the HTTP/2 flow-control window and can hold back heartbeat answers, and
+    // a busy node would be declared down.
+    let beat_channel = endpoint
+        .connect()
+        .await
+        .map_err(|source| SessionError::Connect {
+            address: address.into(),
+            source,
+        })?;
     let registered = call(
         "Register",
         client.register(RegisterRequest {
@@ -122,7 +132,7 @@ async fn session(
     let node = description.name.clone();
     let session_id = registered.session_id;
     tokio::select! {
-        r = heartbeat(client.clone(), &node, &session_id, period) => r,
+        r = heartbeat(DispatcherClient::new(beat_channel), &node, &session_id, period) => r,
         r = assignments(client.clone(), worker, &node) => r,
         r = network(client.clone(), worker, &node) => r,
         r = report(client, worker, &node, &session_id) => r,

@@ -27,6 +27,9 @@ pub fn run(global: &GlobalArgs, args: ControllerArgs) -> anyhow::Result<()> {
     };
     let peers = parse_peers(id, &args.listen, &args.peers)?;
     let mut node = NodeConfig::new(id, global.data_dir.join("controller"));
+    node.disk_reserve_bytes = tug_api::manifest::Memory::parse(&args.disk_reserve)
+        .map(|m| m.0)
+        .map_err(|e| anyhow::anyhow!("--disk-reserve: {e}"))?;
     if args.join {
         // No initial members: the node waits for a leader to add it and send it a snapshot.
         tracing::info!(

@@ -38,6 +38,9 @@ pub struct NodeConfig {
     pub max_inflight_msgs: usize,
     /// Log segment file size before rotation.
     pub segment_bytes: u64,
+    /// Free space the data dir's filesystem must keep: below it, the leader refuses new writes
+    /// (a clean "disk full" error) instead of failing to persist an entry it already accepted.
+    pub disk_reserve_bytes: u64,
     /// Changes kept in memory for watches.
     pub watch_history: usize,
     /// Peer messages queued for the node before new ones are dropped.
@@ -64,6 +67,7 @@ impl NodeConfig {
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
             segment_bytes: 64 << 20,
+            disk_reserve_bytes: 128 << 20,
             watch_history: 10_000,
             mailbox_capacity: 4096,
             metrics: crate::metrics::RaftMetrics::default(),

@@ -66,6 +66,15 @@ pub enum ProposeError {
     Rejected(StoreError),
     #[error("the membership change failed: {0}")]
     MembershipChange(String),
+    #[error(
+        "the controller's disk is full: {free_mib} MiB free on {path}, below the {reserve_mib} MiB \
+         kept for the Raft log and snapshots; nothing was written (free space there, then retry)"
+    )]
+    DiskFull {
+        path: String,
+        free_mib: u64,
+        reserve_mib: u64,
+    },
     #[error("the controller's Raft node has stopped")]
     Stopped,
 }

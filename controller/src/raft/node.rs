@@ -390,6 +390,10 @@ impl Node {
             });
             return;
         }
+        if let Err(full) = self.check_disk() {
+            reply.fail(full);
+            return;
+        }
         if let Proposal::ConfChange(change) = &proposal
             && change
                 .get_changes()
@@ -417,6 +421,27 @@ impl Node {
             Ok(()) => reply.fail(ProposeError::Refused("no entry was appended".into())),
             Err(e) => reply.fail(ProposeError::Refused(e.to_string())),
         }
+    }
+
+    /// Refuses a write while the data dir's filesystem has less than the reserve free: an entry
+    /// raft accepted must be persisted, and failing that stops the node.
+    fn check_disk(&self) -> Result<(), ProposeError> {
+        let reserve = self.cfg.disk_reserve_bytes;
+        if reserve == 0 {
+            return Ok(());
+        }
+        let Ok(stat) = nix::sys::statvfs::statvfs(&self.cfg.data_dir) else {
+            return Ok(());
+        };
+        let free = stat.blocks_available() * stat.fragment_size();
+        if free >= reserve {
+            return Ok(());
+        }
+        Err(ProposeError::DiskFull {
+            path: self.cfg.data_dir.display().to_string(),
+            free_mib: free >> 20,
+            reserve_mib: reserve.div_ceil(1 << 20),
+        })
     }
 
     /// One Ready cycle, in the order of the module docs.

@@ -1,0 +1,308 @@
+//! Container networking against the host network and the CNI reference plugins, on the test bed
+//! (two hosts: network namespaces on one bridge; nothing touches this machine's interfaces).
+//!
+//! 1. Data path: `iperf3` TCP throughput and `ping` round trips container-to-container across
+//!    the two hosts, with tug's built-in plugin in host-gw and in vxlan mode, against the same
+//!    measured host-to-host in the same run (ratio). Targets: host-gw >= 95%, vxlan >= 85%.
+//! 2. Control path: the time to set up and tear down one container's network (veth, address,
+//!    routes) with the built-in plugin against Debian's CNI `bridge` + `host-local` plugins
+//!    invoked the standard way (exec, env, config on stdin) on the same kind of namespaces.
+//!
+//! Run: `e2e/bench.sh network [SECONDS] [CYCLES]` (default 5 s per iperf3 run, 100 cycles).
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use tug_e2e::{Host, Netns, TestNet};
+use tug_netplugin::cni::CniNetwork;
+use tug_netplugin::netns::block_in_netns;
+use tug_netplugin::{
+    ContainerNet, HostGwConfig, Mode, NodeConfig, Subnet, VxlanConfig, add, del, setup_node,
+    setup_vxlan, sync_peer_routes, sync_vxlan_peers,
+};
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+const CLUSTER: &str = "10.88.0.0/16";
+const CNI_BIN: &str = "/usr/lib/cni";
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("bench-network: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let seconds: u32 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(5);
+    let cycles: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(100);
+    for tool in ["iperf3", "busybox"] {
+        if which(tool).is_none() {
+            return Err(format!("{tool} is not installed: run e2e/install-deps.sh --bench").into());
+        }
+    }
+    println!(
+        "tug network benchmark: 2 test-bed hosts, iperf3 {seconds} s per run, {cycles} setup cycles"
+    );
+    println!();
+    println!(
+        "{:<34} {:>12} {:>8} {:>12} {:>8}",
+        "path", "Gbit/s", "ratio", "rtt ms", "ratio"
+    );
+    let mut base: Option<(f64, f64)> = None;
+    for mode in [None, Some(Mode::HostGw), Some(Mode::Vxlan)] {
+        let (gbits, rtt) = data_path(mode, seconds)?;
+        let label = match mode {
+            None => "host to host (baseline)",
+            Some(Mode::HostGw) => "container to container, host-gw",
+            Some(Mode::Vxlan) => "container to container, vxlan",
+        };
+        let (g0, r0) = *base.get_or_insert((gbits, rtt));
+        println!(
+            "{label:<34} {gbits:>12.2} {:>7.1}% {rtt:>12.3} {:>7.2}x",
+            100.0 * gbits / g0,
+            rtt / r0
+        );
+    }
+    println!("targets: host-gw >= 95% and vxlan >= 85% of host-to-host throughput");
+    println!();
+    control_path(cycles)?;
+    Ok(())
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(tool))
+            .find(|p| p.is_file())
+    })
+}
+
+/// One node of the bench: its host, subnet and (if any) container namespace and address.
+struct Node<'a> {
+    host: &'a Host,
+    subnet: Subnet,
+    container: Option<(Netns, Ipv4Addr)>,
+}
+
+fn subnets(own: Subnet) -> Result<HostGwConfig> {
+    Ok(HostGwConfig {
+        cluster_cidr: CLUSTER.parse()?,
+        own_subnet: own,
+    })
+}
+
+fn vxlan_cfg(node: &Node<'_>, mtu: u32) -> Result<VxlanConfig> {
+    Ok(VxlanConfig {
+        device: "tug.vxlan".into(),
+        vni: 4242,
+        port: 4789,
+        local: node.host.addr(),
+        uplink: Some("eth0".into()),
+        mtu,
+        subnets: subnets(node.subnet)?,
+    })
+}
+
+/// Set a node up in `mode` with one container; returns its address.
+fn set_up(node: &mut Node<'_>, mode: Mode, role: &str, dir: &Path) -> Result<()> {
+    let path = node.host.netns().path();
+    let cfg = NodeConfig {
+        bridge: "tug0".into(),
+        subnet: node.subnet,
+        uplink: Some("eth0".into()),
+        mode,
+    };
+    let setup = block_in_netns(&path, || setup_node(&cfg))?;
+    if mode == Mode::Vxlan {
+        let vx = vxlan_cfg(node, setup.mtu)?;
+        block_in_netns(&path, || setup_vxlan(&vx))?;
+    }
+    let ns = Netns::create(role)?;
+    let net = ContainerNet {
+        id: role.into(),
+        netns_path: ns.path(),
+        bridge: "tug0".into(),
+        subnet: node.subnet,
+        state_dir: dir.join(role),
+    };
+    let attachment = block_in_netns(&path, || add(&net))?;
+    node.container = Some((ns, attachment.address));
+    Ok(())
+}
+
+fn peer(node: &mut Node<'_>, other: (Subnet, Ipv4Addr), mode: Mode) -> Result<()> {
+    let path = node.host.netns().path();
+    let peers = [other];
+    match mode {
+        Mode::HostGw => {
+            let cfg = subnets(node.subnet)?;
+            block_in_netns(&path, || sync_peer_routes(&cfg, &peers))?;
+        }
+        Mode::Vxlan => {
+            let cfg = vxlan_cfg(node, 0)?;
+            block_in_netns(&path, || sync_vxlan_peers(&cfg, &peers))?;
+        }
+    }
+    Ok(())
+}
+
+/// Throughput (Gbit/s) and mean ping round trip (ms) from host 0 to host 1 (`None`), or from a
+/// container on host 0 to one on host 1.
+fn data_path(mode: Option<Mode>, seconds: u32) -> Result<(f64, f64)> {
+    let mut net = TestNet::new(0)?;
+    net.add_host("a")?;
+    net.add_host("b")?;
+    let dir = tempfile::tempdir()?;
+    let mut a = Node {
+        host: net.host(0),
+        subnet: "10.88.1.0/24".parse()?,
+        container: None,
+    };
+    let mut b = Node {
+        host: net.host(1),
+        subnet: "10.88.2.0/24".parse()?,
+        container: None,
+    };
+    let (client, server, target) = match mode {
+        None => (
+            a.host.command("iperf3"),
+            b.host.command("iperf3"),
+            b.host.addr(),
+        ),
+        Some(mode) => {
+            set_up(&mut a, mode, "bench-ca", dir.path())?;
+            set_up(&mut b, mode, "bench-cb", dir.path())?;
+            peer(&mut a, (b.subnet, b.host.addr()), mode)?;
+            peer(&mut b, (a.subnet, a.host.addr()), mode)?;
+            let (ca, _) = a.container.as_ref().ok_or("no container on a")?;
+            let (cb, addr) = b.container.as_ref().ok_or("no container on b")?;
+            (ca.command("iperf3"), cb.command("iperf3"), *addr)
+        }
+    };
+    let mut server = server;
+    let mut server = tug_e2e::spawn(
+        server
+            .args(["-s", "-1"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    let mut client = client;
+    let out = client
+        .args(["-c", &target.to_string(), "-t", &seconds.to_string(), "-J"])
+        .output()?;
+    let _ = server.stop(Duration::from_secs(2));
+    if !out.status.success() {
+        return Err(format!("iperf3 client: {}", String::from_utf8_lossy(&out.stdout)).into());
+    }
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let bits = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .ok_or("iperf3 report without end.sum_received")?;
+    let mut ping = match (&mode, &a.container) {
+        (Some(_), Some((ca, _))) => ca.command("busybox"),
+        _ => a.host.command("busybox"),
+    };
+    let out = ping
+        .args(["ping", "-c", "50", "-i", "0.05", "-q", &target.to_string()])
+        .output()?;
+    let rtt = mean_rtt(&String::from_utf8_lossy(&out.stdout))
+        .ok_or_else(|| format!("ping: {}", String::from_utf8_lossy(&out.stdout)))?;
+    Ok((bits / 1e9, rtt))
+}
+
+/// "round-trip min/avg/max = 0.046/0.069/0.093 ms" -> 0.069.
+fn mean_rtt(text: &str) -> Option<f64> {
+    let line = text.lines().find(|l| l.contains("min/avg/max"))?;
+    let values = line.split('=').nth(1)?.trim();
+    values.split('/').nth(1)?.trim().parse().ok()
+}
+
+/// Setup and teardown of one container's network, built-in against CNI bridge + host-local.
+fn control_path(cycles: usize) -> Result<()> {
+    let mut net = TestNet::new(0)?;
+    net.add_host("ctl")?;
+    let host = net.host(0);
+    let path = host.netns().path();
+    let dir = tempfile::tempdir()?;
+    let subnet: Subnet = "10.88.1.0/24".parse()?;
+    let cfg = NodeConfig {
+        bridge: "tug0".into(),
+        subnet,
+        uplink: None,
+        mode: Mode::HostGw,
+    };
+    block_in_netns(&path, || setup_node(&cfg))?;
+    let namespaces: Vec<Netns> = (0..cycles)
+        .map(|i| Netns::create(&format!("c{i}")))
+        .collect::<tug_e2e::Result<_>>()?;
+
+    // Built-in: add then del, each on a fresh namespace.
+    let mut builtin = (Vec::new(), Vec::new());
+    for (i, ns) in namespaces.iter().enumerate() {
+        let net = ContainerNet {
+            id: format!("bench-{i}"),
+            netns_path: ns.path(),
+            bridge: "tug0".into(),
+            subnet,
+            state_dir: dir.path().join("ipam"),
+        };
+        let t = Instant::now();
+        block_in_netns(&path, || add(&net))?;
+        builtin.0.push(t.elapsed());
+        let t = Instant::now();
+        block_in_netns(&path, || del(&net))?;
+        builtin.1.push(t.elapsed());
+    }
+
+    // CNI: the reference plugins on the same bridge and subnet, called from the host's namespace.
+    let conf_dir = dir.path().join("cni-conf");
+    std::fs::create_dir_all(&conf_dir)?;
+    std::fs::write(
+        conf_dir.join("10-bench.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"bench","plugins":[{"type":"bridge","bridge":"tug0","isGateway":true,"ipam":{"type":"host-local","ranges":[[{"subnet":"$TUG_NODE_SUBNET"}]],"routes":[{"dst":"0.0.0.0/0"}],"dataDir":"$TUG_NETWORK_DIR/host-local"}}]}"#,
+    )?;
+    let cni = CniNetwork::load(
+        &conf_dir,
+        Path::new(CNI_BIN),
+        &dir.path().join("cni"),
+        subnet,
+    )?;
+    let mut reference = (Vec::new(), Vec::new());
+    for (i, ns) in namespaces.iter().enumerate() {
+        let id = format!("bench-cni-{i}");
+        let t = Instant::now();
+        block_in_netns(&path, || async { cni.add(&id, &ns.path(), "eth0") })?;
+        reference.0.push(t.elapsed());
+        let t = Instant::now();
+        block_in_netns(&path, || async { cni.del(&id, &ns.path(), "eth0") })?;
+        reference.1.push(t.elapsed());
+    }
+    println!(
+        "{:<34} {:>12} {:>12} {:>8}",
+        "per container (median)", "tug ms", "CNI ms", "ratio"
+    );
+    for (what, ours, theirs) in [
+        ("setup (add)", &mut builtin.0, &mut reference.0),
+        ("teardown (del)", &mut builtin.1, &mut reference.1),
+    ] {
+        let (m0, m1) = (median(ours), median(theirs));
+        println!("{what:<34} {m0:>12.2} {m1:>12.2} {:>7.1}x", m1 / m0);
+    }
+    println!("target: setup faster than the CNI bridge plugin (ratio > 1: tug is faster)");
+    Ok(())
+}
+
+fn median(samples: &mut [Duration]) -> f64 {
+    samples.sort();
+    samples
+        .get(samples.len() / 2)
+        .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
+}
