@@ -111,6 +111,17 @@ pub enum Error {
     #[error("could not {what}: {reason}")]
     Cni { what: String, reason: String },
 
+    /// The node subnet overlaps a network the node is already on.
+    #[error(
+        "the container subnet {subnet} overlaps {address} on interface {link:?}; give the cluster \
+         another --cluster-cidr (nothing was set up)"
+    )]
+    SubnetClash {
+        subnet: Subnet,
+        address: String,
+        link: String,
+    },
+
     /// An iptables command failed (or could not run).
     #[error("iptables {args} failed: {reason}")]
     Iptables { args: String, reason: String },

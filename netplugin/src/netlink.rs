@@ -49,6 +49,29 @@ impl Netlink {
         }
     }
 
+    /// The name of the link with index `index`, if it exists.
+    pub(crate) async fn link_name(&self, index: u32) -> Result<Option<String>> {
+        let result = self
+            .handle
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_next()
+            .await;
+        let msg = match result {
+            Ok(msg) => msg,
+            Err(err) if is_errno(&err, Errno::ENODEV) => None,
+            Err(err) => return Err(Error::netlink(format!("look up interface #{index}"))(err)),
+        };
+        Ok(msg.and_then(|m| {
+            m.attributes.into_iter().find_map(|a| match a {
+                LinkAttribute::IfName(name) => Some(name),
+                _ => None,
+            })
+        }))
+    }
+
     /// The link named `name`; missing is an error that ends with `hint`.
     pub(crate) async fn require_link(&self, name: &str, hint: &'static str) -> Result<Link> {
         self.link_by_name(name)
@@ -82,6 +105,25 @@ impl Netlink {
             }
             if let Some(addr) = local_v4(&msg) {
                 found.push((addr, msg.header.prefix_len));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Every IPv4 address of the namespace: (link index, address, prefix length).
+    pub(crate) async fn all_ipv4_addresses(&self) -> Result<Vec<(u32, Ipv4Addr, u8)>> {
+        let mut stream = self.handle.address().get().execute();
+        let mut found = Vec::new();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(Error::netlink("list the addresses".to_string()))?
+        {
+            if msg.header.family != AddressFamily::Inet {
+                continue;
+            }
+            if let Some(addr) = local_v4(&msg) {
+                found.push((msg.header.index, addr, msg.header.prefix_len));
             }
         }
         Ok(found)

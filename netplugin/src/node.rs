@@ -65,6 +65,7 @@ pub struct NodeSetup {
 #[tracing::instrument(skip_all, fields(bridge = %cfg.bridge, subnet = %cfg.subnet))]
 pub async fn setup_node(cfg: &NodeConfig) -> Result<NodeSetup> {
     let nl = Netlink::open()?;
+    check_clash(&nl, cfg).await?;
     let mtu = node_mtu(&nl, cfg).await?;
     let mut changed = false;
 
@@ -130,6 +131,30 @@ pub async fn setup_node(cfg: &NodeConfig) -> Result<NodeSetup> {
     })
 }
 
+/// Refuses a subnet that overlaps an address of another interface of the node (its LAN, a VPN):
+/// containers would shadow or be shadowed by it. Nothing is created then.
+async fn check_clash(nl: &Netlink, cfg: &NodeConfig) -> Result<()> {
+    let bridge = nl.link_by_name(&cfg.bridge).await?.map(|l| l.index);
+    for (index, addr, prefix) in nl.all_ipv4_addresses().await? {
+        if Some(index) == bridge || addr.is_loopback() {
+            continue;
+        }
+        let theirs = Subnet::new(addr, prefix)?;
+        if theirs.overlaps(&cfg.subnet) {
+            let link = nl
+                .link_name(index)
+                .await?
+                .unwrap_or_else(|| format!("#{index}"));
+            return Err(Error::SubnetClash {
+                subnet: cfg.subnet,
+                address: format!("{addr}/{prefix}"),
+                link,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The uplink's MTU (less the overlay overhead in vxlan mode), or the default.
 async fn node_mtu(nl: &Netlink, cfg: &NodeConfig) -> Result<u32> {
     let base = match &cfg.uplink {
@@ -151,21 +176,10 @@ async fn node_mtu(nl: &Netlink, cfg: &NodeConfig) -> Result<u32> {
 /// the calling thread's network namespace.
 pub async fn interface_with_address(addr: std::net::Ipv4Addr) -> Result<Option<String>> {
     let nl = Netlink::open()?;
-    let Some(index) = nl.link_index_with_address(addr).await? else {
-        return Ok(None);
-    };
-    let mut links = nl.handle.link().get().match_index(index).execute();
-    use futures_util::TryStreamExt;
-    let link = links
-        .try_next()
-        .await
-        .map_err(Error::netlink(format!("get link {index}")))?;
-    Ok(link.and_then(|msg| {
-        msg.attributes.into_iter().find_map(|a| match a {
-            rtnetlink::packet_route::link::LinkAttribute::IfName(name) => Some(name),
-            _ => None,
-        })
-    }))
+    match nl.link_index_with_address(addr).await? {
+        Some(index) => nl.link_name(index).await,
+        None => Ok(None),
+    }
 }
 
 /// Make the gateway address the bridge's only IPv4 address. Returns whether it changed anything.

@@ -146,3 +146,34 @@ fn published_ports_conflict_clearly_and_leave_nothing_half_made() -> TestResult 
     inside(&ns, nat::teardown_nat)?;
     Ok(())
 }
+
+#[test]
+fn two_hundred_publish_unpublish_cycles_leave_no_rule() -> TestResult {
+    let ns = TestNs::new("cycles")?;
+    let cidr = subnet("10.88.0.0/16")?;
+    let node_subnet = subnet("10.88.3.0/24")?;
+    inside(&ns, || nat::setup_nat(node_subnet, cidr))?;
+    let before = rules(&ns)?;
+    inside(&ns, || {
+        for i in 0..200u16 {
+            let id = format!("c{i}");
+            let address = Ipv4Addr::new(10, 88, 3, 2 + (i % 250) as u8);
+            nat::publish(
+                &id,
+                address,
+                &[
+                    tcp(20000 + i, 80),
+                    PortMapping {
+                        protocol: Protocol::Udp,
+                        ..tcp(20000 + i, 53)
+                    },
+                ],
+            )?;
+            nat::unpublish(&id)?;
+        }
+        Ok(())
+    })?;
+    assert_eq!(rules(&ns)?, before);
+    inside(&ns, nat::teardown_nat)?;
+    Ok(())
+}

@@ -112,3 +112,22 @@ fn node_setup_refuses_a_device_that_is_not_a_bridge() -> TestResult {
     );
     Ok(())
 }
+
+#[test]
+fn a_subnet_that_overlaps_the_nodes_own_network_is_refused_and_nothing_is_made() -> TestResult {
+    let node = TestNs::new("clash")?;
+    node.ip(&["link", "add", "lan0", "type", "bridge"])?;
+    node.ip(&["addr", "add", "10.88.0.5/16", "dev", "lan0"])?;
+    let cfg = config("tug0", "10.88.3.0/24")?;
+    let err = block_in_netns(&node.path(), || setup_node(&cfg)).err();
+    assert_eq!(
+        err.map(|e| e.to_string()).as_deref(),
+        Some(
+            "the container subnet 10.88.3.0/24 overlaps 10.88.0.5/16 on interface \"lan0\"; give \
+             the cluster another --cluster-cidr (nothing was set up)"
+        )
+    );
+    let links = node.ip(&["-o", "link", "show"])?;
+    assert!(!links.contains("tug0"), "{links}");
+    Ok(())
+}
