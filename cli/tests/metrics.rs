@@ -175,6 +175,15 @@ fn scenario(bed: &mut Cluster, images: &TestImages, dir: &Path) -> TestResult {
         Ok(v.len() == 1 && ooms >= 1.0)
     })?;
     eprintln!("oom's OOM events: {ooms}");
+    // Every container has its own eth0 on the node network: its counters are its own.
+    wait("eth0 counters of every running task", || {
+        let series = prometheus.query("container_network_transmit_bytes_total")?;
+        Ok(tasks.iter().all(|t| {
+            series
+                .iter()
+                .any(|(labels, _)| labels["task"] == t["id"] && labels["interface"] == "eth0")
+        }))
+    })?;
 
     // `tug top` sees the same without Prometheus.
     wait("tug top services shows hog's memory", || {
