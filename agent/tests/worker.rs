@@ -20,9 +20,9 @@ use tug_api::v1::dispatcher_server::{Dispatcher, DispatcherServer};
 use tug_api::v1::health_check::{Probe, Tcp};
 use tug_api::v1::{
     AssignmentsMessage, AssignmentsRequest, DesiredState, ExecRequest, HealthCheck,
-    HeartbeatRequest, HeartbeatResponse, LogsRequest, NodeDescription, RegisterRequest,
-    RegisterResponse, ReportStatusRequest, ReportStatusResponse, RestartPolicy, ServiceSpec, Task,
-    TaskHealth, TaskState, TaskStatus,
+    HeartbeatRequest, HeartbeatResponse, LogsRequest, NetworkMap, NetworkRequest, NodeDescription,
+    RegisterRequest, RegisterResponse, ReportStatusRequest, ReportStatusResponse, RestartPolicy,
+    ServiceSpec, Task, TaskHealth, TaskState, TaskStatus,
 };
 use tug_e2e::{Registry, RegistryOptions, TestImages};
 
@@ -118,6 +118,16 @@ impl Fake {
 #[tonic::async_trait]
 impl Dispatcher for Fake {
     type AssignmentsStream = ReceiverStream<Result<AssignmentsMessage, Status>>;
+    type NetworkStream = ReceiverStream<Result<NetworkMap, Status>>;
+
+    async fn network(
+        &self,
+        _: Request<NetworkRequest>,
+    ) -> Result<Response<Self::NetworkStream>, Status> {
+        Err(Status::unimplemented(
+            "the fake controller has no network map",
+        ))
+    }
 
     async fn register(
         &self,
@@ -131,6 +141,8 @@ impl Dispatcher for Fake {
             session_id: format!("session-{}", s.sessions),
             heartbeat_period_ms: 200,
             revision: s.revision,
+            // No subnet: these workers run in the machine's own namespace, without a network.
+            ..Default::default()
         }))
     }
 

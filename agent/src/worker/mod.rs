@@ -110,7 +110,8 @@ pub enum MetricsListen {
 }
 
 impl WorkerConfig {
-    /// A config with the defaults: no labels, capacity from the machine, 4 at once.
+    /// A config with the defaults: no labels, capacity from the machine, 4 at once, no container
+    /// network.
     pub fn new(
         controllers: Vec<String>,
         data_dir: PathBuf,
@@ -131,7 +132,9 @@ impl WorkerConfig {
             monitor_exe,
             max_parallel: 4,
             metrics: MetricsListen::Off,
-            network_mode: NetworkMode::HostGw,
+            // Opt in: a network changes the host's interfaces and iptables (`tug agent` does,
+            // with its --network-mode).
+            network_mode: NetworkMode::None,
             node_ip: None,
             cni: None,
         }
