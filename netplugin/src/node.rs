@@ -136,7 +136,10 @@ pub async fn setup_node(cfg: &NodeConfig) -> Result<NodeSetup> {
 async fn check_clash(nl: &Netlink, cfg: &NodeConfig) -> Result<()> {
     let bridge = nl.link_by_name(&cfg.bridge).await?.map(|l| l.index);
     for (index, addr, prefix) in nl.all_ipv4_addresses().await? {
-        if Some(index) == bridge || addr.is_loopback() {
+        // The bridge is ours, and so is the subnet's network address as a /32: the VXLAN
+        // device's (see `vxlan::setup_vxlan`).
+        let vtep = addr == cfg.subnet.network() && prefix == 32;
+        if Some(index) == bridge || addr.is_loopback() || vtep {
             continue;
         }
         let theirs = Subnet::new(addr, prefix)?;

@@ -67,3 +67,12 @@ fn removing_a_vxlan_peer_removes_its_entries() -> TestResult {
     assert!(a.ctr.pings(b.container_address()?)?);
     Ok(())
 }
+
+#[test]
+fn node_setup_runs_again_over_its_own_vxlan_device() -> TestResult {
+    // An agent restart sets the node up again while the VXLAN device holds the subnet's
+    // network address: that is tug's own, not a clash.
+    let (mut a, _b) = common::cluster::two_nodes(tug_netplugin::Mode::Vxlan)?;
+    a.setup_again()?;
+    Ok(())
+}

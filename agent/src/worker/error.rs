@@ -30,7 +30,7 @@ pub enum WorkerError {
     #[error("set up the agent's metrics: {0}")]
     Metrics(#[source] prometheus::Error),
     #[error("set up the node network: {0}")]
-    Network(#[source] crate::network::NetworkError),
+    Network(crate::network::NetworkError),
 }
 
 /// Why a session with a controller ended; the worker then picks the next controller.

@@ -83,6 +83,11 @@ impl Node {
         Ok(())
     }
 
+    /// Everything `setup` did, again (as at an agent restart).
+    pub fn setup_again(&mut self) -> TestResult {
+        self.setup()
+    }
+
     /// Program the peers the node's mode calls for.
     pub fn sync(&self, peers: &[(Subnet, Ipv4Addr)]) -> TestResult<RouteSync> {
         match self.mode {
