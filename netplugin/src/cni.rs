@@ -203,6 +203,23 @@ impl CniNetwork {
         Ok(())
     }
 
+    /// The containers with a kept ADD result.
+    pub fn attached(&self) -> Vec<String> {
+        std::fs::read_dir(&self.state_dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| {
+                        e.file_name()
+                            .to_str()
+                            .and_then(|n| n.strip_suffix(".json"))
+                            .map(String::from)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The address ADD gave `id`, from the kept result.
     pub fn address_of(&self, id: &str) -> Option<Ipv4Addr> {
         let bytes = std::fs::read(self.result_path(id)).ok()?;

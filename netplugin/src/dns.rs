@@ -7,8 +7,10 @@
 //! domains `<their namespace>.svc.tug svc.tug`, so `web` finds the service of their own namespace
 //! first. An unknown name under `svc.tug` is NXDOMAIN without asking upstream. Answers carry a
 //! short TTL: endpoints change as replicas come and go. Messages are parsed and built with the
-//! `simple-dns` crate; UDP only (service answers are small; forwarded answers that need TCP come
-//! back truncated and the client retries upstream's way).
+//! `simple-dns` crate. UDP only: a service answer that does not fit 512 bytes is cut and marked
+//! truncated, and so are large forwarded answers (as upstream sent them); there is no TCP
+//! fallback yet. Only the node's containers (and loopback) are answered, and at most 256
+//! forwarded queries are in flight.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -18,6 +20,8 @@ use std::time::Duration;
 use simple_dns::rdata::{A, RData};
 use simple_dns::{CLASS, Name, Packet, PacketFlag, QTYPE, RCODE, ResourceRecord, TYPE};
 use tokio::net::UdpSocket;
+
+use crate::subnet::Subnet;
 
 /// The cluster's DNS domain.
 pub const DOMAIN: &str = "svc.tug";
@@ -90,9 +94,22 @@ pub fn nameservers(resolv_conf: &str) -> Vec<SocketAddr> {
         .collect()
 }
 
-/// Answer queries on `socket` until the future is dropped.
-pub async fn serve(socket: UdpSocket, table: Arc<DnsTable>, upstreams: Arc<Vec<SocketAddr>>) {
+/// Queries forwarded upstream at once; more are dropped (the client retries).
+const MAX_FORWARDS: usize = 256;
+/// Largest answer over UDP without EDNS.
+const UDP_LIMIT: usize = 512;
+
+/// Answer queries from `clients` (the node's containers) on `socket` until the future is dropped.
+/// Anyone else is ignored: the server must not be an open resolver for whoever can route to the
+/// bridge address.
+pub async fn serve(
+    socket: UdpSocket,
+    clients: Subnet,
+    table: Arc<DnsTable>,
+    upstreams: Arc<Vec<SocketAddr>>,
+) {
     let socket = Arc::new(socket);
+    let forwards = Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS));
     let mut buf = vec![0u8; 4096];
     loop {
         let (len, from) = match socket.recv_from(&mut buf).await {
@@ -102,15 +119,27 @@ pub async fn serve(socket: UdpSocket, table: Arc<DnsTable>, upstreams: Arc<Vec<S
                 continue;
             }
         };
+        let allowed = match from.ip() {
+            std::net::IpAddr::V4(ip) => clients.contains(ip) || ip.is_loopback(),
+            std::net::IpAddr::V6(ip) => ip.is_loopback(),
+        };
+        if !allowed {
+            continue;
+        }
         let query = &buf[..len];
         match answer(query, &table) {
             Answer::Local(reply) => {
                 let _ = socket.send_to(&reply, from).await;
             }
             Answer::Forward => {
+                let Ok(permit) = forwards.clone().try_acquire_owned() else {
+                    tracing::debug!("too many DNS queries in flight upstream; dropping one");
+                    continue;
+                };
                 let (socket, upstreams, query) =
                     (socket.clone(), upstreams.clone(), query.to_vec());
                 tokio::spawn(async move {
+                    let _permit = permit;
                     if let Some(reply) = forward(&query, &upstreams).await {
                         let _ = socket.send_to(&reply, from).await;
                     }
@@ -168,8 +197,16 @@ fn answer(query: &[u8], table: &DnsTable) -> Answer {
             }
         }
     }
-    match reply.build_bytes_vec() {
-        Ok(bytes) => Answer::Local(bytes),
+    match reply.build_bytes_vec_compressed() {
+        Ok(bytes) if bytes.len() <= UDP_LIMIT => Answer::Local(bytes),
+        Ok(_) => {
+            // Too many replicas for one UDP answer: the first ones, marked truncated.
+            reply.answers.truncate(UDP_LIMIT / 20);
+            reply.set_flags(PacketFlag::TRUNCATION);
+            reply
+                .build_bytes_vec_compressed()
+                .map_or(Answer::Drop, Answer::Local)
+        }
         Err(_) => Answer::Drop,
     }
 }

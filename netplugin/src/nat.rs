@@ -11,8 +11,9 @@
 //!   anywhere outside the cluster CIDR, so it leaves with the node's address.
 //! - `nat TUG-HOSTPORTS` (from PREROUTING and OUTPUT, for local destination addresses): one DNAT
 //!   rule per published port, commented `tug:<container id>` so it is found again by id.
-//! - `filter TUG-FORWARD` (from FORWARD): accept traffic to and from the cluster CIDR, so a
-//!   host firewall's DROP policy does not cut containers off.
+//! - `filter TUG-FORWARD` (from FORWARD): accept traffic from the cluster CIDR, and to it only
+//!   what answers it or what a published port sent there, so a host firewall's DROP policy does
+//!   not cut containers off and does not open their unpublished ports either.
 //!
 //! Every function works in the network namespace of the calling thread (the iptables command is
 //! a child process, which starts in its parent thread's namespace), and a process-wide lock keeps
@@ -115,18 +116,32 @@ pub fn setup_nat(subnet: Subnet, cluster_cidr: Subnet) -> Result<()> {
         "MASQUERADE",
     ])?;
     iptables(&["-t", "filter", "-F", FORWARD_CHAIN])?;
-    for dir in ["-s", "-d"] {
-        iptables(&[
-            "-t",
-            "filter",
-            "-A",
-            FORWARD_CHAIN,
-            dir,
-            &cidr,
-            "-j",
-            "ACCEPT",
-        ])?;
-    }
+    // From containers anywhere; to containers only what answers them or what a published port
+    // sent there (DNAT): a host that routes to the node does not reach unpublished ports.
+    iptables(&[
+        "-t",
+        "filter",
+        "-A",
+        FORWARD_CHAIN,
+        "-s",
+        &cidr,
+        "-j",
+        "ACCEPT",
+    ])?;
+    iptables(&[
+        "-t",
+        "filter",
+        "-A",
+        FORWARD_CHAIN,
+        "-d",
+        &cidr,
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "RELATED,ESTABLISHED,DNAT",
+        "-j",
+        "ACCEPT",
+    ])?;
     tracing::debug!(%subnet, %cluster_cidr, "NAT rules set up");
     Ok(())
 }
@@ -162,7 +177,16 @@ pub fn publish(id: &str, address: Ipv4Addr, ports: &[PortMapping]) -> Result<()>
         return Ok(());
     }
     let _guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let existing = list_published()?;
+    let mut existing = list_published()?;
+    // Rules of this container for another address (it was attached again and got a new one)
+    // go first.
+    for old in existing
+        .iter()
+        .filter(|r| r.id == id && r.address != address)
+    {
+        delete_rule(&old.spec)?;
+    }
+    existing.retain(|r| r.id != id || r.address == address);
     let mut seen = Vec::new();
     for p in ports {
         if p.host_port == 0 || p.container_port == 0 {

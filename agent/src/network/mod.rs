@@ -11,8 +11,10 @@
 
 mod etc;
 
+use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -119,6 +121,8 @@ pub struct NodeNetwork {
     dns_server: Mutex<Option<(Ipv4Addr, JoinHandle<()>)>>,
     /// Why the last setup failed, for tasks that cannot be attached meanwhile.
     failure: Mutex<Option<String>>,
+    /// The revision of the newest network map applied.
+    map_revision: AtomicU64,
 }
 
 impl Drop for NodeNetwork {
@@ -150,6 +154,7 @@ impl NodeNetwork {
             dns: Arc::new(DnsTable::default()),
             dns_server: Mutex::new(None),
             failure: Mutex::new(None),
+            map_revision: AtomicU64::new(0),
         };
         if mode == NetworkMode::None {
             return Ok(net);
@@ -160,7 +165,12 @@ impl NodeNetwork {
             source,
         })?;
         if let Some(saved) = net.load()? {
-            net.set_up(saved).await?;
+            // Failing here must not keep the agent from supervising what it runs: tasks that
+            // need the network fail with the reason, and registration tries again.
+            if let Err(e) = net.set_up(saved).await {
+                tracing::error!(cause = %e, subnet = %saved.subnet, "cannot set up the saved node network");
+                net.set_failure(e.to_string());
+            }
         }
         Ok(net)
     }
@@ -200,8 +210,15 @@ impl NodeNetwork {
             subnet: parse(subnet)?,
             cluster_cidr: parse(cluster_cidr)?,
         };
-        if *self.lock_state() == Some(wanted) {
+        let had = *self.lock_state();
+        if had == Some(wanted) {
             return Ok(());
+        }
+        let saved_before = self.load()?;
+        if let Some(old) = saved_before.filter(|old| old.subnet != wanted.subnet) {
+            // The node was given another subnet (it was removed from the cluster and came
+            // back): the old addresses mean nothing in the new one.
+            self.forget_addresses(old.subnet);
         }
         self.set_up(wanted).await?;
         self.save(wanted)
@@ -243,7 +260,8 @@ impl NodeNetwork {
             tracing::info!(file = %loaded.file.display(), network = %loaded.name, "containers are attached by CNI plugins");
             *self.cni.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(loaded));
         }
-        self.start_dns(saved.subnet.gateway()).await?;
+        self.start_dns(saved.subnet.gateway(), saved.subnet.prefix())
+            .await?;
         *self.lock_state() = Some(saved);
         *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
         tracing::info!(subnet = %saved.subnet, mode = ?self.mode, mtu = node.mtu, "node network set up");
@@ -266,7 +284,7 @@ impl NodeNetwork {
     }
 
     /// Serve DNS at the bridge address (again, if the address changed).
-    async fn start_dns(&self, at: Ipv4Addr) -> Result<(), NetworkError> {
+    async fn start_dns(&self, at: Ipv4Addr, subnet_prefix: u8) -> Result<(), NetworkError> {
         if self.lock_dns().as_ref().is_some_and(|(a, _)| *a == at) {
             return Ok(());
         }
@@ -277,11 +295,33 @@ impl NodeNetwork {
         let upstreams = std::fs::read_to_string("/etc/resolv.conf")
             .map(|t| dns::nameservers(&t))
             .unwrap_or_default();
-        let task = tokio::spawn(dns::serve(socket, self.dns.clone(), Arc::new(upstreams)));
+        let clients = Subnet::new(at, subnet_prefix)?;
+        let task = tokio::spawn(dns::serve(
+            socket,
+            clients,
+            self.dns.clone(),
+            Arc::new(upstreams),
+        ));
         if let Some((_, old)) = self.lock_dns().replace((at, task)) {
             old.abort();
         }
         Ok(())
+    }
+
+    /// Drops the IPAM state of `old` (and kept CNI results): their containers were stopped with
+    /// the node's removal, and `del` still removes their veths by name.
+    fn forget_addresses(&self, old: Subnet) {
+        for dir in [self.dir.join("ipam"), self.dir.join("cni")] {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {
+                    tracing::warn!(%old, dir = %dir.display(), "the node has a new subnet: addresses of the old one forgotten")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), cause = %e, "cannot forget the old subnet's addresses")
+                }
+            }
+        }
     }
 
     fn node_file(&self) -> PathBuf {
@@ -321,6 +361,14 @@ impl NodeNetwork {
             })
     }
 
+    /// A session began at the controller's `revision`: a cluster rebuilt from scratch counts
+    /// revisions from 1 again, so older maps count again.
+    pub fn session_started(&self, revision: u64) {
+        if revision < self.map_revision.load(Ordering::SeqCst) {
+            self.map_revision.store(0, Ordering::SeqCst);
+        }
+    }
+
     /// Remember why setting the node up failed.
     pub fn set_failure(&self, why: String) {
         *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
@@ -355,9 +403,18 @@ impl NodeNetwork {
         let address = match self.cni_network() {
             Some(cni) => {
                 let (id, netns) = (req.id.clone(), req.netns_path.clone());
-                tokio::task::spawn_blocking(move || cni.add(&id, &netns, CONTAINER_IFNAME))
-                    .await
-                    .map_err(|e| NetworkError::Internal(e.to_string()))??
+                tokio::task::spawn_blocking(move || {
+                    // A restart attaches a new namespace: what the old one held goes first
+                    // (host-local refuses a second lease for the same container).
+                    if cni.address_of(&id).is_some()
+                        && let Err(e) = cni.del(&id, &netns, CONTAINER_IFNAME)
+                    {
+                        tracing::warn!(container = %id, cause = %e, "CNI DEL before a re-attach failed");
+                    }
+                    cni.add(&id, &netns, CONTAINER_IFNAME)
+                })
+                .await
+                .map_err(|e| NetworkError::Internal(e.to_string()))??
             }
             None => tug_netplugin::add(&net).await?.address,
         };
@@ -403,18 +460,54 @@ impl NodeNetwork {
             return Ok(());
         }
         let id2 = id.to_string();
-        tokio::task::spawn_blocking(move || nat::unpublish(&id2))
+        // Both halves run whatever the other did; the first error is returned.
+        let unpublished = tokio::task::spawn_blocking(move || nat::unpublish(&id2))
             .await
-            .map_err(|e| NetworkError::Internal(e.to_string()))??;
+            .map_err(|e| NetworkError::Internal(e.to_string()))
+            .and_then(|r| r.map(|_| ()).map_err(NetworkError::from));
         // The namespace is gone by now; CNI plugins are told its old path all the same.
         let netns = self.dir.join("gone");
-        match self.container_net(id, netns) {
-            Ok(net) => self.remove_container_net(net).await?,
+        let removed = match self.container_net(id, netns) {
+            Ok(net) => self.remove_container_net(net).await,
             // Never set up: nothing was attached.
-            Err(NetworkError::NotReady | NetworkError::SetupFailed(_)) => {}
-            Err(e) => return Err(e),
+            Err(NetworkError::NotReady | NetworkError::SetupFailed(_)) => Ok(()),
+            Err(e) => Err(e),
+        };
+        unpublished.and(removed)
+    }
+
+    /// Releases what containers that no longer exist still hold (an agent killed between
+    /// removing a container and detaching it): addresses, veths, published ports, CNI leases.
+    /// Run before any container is created, with every container the runtime knows.
+    pub async fn collect_garbage(&self, live: &BTreeSet<String>) {
+        if !self.enabled() || self.lock_state().is_none() {
+            return;
         }
-        Ok(())
+        let mut stale: BTreeSet<String> = BTreeSet::new();
+        if let Ok(published) = tokio::task::spawn_blocking(nat::published).await {
+            stale.extend(published.unwrap_or_default().into_iter().map(|p| p.id));
+        }
+        match self.cni_network() {
+            Some(cni) => stale.extend(cni.attached()),
+            None => {
+                if let Some(saved) = *self.lock_state()
+                    && let Ok(ipam) = tug_netplugin::Ipam::open(self.dir.join("ipam"), saved.subnet)
+                {
+                    stale.extend(ipam.allocations().unwrap_or_default().into_keys());
+                }
+            }
+        }
+        stale.retain(|id| !live.contains(id));
+        for id in stale {
+            match self.detach(&id).await {
+                Ok(()) => {
+                    tracing::info!(container = %id, "released the network of a container that is gone")
+                }
+                Err(e) => {
+                    tracing::warn!(container = %id, cause = %e, "cannot release the network of a container that is gone")
+                }
+            }
+        }
     }
 
     /// The address a container holds (after an agent restart: from IPAM).
@@ -429,8 +522,18 @@ impl NodeNetwork {
             .ok()?
     }
 
-    /// Program the peers and the DNS table from the controller's map.
+    /// Program the peers and the DNS table from the controller's map. A map from before the
+    /// cluster network was known, or older than one applied already (a lagging replica), is
+    /// ignored; peers that cannot be routed (outside the cluster CIDR, overlapping this node's
+    /// or another peer's subnet, a node address inside the CIDR) are left out, not the whole map.
     pub async fn sync(&self, map: &NetworkMap) -> Result<(), NetworkError> {
+        if map.cluster_cidr.is_empty() {
+            return Ok(());
+        }
+        let newest = self.map_revision.fetch_max(map.revision, Ordering::SeqCst);
+        if map.revision < newest {
+            return Ok(());
+        }
         let services = map.services.iter().map(|s| {
             let addrs: Vec<Ipv4Addr> = s.addresses.iter().filter_map(|a| a.parse().ok()).collect();
             (s.namespace.as_str(), s.name.as_str(), addrs)
@@ -439,12 +542,22 @@ impl NodeNetwork {
         let Some(saved) = *self.lock_state() else {
             return Ok(());
         };
-        let peers: Vec<(Subnet, Ipv4Addr)> = map
-            .peers
-            .iter()
-            .filter_map(|p| Some((p.subnet.parse().ok()?, p.node_ip.parse().ok()?)))
-            .filter(|(subnet, _)| *subnet != saved.subnet)
-            .collect();
+        let mut peers: Vec<(Subnet, Ipv4Addr)> = Vec::new();
+        for p in &map.peers {
+            let (Ok(subnet), Ok(ip)) = (p.subnet.parse::<Subnet>(), p.node_ip.parse::<Ipv4Addr>())
+            else {
+                continue;
+            };
+            let routable = saved.cluster_cidr.contains_subnet(&subnet)
+                && !subnet.overlaps(&saved.subnet)
+                && !saved.cluster_cidr.contains(ip)
+                && !peers.iter().any(|(other, _)| other.overlaps(&subnet));
+            if routable {
+                peers.push((subnet, ip));
+            } else if subnet != saved.subnet {
+                tracing::warn!(peer = %p.name, %subnet, node_ip = %ip, "peer left out: it cannot be routed");
+            }
+        }
         let _one = self.setup.lock().await;
         let cfg = HostGwConfig {
             cluster_cidr: saved.cluster_cidr,

@@ -183,16 +183,19 @@ pub async fn run(
         )
         .map_err(WorkerError::Metrics)?,
     );
-    let node_ip = match cfg.node_ip {
-        Some(ip) => ip,
-        None => node::host_ipv4(&address).ok_or_else(|| {
-            WorkerError::Network(NetworkError::Internal(format!(
+    // The node's own address matters only with a container network (peers route to it).
+    let node_ip = cfg.node_ip.or_else(|| node::host_ipv4(&address));
+    let network_ip = match (cfg.network_mode, node_ip) {
+        (NetworkMode::None, _) => Ipv4Addr::UNSPECIFIED,
+        (_, Some(ip)) => ip,
+        (_, None) => {
+            return Err(WorkerError::Network(NetworkError::Internal(format!(
                 "the advertised address {address} has no IPv4 host: pass --node-ip"
-            )))
-        })?,
+            ))));
+        }
     };
     let network = Arc::new(
-        NodeNetwork::open(cfg.network_mode, cfg.cni.clone(), &cfg.data_dir, node_ip)
+        NodeNetwork::open(cfg.network_mode, cfg.cni.clone(), &cfg.data_dir, network_ip)
             .await
             .map_err(WorkerError::Network)?,
     );
@@ -209,7 +212,7 @@ pub async fn run(
                 (cfg.capacity_cpu_millis, cfg.capacity_memory_bytes),
                 cfg.oci_runtime.as_deref(),
                 metrics_address,
-                node_ip,
+                (node_ip, cfg.network_mode != NetworkMode::None),
             )
         })
         .await
@@ -217,6 +220,17 @@ pub async fn run(
     };
     tracing::info!(node = %description.name, address = %description.address, metrics = %description.metrics_address, runtime = %description.runtime_version, "agent starting");
 
+    {
+        // Before any runner creates a container: what the runtime lists is every container.
+        let rt = ctx.runtime.clone();
+        let live: BTreeSet<String> = ctx::blocking(move || rt.list())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|states| states.into_iter().map(|s| s.id).collect())
+            .unwrap_or_default();
+        ctx.network.collect_garbage(&live).await;
+    }
     let worker = Arc::new(core::Worker::start(ctx.clone()).await);
     let stop = CancellationToken::new();
     let sessions = tokio::spawn(session::run(

@@ -86,7 +86,7 @@ pub(crate) fn describe(
     (capacity_cpu_millis, capacity_memory_bytes): (Option<u64>, Option<u64>),
     oci_runtime: Option<&Path>,
     metrics_address: Option<String>,
-    node_ip: std::net::Ipv4Addr,
+    (node_ip, container_network): (Option<std::net::Ipv4Addr>, bool),
 ) -> NodeDescription {
     let platform = Platform::host();
     NodeDescription {
@@ -102,7 +102,8 @@ pub(crate) fn describe(
         os: platform.os,
         arch: platform.architecture,
         metrics_address: metrics_address.unwrap_or_default(),
-        node_ip: node_ip.to_string(),
+        node_ip: node_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        container_network,
     }
 }
 
@@ -130,7 +131,7 @@ mod tests {
             (None, Some(1 << 30)),
             None,
             Some("10.0.0.1:7443".into()),
-            std::net::Ipv4Addr::new(10, 0, 0, 1),
+            (Some(std::net::Ipv4Addr::new(10, 0, 0, 1)), true),
         );
         assert_eq!(d.name, "n1");
         let cap = d.capacity.unwrap_or_default();

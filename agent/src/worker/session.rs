@@ -116,6 +116,7 @@ async fn session(
         ms => Duration::from_millis(ms),
     };
     tracing::info!(controller = %address, session = %registered.session_id, ?period, subnet = %registered.subnet, "registered");
+    worker.ctx.network.session_started(registered.revision);
     if let Err(e) = worker
         .ctx
         .network

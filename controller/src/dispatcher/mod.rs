@@ -147,7 +147,7 @@ impl Dispatcher for DispatcherApi {
                 .is_some_and(|n| {
                     n.state() == NodeState::Ready
                         && n.description.as_ref() == Some(&desc)
-                        && !n.subnet.is_empty()
+                        && (!desc.container_network || !n.subnet.is_empty())
                 });
             let revision = if unchanged {
                 self.handle.store().read().revision()

@@ -238,6 +238,7 @@ mod tests {
             node: tug_api::v1::NodeDescription {
                 name: name.into(),
                 address: "10.0.0.1:7441".into(),
+                container_network: name != "plain",
                 ..Default::default()
             },
             now_ms: 0,
@@ -291,6 +292,8 @@ mod tests {
         );
         assert_eq!(register(&restored, 9, "c")?, "10.88.1.0/24");
         assert_eq!(register(&restored, 10, "a")?, "10.88.0.0/24");
+        // The CIDR is full again, but a node without a container network still registers.
+        assert_eq!(register(&restored, 11, "plain")?, "");
         Ok(())
     }
 

@@ -44,6 +44,8 @@ impl Store {
             .unwrap_or_default();
         let subnet = if !old_subnet.is_empty() {
             old_subnet
+        } else if !description.container_network {
+            String::new()
         } else if let Some(network) = network.or(self.subnets.network()) {
             // Settling first is harmless if the allocation fails: the first registration cannot
             // find the pool full.

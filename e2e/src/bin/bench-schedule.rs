@@ -141,8 +141,6 @@ async fn scenario(tug: &PathBuf, args: &Args, nodes: usize, tasks: usize) -> Res
         .args(["controller", "--id", "1", "--listen", &addr])
         .args(["--peers", &format!("1={addr}")])
         .args(["--heartbeat-period", &args.heartbeat])
-        // Room for a subnet per simulated node (10,000 and more: /8 in /24s holds 65,536).
-        .args(["--cluster-cidr", "10.0.0.0/8"])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
