@@ -130,12 +130,6 @@ async fn lead(handle: &NodeHandle, sessions: &Sessions, cfg: &OrchestratorConfig
             dirty = Dirty::All;
             continue;
         }
-        if !dirty.is_clean() {
-            // A pass stopped at its size limit: the rest follows at once, not after the next
-            // change or tick (with nothing else happening, that was up to half a heartbeat
-            // period per pass).
-            continue;
-        }
         let tick = cfg.heartbeat_period / 2;
         let next = async {
             match watcher.as_mut() {
