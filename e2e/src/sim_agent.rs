@@ -28,10 +28,12 @@ pub struct SimAgentConfig {
     pub labels: HashMap<String, String>,
     pub cpu_millis: u64,
     pub memory_bytes: u64,
-    /// Heartbeats go over this connection when set, else over the session's. Agents sharing a
-    /// connection share its HTTP/2 flow-control window: assignment data they have not read yet
-    /// can hold back every heartbeat answer on it, and live nodes would be declared down.
-    pub heartbeat_channel: Option<Channel>,
+    /// Heartbeats and status reports go over this connection when set, else over the session's.
+    /// Agents sharing a connection share its HTTP/2 flow-control window: assignment data they
+    /// have not read yet holds back every answer on it. An agent waiting for its report's answer
+    /// does not read its stream, so with reports on the stream connection, agents sharing it can
+    /// wait for each other forever (and heartbeat answers stall: live nodes go down).
+    pub unary_channel: Option<Channel>,
 }
 
 impl SimAgentConfig {
@@ -41,7 +43,7 @@ impl SimAgentConfig {
             labels: HashMap::new(),
             cpu_millis: 4000,
             memory_bytes: 8 << 30,
-            heartbeat_channel: None,
+            unary_channel: None,
         }
     }
 }
@@ -213,13 +215,15 @@ async fn session(
         })
         .await?
         .into_inner();
+    // Unary calls on their own connection when there is one (see `unary_channel`).
+    let mut unary = match &cfg.unary_channel {
+        Some(channel) => DispatcherClient::new(channel.clone()),
+        None => client.clone(),
+    };
     // Heartbeats run on their own task, as a real agent's do: a slow status report must not
     // delay them (the node would be declared down).
     let mut beats = AbortOnDrop(tokio::spawn({
-        let mut client = match &cfg.heartbeat_channel {
-            Some(channel) => DispatcherClient::new(channel.clone()),
-            None => client.clone(),
-        };
+        let mut client = unary.clone();
         let (node, session_id, paused) = (cfg.name.clone(), session_id.clone(), paused.clone());
         async move {
             let mut tick = tokio::time::interval(period);
@@ -255,7 +259,7 @@ async fn session(
                         .iter()
                         .filter(|u| u.status.as_ref().is_some_and(|s| s.state() == TaskState::Running))
                         .count();
-                    client
+                    unary
                         .report_status(ReportStatusRequest {
                             node: cfg.name.clone(),
                             session_id: session_id.clone(),

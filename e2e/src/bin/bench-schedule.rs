@@ -159,8 +159,8 @@ async fn scenario(tug: &PathBuf, args: &Args, nodes: usize, tasks: usize) -> Res
                 .await?,
         );
     }
-    // Heartbeats on connections of their own, as a real agent's are: no assignment data queues
-    // in front of them.
+    // Heartbeats and status reports on connections of their own: no assignment data queues in
+    // front of their answers (see `SimAgentConfig::unary_channel`).
     let mut beat_channels = Vec::new();
     for _ in 0..nodes.div_ceil(AGENTS_PER_CHANNEL * 4) {
         beat_channels.push(
@@ -173,7 +173,7 @@ async fn scenario(tug: &PathBuf, args: &Args, nodes: usize, tasks: usize) -> Res
     let agents: Vec<SimAgent> = (0..nodes)
         .map(|i| {
             let mut cfg = SimAgentConfig::new(&format!("sim-{i:05}"));
-            cfg.heartbeat_channel = Some(beat_channels[i / (AGENTS_PER_CHANNEL * 4)].clone());
+            cfg.unary_channel = Some(beat_channels[i / (AGENTS_PER_CHANNEL * 4)].clone());
             cfg.labels.insert("zone".into(), format!("z{}", i % 3));
             cfg.cpu_millis = 64_000;
             cfg.memory_bytes = 256 << 30;
