@@ -7,10 +7,11 @@
 //! domains `<their namespace>.svc.tug svc.tug`, so `web` finds the service of their own namespace
 //! first. An unknown name under `svc.tug` is NXDOMAIN without asking upstream. Answers carry a
 //! short TTL: endpoints change as replicas come and go. Messages are parsed and built with the
-//! `simple-dns` crate. UDP only: a service answer that does not fit 512 bytes is cut and marked
-//! truncated, and so are large forwarded answers (as upstream sent them); there is no TCP
-//! fallback yet. Only the node's containers (and loopback) are answered, and at most 256
-//! forwarded queries are in flight.
+//! `simple-dns` crate. Over UDP, a service answer that does not fit 512 bytes is cut and marked
+//! truncated (so are large forwarded answers, as upstream sent them), and the client asks again
+//! over TCP ([`serve_tcp`]), where answers go whole and other names are forwarded over TCP. Only
+//! the node's containers (and loopback) are answered; at most 256 UDP forwards and 64 TCP
+//! connections are served at once.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -127,7 +128,7 @@ pub async fn serve(
             continue;
         }
         let query = &buf[..len];
-        match answer(query, &table) {
+        match answer(query, &table, UDP_LIMIT) {
             Answer::Local(reply) => {
                 let _ = socket.send_to(&reply, from).await;
             }
@@ -150,13 +151,104 @@ pub async fn serve(
     }
 }
 
+/// Most TCP connections served at once.
+const MAX_TCP_CONNECTIONS: usize = 64;
+/// A TCP connection idle this long is closed.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// Answer length-prefixed queries over TCP (RFC 7766) from `clients` on `listener`, for answers
+/// that do not fit UDP; other names are forwarded to the upstreams over TCP.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    clients: Subnet,
+    table: Arc<DnsTable>,
+    upstreams: Arc<Vec<SocketAddr>>,
+) {
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CONNECTIONS));
+    loop {
+        let Ok((conn, from)) = listener.accept().await else {
+            continue;
+        };
+        let allowed = match from.ip() {
+            std::net::IpAddr::V4(ip) => clients.contains(ip) || ip.is_loopback(),
+            std::net::IpAddr::V6(ip) => ip.is_loopback(),
+        };
+        if !allowed {
+            continue;
+        }
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            continue;
+        };
+        let (table, upstreams) = (table.clone(), upstreams.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = tcp_connection(conn, &table, &upstreams).await {
+                tracing::debug!(cause = %e, "DNS over TCP connection ended");
+            }
+        });
+    }
+}
+
+async fn tcp_connection(
+    mut conn: tokio::net::TcpStream,
+    table: &DnsTable,
+    upstreams: &[SocketAddr],
+) -> std::io::Result<()> {
+    loop {
+        let Ok(query) = tokio::time::timeout(TCP_IDLE, read_framed(&mut conn)).await else {
+            return Ok(());
+        };
+        let query = query?;
+        let reply = match answer(&query, table, usize::from(u16::MAX)) {
+            Answer::Local(reply) => Some(reply),
+            Answer::Forward => forward_tcp(&query, upstreams).await,
+            Answer::Drop => return Ok(()),
+        };
+        if let Some(reply) = reply {
+            write_framed(&mut conn, &reply).await?;
+        }
+    }
+}
+
+async fn read_framed(conn: &mut tokio::net::TcpStream) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let len = conn.read_u16().await?;
+    let mut buf = vec![0u8; usize::from(len)];
+    conn.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_framed(conn: &mut tokio::net::TcpStream, message: &[u8]) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let len = u16::try_from(message.len())
+        .map_err(|_| std::io::Error::other("DNS message longer than 65535 bytes"))?;
+    conn.write_all(&len.to_be_bytes()).await?;
+    conn.write_all(message).await
+}
+
+async fn forward_tcp(query: &[u8], upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
+    for upstream in upstreams {
+        let exchange = async {
+            let mut conn = tokio::net::TcpStream::connect(upstream).await?;
+            write_framed(&mut conn, query).await?;
+            read_framed(&mut conn).await
+        };
+        match tokio::time::timeout(UPSTREAM_TIMEOUT, exchange).await {
+            Ok(Ok(reply)) => return Some(reply),
+            _ => tracing::debug!(%upstream, "no DNS answer over TCP from upstream"),
+        }
+    }
+    None
+}
+
 enum Answer {
     Local(Vec<u8>),
     Forward,
     Drop,
 }
 
-fn answer(query: &[u8], table: &DnsTable) -> Answer {
+/// The answer to `query`; a local answer longer than `limit` bytes is cut and marked truncated.
+fn answer(query: &[u8], table: &DnsTable, limit: usize) -> Answer {
     let Ok(packet) = Packet::parse(query) else {
         return Answer::Drop;
     };
@@ -198,10 +290,10 @@ fn answer(query: &[u8], table: &DnsTable) -> Answer {
         }
     }
     match reply.build_bytes_vec_compressed() {
-        Ok(bytes) if bytes.len() <= UDP_LIMIT => Answer::Local(bytes),
+        Ok(bytes) if bytes.len() <= limit => Answer::Local(bytes),
         Ok(_) => {
-            // Too many replicas for one UDP answer: the first ones, marked truncated.
-            reply.answers.truncate(UDP_LIMIT / 20);
+            // Too many replicas for one answer: the first ones, marked truncated.
+            reply.answers.truncate(limit / 20);
             reply.set_flags(PacketFlag::TRUNCATION);
             reply
                 .build_bytes_vec_compressed()
@@ -268,6 +360,55 @@ mod tests {
         (p.rcode(), addrs)
     }
 
+    fn answer_udp(query: &[u8], table: &DnsTable) -> Answer {
+        answer(query, table, UDP_LIMIT)
+    }
+
+    #[tokio::test]
+    async fn tcp_answers_length_prefixed_queries_from_clients_only()
+    -> Result<(), Box<dyn std::error::Error>> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let at = listener.local_addr()?;
+        let clients: Subnet = "10.88.0.0/24".parse()?;
+        let server = tokio::spawn(serve_tcp(
+            listener,
+            clients,
+            Arc::new(table()),
+            Arc::new(Vec::new()),
+        ));
+        let mut conn = tokio::net::TcpStream::connect(at).await?;
+        for _ in 0..2 {
+            let q = query("web", TYPE::A);
+            conn.write_all(&(q.len() as u16).to_be_bytes()).await?;
+            conn.write_all(&q).await?;
+            let len = conn.read_u16().await? as usize;
+            let mut reply = vec![0u8; len];
+            conn.read_exact(&mut reply).await?;
+            assert_eq!(addresses(&reply).1.len(), 2);
+        }
+        server.abort();
+        Ok(())
+    }
+
+    #[test]
+    fn big_answers_are_truncated_over_udp_and_whole_over_tcp() {
+        let t = DnsTable::default();
+        let many: Vec<Ipv4Addr> = (0..200u8).map(|i| Ipv4Addr::new(10, 88, 1, i)).collect();
+        t.set_services([("", "big", many)]);
+        let q = query("big", TYPE::A);
+        let Answer::Local(udp) = answer_udp(&q, &t) else {
+            panic!("not answered locally");
+        };
+        assert!(udp.len() <= UDP_LIMIT);
+        let parsed = Packet::parse(&udp).map(|p| p.has_flags(PacketFlag::TRUNCATION));
+        assert_eq!(parsed.ok(), Some(true));
+        let Answer::Local(tcp) = answer(&q, &t, usize::from(u16::MAX)) else {
+            panic!("not answered locally");
+        };
+        assert_eq!(addresses(&tcp).1.len(), 200);
+    }
+
     fn table() -> DnsTable {
         let t = DnsTable::default();
         t.set_services([
@@ -291,12 +432,12 @@ mod tests {
             "web.default.svc.tug.",
             "WEB.Default.SVC.tug",
         ] {
-            let Answer::Local(reply) = answer(&query(name, TYPE::A), &t) else {
+            let Answer::Local(reply) = answer_udp(&query(name, TYPE::A), &t) else {
                 panic!("{name} was not answered locally");
             };
             assert_eq!(addresses(&reply).1.len(), 2, "{name}");
         }
-        let Answer::Local(reply) = answer(&query("db.shop", TYPE::A), &t) else {
+        let Answer::Local(reply) = answer_udp(&query("db.shop", TYPE::A), &t) else {
             panic!("db.shop was not answered locally");
         };
         assert_eq!(
@@ -304,31 +445,34 @@ mod tests {
             (RCODE::NoError, vec![Ipv4Addr::new(10, 88, 2, 7)])
         );
         // Only the default namespace answers by bare name.
-        assert!(matches!(answer(&query("db", TYPE::A), &t), Answer::Forward));
+        assert!(matches!(
+            answer_udp(&query("db", TYPE::A), &t),
+            Answer::Forward
+        ));
     }
 
     #[test]
     fn unknown_cluster_names_are_nxdomain_and_others_are_forwarded() {
         let t = table();
-        let Answer::Local(reply) = answer(&query("nope.shop.svc.tug", TYPE::A), &t) else {
+        let Answer::Local(reply) = answer_udp(&query("nope.shop.svc.tug", TYPE::A), &t) else {
             panic!("not answered locally");
         };
         assert_eq!(addresses(&reply).0, RCODE::NameError);
         // A service without ready replicas: the name exists, with no address.
-        let Answer::Local(reply) = answer(&query("idle.shop.svc.tug", TYPE::A), &t) else {
+        let Answer::Local(reply) = answer_udp(&query("idle.shop.svc.tug", TYPE::A), &t) else {
             panic!("not answered locally");
         };
         assert_eq!(addresses(&reply), (RCODE::NoError, vec![]));
         // AAAA for a service: no IPv6 addresses, no error.
-        let Answer::Local(reply) = answer(&query("web", TYPE::AAAA), &t) else {
+        let Answer::Local(reply) = answer_udp(&query("web", TYPE::AAAA), &t) else {
             panic!("not answered locally");
         };
         assert_eq!(addresses(&reply), (RCODE::NoError, vec![]));
         assert!(matches!(
-            answer(&query("deb.debian.org", TYPE::A), &t),
+            answer_udp(&query("deb.debian.org", TYPE::A), &t),
             Answer::Forward
         ));
-        assert!(matches!(answer(b"garbage", &t), Answer::Drop));
+        assert!(matches!(answer_udp(b"garbage", &t), Answer::Drop));
     }
 
     #[test]

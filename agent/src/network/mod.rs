@@ -295,13 +295,16 @@ impl NodeNetwork {
         let upstreams = std::fs::read_to_string("/etc/resolv.conf")
             .map(|t| dns::nameservers(&t))
             .unwrap_or_default();
+        let tcp = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|source| NetworkError::Dns { address, source })?;
         let clients = Subnet::new(at, subnet_prefix)?;
-        let task = tokio::spawn(dns::serve(
-            socket,
-            clients,
-            self.dns.clone(),
-            Arc::new(upstreams),
-        ));
+        let upstreams = Arc::new(upstreams);
+        let udp = dns::serve(socket, clients, self.dns.clone(), upstreams.clone());
+        let tcp = dns::serve_tcp(tcp, clients, self.dns.clone(), upstreams);
+        let task = tokio::spawn(async move {
+            tokio::join!(udp, tcp);
+        });
         if let Some((_, old)) = self.lock_dns().replace((at, task)) {
             old.abort();
         }
