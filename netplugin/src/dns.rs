@@ -120,11 +120,7 @@ pub async fn serve(
                 continue;
             }
         };
-        let allowed = match from.ip() {
-            std::net::IpAddr::V4(ip) => clients.contains(ip) || ip.is_loopback(),
-            std::net::IpAddr::V6(ip) => ip.is_loopback(),
-        };
-        if !allowed {
+        if !is_client(from, clients) {
             continue;
         }
         let query = &buf[..len];
@@ -151,6 +147,14 @@ pub async fn serve(
     }
 }
 
+/// Whether a query from `from` is served: the node's containers and loopback only.
+fn is_client(from: SocketAddr, clients: Subnet) -> bool {
+    match from.ip() {
+        std::net::IpAddr::V4(ip) => clients.contains(ip) || ip.is_loopback(),
+        std::net::IpAddr::V6(ip) => ip.is_loopback(),
+    }
+}
+
 /// Most TCP connections served at once.
 const MAX_TCP_CONNECTIONS: usize = 64;
 /// A TCP connection idle this long is closed.
@@ -169,11 +173,7 @@ pub async fn serve_tcp(
         let Ok((conn, from)) = listener.accept().await else {
             continue;
         };
-        let allowed = match from.ip() {
-            std::net::IpAddr::V4(ip) => clients.contains(ip) || ip.is_loopback(),
-            std::net::IpAddr::V6(ip) => ip.is_loopback(),
-        };
-        if !allowed {
+        if !is_client(from, clients) {
             continue;
         }
         let Ok(permit) = connections.clone().try_acquire_owned() else {
