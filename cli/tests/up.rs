@@ -1,17 +1,18 @@
-//! `tug up`, the quick start's cluster: one process with a controller and this machine's agent.
+//! `tug up`, the quick start's cluster: one process with a controller and this machine's agent,
+//! on a test host (a network namespace) so its bridge and NAT rules stay off the machine's own.
 //! Runs the quick-start manifest (manifests/hello.yaml, its image served by a test registry),
 //! follows the rollout until both replicas are healthy, runs a command in one, restarts `tug up`
 //! (the containers keep running, same PIDs), and deletes the service (no container left).
 
 use std::collections::HashMap;
 use std::error::Error;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tug_e2e::process::{self, ChildGuard};
-use tug_e2e::{Registry, RegistryOptions, TestImages};
+use tug_e2e::{Netns, Registry, RegistryOptions, TestImages, TestNet};
 
 type TestResult<T = ()> = Result<T, Box<dyn Error>>;
 
@@ -20,15 +21,14 @@ const HELLO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/hello.yam
 const WAIT: Duration = Duration::from_secs(60);
 
 struct Up {
+    /// The test host `tug up` runs on: a network namespace of its own, so its bridge, routes and
+    /// NAT rules never touch the machine's.
+    ns: Arc<Netns>,
     dir: tempfile::TempDir,
     registry: String,
     controller: String,
     agent: String,
     process: Option<ChildGuard>,
-}
-
-fn free_port() -> TestResult<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl Up {
@@ -41,16 +41,14 @@ impl Up {
             .create(true)
             .append(true)
             .open(self.dir.path().join("up.log"))?;
-        let mut cmd = Command::new(TUG);
+        // Only the network is the host's (setns): the agent needs the machine's cgroups.
+        let mut cmd = self.ns.enter_command(TUG)?;
         cmd.env("RUST_LOG", "info")
             .arg("--data-dir")
             .arg(self.data())
             .args(["--insecure-registry", &self.registry])
             .args(["up", "--listen", &self.controller])
             .args(["--agent-listen", &self.agent, "--name", "up-test"])
-            // This test runs in the machine's own network namespace: no bridge or NAT rules
-            // there (networking is tested in the test bed's namespaces: tests/network.rs).
-            .args(["--network-mode", "none"])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -59,7 +57,9 @@ impl Up {
     }
 
     fn tug(&self, args: &[&str]) -> TestResult<Output> {
-        Ok(Command::new(TUG)
+        Ok(self
+            .ns
+            .command(TUG)
             .env_remove("TUG_CONTROLLER")
             .arg("--data-dir")
             .arg(self.data())
@@ -113,15 +113,19 @@ fn wait(what: &str, check: impl FnMut() -> TestResult<bool>) -> TestResult {
 #[test]
 fn up_runs_the_quick_start_manifest_and_survives_a_restart() -> TestResult {
     TestImages::get()?;
-    let registry = Registry::start_with(RegistryOptions::default().with_images())?;
+    let mut net = TestNet::new(0)?;
+    net.add_host("up")?;
+    let host = net.host(0);
+    let registry = Registry::start_on(host, RegistryOptions::default().with_images())?;
     tug_e2e::cluster::sweep_stale("tug-up-", std::path::Path::new(TUG));
     let dir = tempfile::Builder::new().prefix("tug-up-").tempdir()?;
     tug_e2e::cluster::claim(dir.path())?;
     let mut up = Up {
         dir,
+        ns: host.netns().clone(),
         registry: registry.host_port(),
-        controller: format!("127.0.0.1:{}", free_port()?),
-        agent: format!("127.0.0.1:{}", free_port()?),
+        controller: "127.0.0.1:7440".into(),
+        agent: "127.0.0.1:7441".into(),
         process: None,
     };
     // The quick-start manifest, pointed at this test's registry.
@@ -143,6 +147,29 @@ fn up_runs_the_quick_start_manifest_and_survives_a_restart() -> TestResult {
     assert_eq!(up.containers().len(), 2);
     let served = up.ok(&["exec", "hello", "--", "cat", "/tmp/index.html"])?;
     assert!(served.starts_with("hello from "), "{served:?}");
+    // Each replica has its own address on the node's bridge and serves there.
+    let tasks: serde_json::Value =
+        serde_json::from_str(&up.ok(&["get", "tasks", "--service", "hello", "-o", "json"])?)?;
+    let addresses: Vec<String> = tasks
+        .as_array()
+        .map(|ts| {
+            ts.iter()
+                .filter_map(|t| t["status"]["address"].as_str().map(String::from))
+                .filter(|a| !a.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(addresses.len(), 2, "{tasks}");
+    for address in &addresses {
+        let out = up
+            .ns
+            .command("busybox")
+            .args(["wget", "-q", "-O", "-"])
+            .arg(format!("http://{address}:8080/index.html"))
+            .output()?;
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert!(body.starts_with("hello from "), "{address}: {body:?}");
+    }
     // Logs come from the agent that runs the task.
     let echo = up.dir.path().join("echo.yaml");
     std::fs::write(
@@ -160,7 +187,8 @@ fn up_runs_the_quick_start_manifest_and_survives_a_restart() -> TestResult {
     assert_eq!(logs.matches("logged-by-").count(), 2, "{logs}");
     // -f keeps streaming from the agent: it shows what is there, then waits for more.
     let mut follow = process::spawn(
-        Command::new(TUG)
+        up.ns
+            .command(TUG)
             .arg("--data-dir")
             .arg(up.data())
             .args(["--controller", &up.controller, "logs", "-f", "echo"])
