@@ -85,24 +85,20 @@ async fn session(
         })?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|source| SessionError::Connect {
-            address: address.into(),
-            source,
-        })?;
-    let mut client = DispatcherClient::new(channel);
+    let connect = || async {
+        endpoint
+            .connect()
+            .await
+            .map_err(|source| SessionError::Connect {
+                address: address.into(),
+                source,
+            })
+    };
+    let mut client = DispatcherClient::new(connect().await?);
     // Heartbeats get a connection of their own: on the session's, assignment data the worker has
     // not read yet fills the HTTP/2 flow-control window and can hold back heartbeat answers, and
     // a busy node would be declared down.
-    let beat_channel = endpoint
-        .connect()
-        .await
-        .map_err(|source| SessionError::Connect {
-            address: address.into(),
-            source,
-        })?;
+    let beat_channel = connect().await?;
     let registered = call(
         "Register",
         client.register(RegisterRequest {
