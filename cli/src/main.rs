@@ -11,6 +11,9 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    if let Some(code) = monitor_mode() {
+        return code;
+    }
     let cli = args::Cli::parse();
     logging::init(cli.global.log_format);
     match commands::run(cli) {
@@ -20,4 +23,25 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `tug __monitor STATE_DIR`, the per-container monitor that tug starts once per container
+/// (DESIGN.md): it skips the command-line parser, which builds the description of every
+/// subcommand, so that a container starts sooner and its monitor stays smaller. Any other
+/// command line, this one with more arguments included, goes to the parser.
+fn monitor_mode() -> Option<ExitCode> {
+    let mut argv = std::env::args_os().skip(1);
+    if argv.next()? != "__monitor" {
+        return None;
+    }
+    let (Some(dir), None) = (argv.next(), argv.next()) else {
+        return None;
+    };
+    let format = match std::env::var("TUG_LOG_FORMAT").as_deref() {
+        Ok("json") => args::LogFormat::Json,
+        _ => args::LogFormat::Human,
+    };
+    logging::init(format);
+    let code = tug_agent::runtime::monitor::main(std::path::Path::new(&dir));
+    Some(ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }

@@ -326,6 +326,13 @@ fn cpu_quota_and_limits_are_in_the_cgroup() -> TestResult {
         (64u64 << 20).to_string()
     );
     assert_eq!(read("pids", "pids.max")?, "20");
+    // The init joins its cgroup by itself (writing to each hierarchy's `tasks`): its
+    // processes are in every hierarchy, and in the same ones.
+    let procs = read("memory", "cgroup.procs")?;
+    assert!(!procs.is_empty(), "no process in the memory cgroup");
+    for ctrl in ["cpu", "cpuacct", "pids", "freezer"] {
+        assert_eq!(read(ctrl, "cgroup.procs")?, procs, "processes in the {ctrl} cgroup");
+    }
     assert_eq!(child.wait()?.code(), Some(0));
     bed.assert_clean(&n);
     Ok(())

@@ -186,7 +186,8 @@ impl Runtime {
         let mut byte = [0u8; 1];
         let _ = f.read(&mut byte);
         let _ = fs::remove_file(&fifo);
-        // The monitor records the start right after the process tells it.
+        // The built-in init releases `start` once the monitor has recorded it; with an
+        // external runtime the monitor records it after `RUNTIME start`.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let state = sd.read_state()?;

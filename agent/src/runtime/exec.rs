@@ -118,9 +118,8 @@ fn join_and_run(
     argv: &[CString],
     envp: &[CString],
 ) -> Result<i32, String> {
-    cgroup
-        .add_process(std::process::id() as i32)
-        .map_err(|e| e.to_string())?;
+    // This process has a single thread (see the caller).
+    cgroup.join_single_threaded().map_err(|e| e.to_string())?;
     for (f, flag) in namespaces {
         setns(f, *flag).map_err(|e| format!("join namespace {flag:?}: {e}"))?;
     }

@@ -2,11 +2,12 @@
 //! memory (the monitor has no other threads when it clones), inside the new pid, mount, uts,
 //! ipc and net namespaces:
 //!
-//! 1. wait until the monitor has put it into its cgroup, then unshare the cgroup namespace;
+//! 1. join its cgroup (v1: by itself; v2: the monitor moves it), unshare the cgroup namespace;
 //! 2. hostname, mounts, devices, pivot_root, masked and read-only paths;
 //! 3. find the executable, set rlimits, no_new_privs, user and capabilities;
 //! 4. tell the monitor "ok" (or "error: ...": one line, then exit);
-//! 5. block on `exec.fifo` until `start`, tell the monitor "start", install seccomp, exec.
+//! 5. block on `exec.fifo` until `start`, tell the monitor "start", wait until it has recorded
+//!    that, release `start`, install seccomp, exec.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -22,6 +23,7 @@ use nix::unistd::{AccessFlags, access, dup2_stderr, dup2_stdin, dup2_stdout, exe
 use oci_spec::runtime::Spec;
 use seccompiler::BpfProgram;
 
+use super::cgroups::v1::join_current_thread;
 use super::{mounts, seccomp, security};
 
 /// What the child needs, prepared by the monitor before it clones.
@@ -29,8 +31,9 @@ pub struct InitArgs {
     pub spec: Spec,
     pub rootfs: PathBuf,
     pub seccomp: Vec<BpfProgram>,
-    /// Read: one byte once the child is in its cgroup.
-    pub go: OwnedFd,
+    /// Read: a byte once the monitor has moved the child into its cgroup (v2 only), and one
+    /// once it has recorded the start.
+    pub from_monitor: OwnedFd,
     /// Write: "ok\n", "start\n" or "error: ...\n".
     pub sync: OwnedFd,
     pub stdout: OwnedFd,
@@ -52,14 +55,14 @@ impl std::fmt::Debug for InitArgs {
 pub fn run(args: InitArgs) -> isize {
     let mut sync = File::from(args.sync);
     let streams = Streams {
-        go: args.go,
+        from_monitor: args.from_monitor,
         stdout: args.stdout,
         stderr: args.stderr,
     };
     match setup(&args.spec, &args.rootfs, &args.cgroups, &streams) {
         Ok(exec) => {
             let _ = sync.write_all(b"ok\n");
-            match wait_and_exec(&args.fifo, &args.seccomp, exec, &mut sync) {
+            match wait_and_exec(&args.fifo, &args.seccomp, exec, &mut sync, &streams) {
                 Ok(never) => match never {},
                 Err(msg) => {
                     // After "ok" the monitor no longer waits for errors: say it in the log too
@@ -78,7 +81,7 @@ pub fn run(args: InitArgs) -> isize {
 }
 
 struct Streams {
-    go: OwnedFd,
+    from_monitor: OwnedFd,
     stdout: OwnedFd,
     stderr: OwnedFd,
 }
@@ -96,13 +99,7 @@ fn setup(
     cgroups: &mounts::CgroupView,
     streams: &Streams,
 ) -> Result<Exec, String> {
-    let mut go = [0u8; 1];
-    if nix::unistd::read(&streams.go, &mut go).map_err(|e| format!("wait for the monitor: {e}"))?
-        != 1
-    {
-        return Err("the monitor went away".into());
-    }
-    unshare(CloneFlags::CLONE_NEWCGROUP).map_err(|e| format!("new cgroup namespace: {e}"))?;
+    join_cgroup(cgroups, streams)?;
     super::netns::loopback_up()?;
     if let Some(h) = spec.hostname() {
         sethostname(h).map_err(|e| format!("set hostname {h:?}: {e}"))?;
@@ -144,6 +141,30 @@ fn setup(
     Ok(exec)
 }
 
+/// Into the container's cgroup, which becomes the root of a new cgroup namespace. On v1 the
+/// init moves itself (it has a single thread: see `cgroups::v1::join_current_thread` for why
+/// that is fast); on v2 the monitor moves it and says so.
+fn join_cgroup(cgroups: &mounts::CgroupView, streams: &Streams) -> Result<(), String> {
+    match cgroups {
+        mounts::CgroupView::V1(dirs) => {
+            join_current_thread(dirs.iter().map(|(_, dir)| dir.as_path()))
+                .map_err(|e| e.to_string())?;
+        }
+        mounts::CgroupView::V2 => wait_for_monitor(streams)?,
+    }
+    unshare(CloneFlags::CLONE_NEWCGROUP).map_err(|e| format!("new cgroup namespace: {e}"))
+}
+
+/// One byte from the monitor; EOF means it is gone.
+fn wait_for_monitor(streams: &Streams) -> Result<(), String> {
+    let mut byte = [0u8; 1];
+    match nix::unistd::read(&streams.from_monitor, &mut byte) {
+        Ok(1) => Ok(()),
+        Ok(_) => Err("the monitor went away".into()),
+        Err(e) => Err(format!("wait for the monitor: {e}")),
+    }
+}
+
 /// `name` if it has a '/', else the first executable `name` on the process's PATH.
 fn find_executable(name: &str, env: &[String]) -> Result<PathBuf, String> {
     let runnable = |p: &Path| p.is_file() && access(p, AccessFlags::X_OK).is_ok();
@@ -183,6 +204,7 @@ fn wait_and_exec(
     filters: &[BpfProgram],
     exec: Exec,
     sync: &mut File,
+    streams: &Streams,
 ) -> Result<std::convert::Infallible, String> {
     // Opening the fifo for writing blocks until `start` opens it for reading.
     let fifo_path = format!("/proc/self/fd/{}", fifo.as_raw_fd());
@@ -190,11 +212,13 @@ fn wait_and_exec(
         .write(true)
         .open(&fifo_path)
         .map_err(|e| format!("wait for start: {e}"))?;
+    // The monitor records the start first, so `start` returns with the container running.
+    sync.write_all(b"start\n")
+        .map_err(|e| format!("report start: {e}"))?;
+    wait_for_monitor(streams)?;
     fifo.write_all(&[0])
         .map_err(|e| format!("signal start: {e}"))?;
     drop(fifo);
-    sync.write_all(b"start\n")
-        .map_err(|e| format!("report start: {e}"))?;
     reset_signals();
     seccomp::apply(filters).map_err(|e| e.to_string())?;
     // Everything but 0, 1 and 2 closes on exec.

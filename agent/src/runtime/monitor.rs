@@ -41,6 +41,7 @@ pub fn main(dir: &Path) -> i32 {
         }
     }
     let _ = setsid();
+    limit_malloc_arenas();
     // Whatever the starter blocked is not ours to block.
     let _ = nix::sys::signal::SigSet::all().thread_unblock();
     for sig in [Signal::SIGHUP, Signal::SIGINT, Signal::SIGPIPE] {
@@ -57,6 +58,7 @@ pub fn main(dir: &Path) -> i32 {
             if let Ok(null) = open("/dev/null", OFlag::O_WRONLY, Mode::empty()) {
                 let _ = nix::unistd::dup2_stdout(&null);
             }
+            release_free_memory();
             supervise(&sd, &mut c);
             0
         }
@@ -64,6 +66,26 @@ pub fn main(dir: &Path) -> i32 {
             report(&serde_json::json!({ "error": msg }));
             1
         }
+    }
+}
+
+/// One monitor runs per container for its whole life, so its idle footprint counts: the log
+/// copier threads share the main malloc arena instead of creating one each (they copy lines
+/// and hold the log lock anyway).
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes a malloc tunable; no other thread exists yet.
+    unsafe {
+        nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1);
+    }
+}
+
+/// Give the heap that parsing the spec and setting up the container used back to the kernel.
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        nix::libc::malloc_trim(0);
     }
 }
 
@@ -75,8 +97,12 @@ fn report(v: &serde_json::Value) {
 
 /// How the monitor learns that `start` released the container.
 enum StartWaiter {
-    /// The built-in init says "start" on its sync pipe (EOF if it died before).
-    Builtin(BufReader<File>),
+    /// The built-in init says "start" on its sync pipe (EOF if it died before), and waits
+    /// on `to_init` until the start is recorded before it releases `start` and execs.
+    Builtin {
+        sync: BufReader<File>,
+        to_init: File,
+    },
     /// An external runtime's container: the monitor waits on exec.fifo itself, then runs
     /// `RUNTIME start`.
     External {
@@ -139,14 +165,14 @@ fn create(sd: &StateDir) -> Result<Created, String> {
         opts.network_hook.as_deref(),
     );
     match result {
-        Ok((pid, sync, stdout, stderr)) => {
+        Ok((pid, sync, to_init, stdout, stderr)) => {
             let state = State::created(state_id(sd), pid.as_raw());
             sd.write_state(&state).map_err(|e| e.to_string())?;
             Ok(Created {
                 pid,
                 cgroup,
                 state,
-                start: StartWaiter::Builtin(sync),
+                start: StartWaiter::Builtin { sync, to_init },
                 stdout: Some(stdout),
                 stderr: Some(stderr),
                 opts,
@@ -160,7 +186,7 @@ fn create(sd: &StateDir) -> Result<Created, String> {
     }
 }
 
-type Cloned = (Pid, BufReader<File>, OwnedFd, OwnedFd);
+type Cloned = (Pid, BufReader<File>, File, OwnedFd, OwnedFd);
 
 fn clone_init(
     sd: &StateDir,
@@ -171,7 +197,7 @@ fn clone_init(
     network_hook: Option<&str>,
 ) -> Result<Cloned, String> {
     let p = |e: nix::Error| format!("pipe: {e}");
-    let (go_r, go_w) = pipe2(OFlag::O_CLOEXEC).map_err(p)?;
+    let (from_monitor, to_init) = pipe2(OFlag::O_CLOEXEC).map_err(p)?;
     let (sync_r, sync_w) = pipe2(OFlag::O_CLOEXEC).map_err(p)?;
     let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC).map_err(p)?;
     let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(p)?;
@@ -207,7 +233,7 @@ fn clone_init(
         spec,
         rootfs,
         seccomp,
-        go: go_r,
+        from_monitor,
         sync: sync_w,
         stdout: out_w,
         stderr: err_w,
@@ -231,23 +257,29 @@ fn clone_init(
     // The parent's copies of the child's ends (moved into the closure) were dropped with it.
 
     let mut sync = BufReader::new(File::from(sync_r));
-    let placed = cgroup.add_process(pid.as_raw()).map_err(|e| e.to_string());
-    if let Err(e) = placed {
-        let _ = kill(pid, Signal::SIGKILL);
-        let _ = waitpid(pid, None);
-        return Err(e);
-    }
-    let mut go = File::from(go_w);
-    if let Err(e) = go.write_all(&[1]) {
-        let _ = kill(pid, Signal::SIGKILL);
-        let _ = waitpid(pid, None);
-        return Err(format!("release the container's init: {e}"));
+    let mut to_init = File::from(to_init);
+    // v2: the monitor moves the init into its cgroup and tells it so; on v1 the init moves
+    // itself (faster: see `join_current_thread`).
+    if let Cgroup::V2(_) = cgroup {
+        let placed = cgroup
+            .add_process(pid.as_raw())
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                to_init
+                    .write_all(&[1])
+                    .map_err(|e| format!("release the container's init: {e}"))
+            });
+        if let Err(e) = placed {
+            let _ = kill(pid, Signal::SIGKILL);
+            let _ = waitpid(pid, None);
+            return Err(e);
+        }
     }
     let mut line = String::new();
     let _ = sync.read_line(&mut line);
     if line.trim() == "ok" {
         match hand_over_network(sd, network_hook, pid) {
-            Ok(()) => return Ok((pid, sync, out_r, err_r)),
+            Ok(()) => return Ok((pid, sync, to_init, out_r, err_r)),
             Err(e) => {
                 let _ = kill(pid, Signal::SIGKILL);
                 let _ = waitpid(pid, None);
@@ -318,7 +350,7 @@ fn supervise(sd: &StateDir, c: &mut Created) {
 
     let started = match &mut c.start {
         // "start" when the process is released; EOF if it died before.
-        StartWaiter::Builtin(sync) => {
+        StartWaiter::Builtin { sync, .. } => {
             let mut line = String::new();
             sync.read_line(&mut line).is_ok() && line.trim() == "start"
         }
@@ -330,6 +362,11 @@ fn supervise(sd: &StateDir, c: &mut Created) {
         c.state.status = Status::Running;
         c.state.started_at = Some(now());
         let _ = sd.write_state(&c.state);
+        // Recorded: the init may release `start` (which then finds the container running
+        // without polling) and exec.
+        if let StartWaiter::Builtin { to_init, .. } = &mut c.start {
+            let _ = to_init.write_all(&[1]);
+        }
     }
     let status = loop {
         match waitpid(c.pid, None) {

@@ -2,7 +2,10 @@
 //! unpacked by umoci), in the same run:
 //! 1. create-start-wait-delete of a container running /bin/true (`tug runtime run`, `runc run`,
 //!    `crun run`), interleaved, after warm-up; median, p90, ratio; `unshare ... /bin/true` as
-//!    the floor.
+//!    the floor. Each timed run starts after a pause of SETTLE on a quiet machine: on cgroup v1,
+//!    moving a process into a cgroup waits for an RCU grace period (5-15 ms here) unless another
+//!    move happened within about one grace period before, so without the pause a contender
+//!    would start with the kernel state the previous one left warm (crun after runc did).
 //! 2. 200 idle containers (`sleep`) started with `tug runtime create` + `start`: time per
 //!    container and each monitor's private memory (Private_Clean + Private_Dirty).
 //!
@@ -12,7 +15,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tug_e2e::bench::{Samples, report};
 use tug_e2e::bundle::{Bundle, enter_private_mount_namespace_for_crun};
@@ -28,6 +31,9 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// The pause before each timed run (see the module's documentation).
+const SETTLE: Duration = Duration::from_millis(50);
 
 fn quiet(cmd: &mut Command) -> Result<()> {
     let out = cmd.stdin(Stdio::null()).output()?;
@@ -106,15 +112,23 @@ fn run() -> Result<()> {
         crun_run(format!("w{i}"))?;
     }
     for i in 0..runs {
+        std::thread::sleep(SETTLE);
         ours.time(|| tug_run(format!("t{i}")))?;
+        std::thread::sleep(SETTLE);
         runc.time(|| runc_run(format!("r{i}")))?;
+        std::thread::sleep(SETTLE);
         crun.time(|| crun_run(format!("c{i}")))?;
+        std::thread::sleep(SETTLE);
         floor.time(unshare)?;
     }
     println!(
         "{}",
         report(
-            "create + start + wait + delete of /bin/true, same bundle (lower is better)",
+            &format!(
+                "create + start + wait + delete of /bin/true, same bundle, each run after {} ms \
+                 of quiet (lower is better)",
+                SETTLE.as_millis()
+            ),
             &[ours.clone(), runc.clone(), crun.clone(), floor]
         )
     );

@@ -299,6 +299,17 @@ impl Cgroup {
         Ok(())
     }
 
+    /// Move the calling process, which must have a single thread, into the cgroup. On v1 this
+    /// avoids the grace-period wait of [`Cgroup::add_process`] (see
+    /// [`v1::join_current_thread`]); on v2 it is the same as adding the process.
+    pub fn join_single_threaded(&self) -> Result<()> {
+        match self {
+            Cgroup::V1(cg) => cg.join_current_thread()?,
+            Cgroup::V2(cg) => cg.add_process(0)?,
+        }
+        Ok(())
+    }
+
     /// Every `cgroup.procs` file a process must be written to (v1: one per hierarchy; v2: one).
     pub fn procs_paths(&self) -> Vec<PathBuf> {
         match self {

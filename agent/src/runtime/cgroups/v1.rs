@@ -342,6 +342,11 @@ impl Cgroup {
         Ok(())
     }
 
+    /// Move the calling thread into the cgroup in every hierarchy; see [`join_current_thread`].
+    pub fn join_current_thread(&self) -> Result<()> {
+        join_current_thread(self.hierarchies.iter().map(|h| h.dir.as_path()))
+    }
+
     /// Apply new limits. See [`super::Cgroup::update`].
     pub fn update(&self, resources: &Resources) -> Result<()> {
         resources.validate()?;
@@ -499,6 +504,18 @@ impl Cgroup {
     pub fn exists(&self) -> bool {
         self.hierarchies.iter().any(|h| h.dir.is_dir())
     }
+}
+
+/// Move the calling thread, not its whole process, into the cgroup directories `dirs` (one per
+/// hierarchy) by writing `0` to their `tasks`. Moving only itself, the caller spares the kernel
+/// the global threadgroup lock a `cgroup.procs` write takes, and the RCU grace period that lock
+/// waits for (5-15 ms on the test machine: most of a container's start). For a process with a
+/// single thread, such as a container's init before it execs, that thread is the process.
+pub fn join_current_thread<'a>(dirs: impl IntoIterator<Item = &'a Path>) -> Result<()> {
+    for dir in dirs {
+        write_to(&dir.join("tasks"), "0")?;
+    }
+    Ok(())
 }
 
 fn write_to(path: &Path, value: &str) -> Result<()> {
