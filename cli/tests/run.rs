@@ -331,7 +331,11 @@ fn cpu_quota_and_limits_are_in_the_cgroup() -> TestResult {
     let procs = read("memory", "cgroup.procs")?;
     assert!(!procs.is_empty(), "no process in the memory cgroup");
     for ctrl in ["cpu", "cpuacct", "pids", "freezer"] {
-        assert_eq!(read(ctrl, "cgroup.procs")?, procs, "processes in the {ctrl} cgroup");
+        assert_eq!(
+            read(ctrl, "cgroup.procs")?,
+            procs,
+            "processes in the {ctrl} cgroup"
+        );
     }
     assert_eq!(child.wait()?.code(), Some(0));
     bed.assert_clean(&n);

@@ -89,8 +89,9 @@ impl Containerd {
     }
 }
 
-impl Drop for Containerd {
-    fn drop(&mut self) {
+impl Containerd {
+    /// Stop the daemon (by PID) and release its mounts; its files stay until it is dropped.
+    pub fn stop(&mut self) {
         let _ = self.child.stop(Duration::from_secs(10));
         // Snapshot mounts left by an interrupted unpack would keep the dir busy.
         let root = self.dir.path().to_string_lossy().into_owned();
@@ -103,5 +104,11 @@ impl Drop for Containerd {
                 let _ = nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH);
             }
         }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

@@ -127,10 +127,3 @@ impl Layout {
             .map_err(|e| ImageError::Task(e.to_string()))?
     }
 }
-
-/// fsync a directory so a rename into it survives a crash.
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(ImageError::io("sync directory", dir))
-}

@@ -3,6 +3,15 @@
 //! time; print medians and ratios, and how far tug is from the loopback download limit and from
 //! the unpack limit (`tar -xzf` of every layer, all in parallel).
 //!
+//! Before each timed run the machine's dirty data is written out (`sync`), so that no contender
+//! pays, in its own writes or fsyncs, for the disk writes the one before it left behind, and
+//! every blob is fetched once from the registry, so that each contender finds the registry's
+//! files in the page cache (this machine pages out memory idle for a few seconds: DAMON).
+//! What the contenders wrote is deleted only at the end: this machine's ext4 has no journal, and
+//! without one ext4 steps over every inode deleted in the last 30 seconds when it creates a
+//! file, so a contender that ran right after the deletion of the one before it would create
+//! its files several times slower.
+//!
 //! Run: `e2e/bench.sh pull` (builds release binaries, installs the peers).
 
 use std::path::PathBuf;
@@ -74,8 +83,11 @@ fn run() -> Result<()> {
     let mut download = Samples::new("limit: download all blobs");
     let mut untar = Samples::new("limit: tar -xzf all layers");
     let layers = layer_blobs(&registry)?;
+    let mut keep = Vec::new();
+    let mut daemons = Vec::new();
     for _ in 0..runs {
         let data = tempfile::tempdir()?;
+        settle(&registry, &layers)?;
         ours.time(|| {
             check(
                 Command::new(&tug)
@@ -89,6 +101,7 @@ fn run() -> Result<()> {
 
         let dir = tempfile::tempdir()?;
         let layout = format!("oci:{}/layout:bench", dir.path().display());
+        settle(&registry, &layers)?;
         skopeo.time(|| -> Result<()> {
             check(
                 Command::new("skopeo")
@@ -116,18 +129,25 @@ fn run() -> Result<()> {
             )
         })?;
 
-        let containerd = Containerd::start()?;
+        let mut containerd = Containerd::start()?;
+        settle(&registry, &layers)?;
         ctr.time(|| {
             check(
                 containerd.ctr(&["image", "pull", "--plain-http", &reference])?,
                 "ctr image pull",
             )
         })?;
-        drop(containerd);
+        containerd.stop();
+        daemons.push(containerd);
 
+        settle(&registry, &layers)?;
         download.time(|| fetch_all(&registry, &layers))?;
         let blobs = fetch_all_to_disk(&registry, &layers)?;
-        untar.time(|| untar_all(&blobs.1))?;
+        settle(&registry, &layers)?;
+        let mut untarred = None;
+        untar.time(|| untar_all(&blobs.1).map(|out| untarred = Some(out)))?;
+        keep.extend([data, dir, blobs.0]);
+        keep.extend(untarred);
     }
     println!(
         "{}",
@@ -138,12 +158,18 @@ fn run() -> Result<()> {
     );
     let floor = download.median().max(untar.median()).as_secs_f64();
     println!(
-        "tug takes {:.2}x the larger of the two limits (download {:.0} ms, unpack {:.0} ms): the rest is verification, fsync and bookkeeping.",
+        "tug takes {:.2}x the larger of the two limits (download {:.0} ms, unpack {:.0} ms): the rest is digest checks, whiteouts, metadata and bookkeeping (the pull itself does not fsync: agent/src/image/durability.rs).",
         ours.median().as_secs_f64() / floor,
         download.median().as_secs_f64() * 1e3,
         untar.median().as_secs_f64() * 1e3,
     );
     Ok(())
+}
+
+/// Write out every filesystem's dirty data (see the module's documentation).
+fn settle(registry: &Registry, layers: &[String]) -> Result<()> {
+    nix::unistd::sync();
+    fetch_all(registry, layers)
 }
 
 /// `/v2/<repo>/blobs/<digest>` paths of the image's layers.
@@ -185,7 +211,8 @@ fn fetch_all_to_disk(
     Ok((dir, files))
 }
 
-fn untar_all(blobs: &[PathBuf]) -> Result<()> {
+/// Unpack every layer in parallel into a new directory (returned, to be deleted later).
+fn untar_all(blobs: &[PathBuf]) -> Result<tempfile::TempDir> {
     let out = tempfile::tempdir()?;
     std::thread::scope(|s| {
         let handles: Vec<_> = blobs
@@ -204,6 +231,7 @@ fn untar_all(blobs: &[PathBuf]) -> Result<()> {
         for h in handles {
             h.join().map_err(|_| "tar thread panicked")??;
         }
-        Ok(())
-    })
+        Ok::<(), Box<dyn std::error::Error>>(())
+    })?;
+    Ok(out)
 }
