@@ -295,6 +295,28 @@ async fn a_split_five_node_cluster_commits_only_on_the_majority_side() -> TestRe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_is_taken_once_the_log_holds_enough_bytes() -> TestResult {
+    init_tracing();
+    let dir = tempfile::tempdir()?;
+    let cluster = TestCluster::start(dir.path(), 1, 6, |cfg| {
+        cfg.snapshot_threshold = 1_000_000;
+        cfg.snapshot_threshold_bytes = 500;
+        cfg.snapshot_catch_up_entries = 0;
+    })?;
+    cluster.wait_for_leader(&[1], WAIT).await?;
+    for i in 0..40 {
+        cluster
+            .propose(&apply(&format!("svc-{i}"), "x"), WAIT)
+            .await?;
+    }
+    // 40 small entries are far from a million, but more than 500 bytes.
+    let status = cluster.wait_snapshot(1, 2, WAIT).await?;
+    assert!(status.first_index > 2, "log compacted: {status:?}");
+    cluster.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_member_catches_up_from_a_snapshot() -> TestResult {
     init_tracing();
     let dir = tempfile::tempdir()?;
@@ -309,8 +331,7 @@ async fn a_new_member_catches_up_from_a_snapshot() -> TestResult {
             .await?;
     }
     cluster.wait_converged(&[1, 2, 3], WAIT).await?;
-    let before = cluster.handle(leader)?.status();
-    assert!(before.snapshot_index >= 5, "{before:?}");
+    let before = cluster.wait_snapshot(leader, 5, WAIT).await?;
     assert!(
         before.first_index > 2,
         "log compacted, replay from 1 impossible: {before:?}"
@@ -408,8 +429,10 @@ async fn a_restarted_node_keeps_its_state_and_catches_up() -> TestResult {
     }
     cluster.wait_converged(&[1, 2, 3], WAIT).await?;
     let follower = others(&[1, 2, 3], leader)[0];
-    let snapshot_before = cluster.handle(follower)?.status().snapshot_index;
-    assert!(snapshot_before >= 10);
+    let snapshot_before = cluster
+        .wait_snapshot(follower, 10, WAIT)
+        .await?
+        .snapshot_index;
     cluster.kill(follower).await?;
 
     for i in 15..25 {

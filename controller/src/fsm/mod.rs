@@ -104,6 +104,11 @@ impl Fsm {
         snapshot::encode(&self.store.read())
     }
 
+    /// The state to snapshot, taken quickly; encode it with [`snapshot::encode_shared`].
+    pub fn shared_state(&self) -> crate::state::SharedState {
+        self.store.read().shared()
+    }
+
     /// Replaces the state with a snapshot taken at log index `index`.
     pub fn restore(&self, index: u64, data: &[u8]) -> Result<(), FsmError> {
         let restored =

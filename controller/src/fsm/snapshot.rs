@@ -11,7 +11,7 @@ use prost::Message;
 use tug_api::v1::{Node, Service, Task};
 
 use super::command::IGNORE_UNKNOWN;
-use crate::state::{ClusterNetwork, Restored, Store};
+use crate::state::{ClusterNetwork, Restored, SharedState, Store};
 
 const MAGIC: &[u8; 7] = b"TUGSNAP";
 const VERSION: u8 = 1;
@@ -70,31 +70,39 @@ pub enum SnapshotError {
 
 /// Serializes the whole state.
 pub fn encode(store: &Store) -> Vec<u8> {
-    let services: Vec<&Service> = store.services().collect();
-    let nodes: Vec<&Node> = store.nodes().collect();
-    let network = store.cluster_network();
+    encode_shared(&store.shared())
+}
+
+/// Serializes the state taken by [`Store::shared`] (on any thread).
+pub fn encode_shared(state: &SharedState) -> Vec<u8> {
+    let network = state.network.as_ref();
     let meta = SnapshotMeta {
-        revision: store.revision(),
-        services: services.len() as u64,
-        nodes: nodes.len() as u64,
-        tasks: store.task_count() as u64,
+        revision: state.revision,
+        services: state.services.len() as u64,
+        nodes: state.nodes.len() as u64,
+        tasks: state.tasks.len() as u64,
         cluster_cidr: network.map(|n| n.cidr.to_string()).unwrap_or_default(),
         node_prefix: network.map_or(0, |n| u32::from(n.node_prefix)),
     };
     let mut out = Vec::with_capacity(
-        64 + services.iter().map(|s| s.encoded_len() + 5).sum::<usize>() + store.task_count() * 256,
+        64 + state
+            .services
+            .iter()
+            .map(|s| s.encoded_len() + 5)
+            .sum::<usize>()
+            + state.tasks.len() * 256,
     );
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
     put_record(&mut out, KIND_META, &meta);
-    for svc in services {
-        put_record(&mut out, KIND_SERVICE, svc);
+    for svc in &state.services {
+        put_record(&mut out, KIND_SERVICE, svc.as_ref());
     }
-    for node in nodes {
-        put_record(&mut out, KIND_NODE, node);
+    for node in &state.nodes {
+        put_record(&mut out, KIND_NODE, node.as_ref());
     }
-    for task in store.tasks() {
-        put_record(&mut out, KIND_TASK, task);
+    for task in &state.tasks {
+        put_record(&mut out, KIND_TASK, task.as_ref());
     }
     out
 }

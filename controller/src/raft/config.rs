@@ -21,8 +21,12 @@ pub struct NodeConfig {
     pub election_ticks: usize,
     /// Ticks between a leader's heartbeats.
     pub heartbeat_ticks: usize,
-    /// Take a snapshot of the state machine every this many applied entries.
+    /// Take a snapshot of the state machine every this many applied entries (etcd's
+    /// `--snapshot-count` default)...
     pub snapshot_threshold: u64,
+    /// ...or once the entries applied since the last one hold this many bytes, whichever comes
+    /// first (the log is kept in memory until a snapshot compacts it).
+    pub snapshot_threshold_bytes: u64,
     /// Entries kept behind a snapshot so slightly lagging followers catch up from the log
     /// instead of a snapshot; 0 compacts everything the snapshot covers.
     pub snapshot_catch_up_entries: u64,
@@ -59,8 +63,9 @@ impl NodeConfig {
             tick_interval: Duration::from_millis(100),
             election_ticks: 10,
             heartbeat_ticks: 2,
-            snapshot_threshold: 10_000,
-            snapshot_catch_up_entries: 1_000,
+            snapshot_threshold: 100_000,
+            snapshot_threshold_bytes: 256 << 20,
+            snapshot_catch_up_entries: 5_000,
             proposal_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(5),
             max_batch: 4096,
@@ -91,7 +96,7 @@ impl NodeConfig {
         if self.tick_interval.is_zero() {
             return Err("tick interval must be positive".into());
         }
-        if self.snapshot_threshold == 0 {
+        if self.snapshot_threshold == 0 || self.snapshot_threshold_bytes == 0 {
             return Err("snapshot threshold must be positive".into());
         }
         if self.max_batch == 0 || self.mailbox_capacity == 0 {

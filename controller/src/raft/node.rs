@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use protobuf::Message as PbMessage;
 use raft::eraftpb::{
@@ -34,7 +34,7 @@ use super::handle::{Membership, NodeHandle, ProposeError, ReadError, Request};
 use super::logger::raft_logger;
 use super::proposals::{Output, Proposals, Reads, Reply, decode_ctx, encode_ctx};
 use super::status::NodeStatus;
-use super::storage::{DamageKind, DiskStorage, StorageError, StorageOptions};
+use super::storage::{DamageKind, DiskStorage, PendingSnapshot, StorageError, StorageOptions};
 use super::transport::{Mailbox, Transport};
 use crate::fsm::{Fsm, FsmError, snapshot as fsm_snapshot};
 use crate::state::SharedStore;
@@ -83,12 +83,39 @@ pub struct Node {
     next_seq: u64,
     applied: u64,
     snapshot_index: u64,
+    /// The snapshot being written on a blocking thread, if any: a large state takes a while to
+    /// write and sync, and the loop keeps replicating meanwhile.
+    snapshot_writer: Option<SnapshotWriter>,
+    /// Bytes of the entries applied since the last snapshot was started.
+    applied_bytes: u64,
     ticks: u64,
     /// Peers with a snapshot in flight: ticks spent waiting.
     snapshot_waits: HashMap<u64, u64>,
     role: StateRole,
     /// Set while catching up after the log was found damaged on open.
     catch_up: Option<CatchUp>,
+}
+
+/// The written snapshot, and how long encoding and writing it took.
+type Written = Result<(Snapshot, Duration, Duration), StorageError>;
+
+struct SnapshotWriter {
+    index: u64,
+    for_peer: bool,
+    started: Instant,
+    /// How long taking the state held the loop.
+    taken_in: Duration,
+    done: JoinHandle<Written>,
+}
+
+/// The writer's result once it finishes; never, when no snapshot is being written.
+async fn snapshot_written(
+    writer: &mut Option<SnapshotWriter>,
+) -> Result<Written, tokio::task::JoinError> {
+    match writer {
+        Some(w) => (&mut w.done).await,
+        None => std::future::pending().await,
+    }
 }
 
 #[derive(Debug)]
@@ -225,6 +252,8 @@ impl Node {
             next_seq: 1,
             applied: snapshot_index,
             snapshot_index,
+            snapshot_writer: None,
+            applied_bytes: 0,
             ticks: 0,
             snapshot_waits: HashMap::new(),
             role: StateRole::Follower,
@@ -238,6 +267,11 @@ impl Node {
     /// requests fail with `Stopped` when it returns.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
         let result = self.run_loop(shutdown).await;
+        // A snapshot file half written by a thread of a stopped node could race the next
+        // node opened on the same directory.
+        if let Some(w) = self.snapshot_writer.take() {
+            let _ = w.done.await;
+        }
         if let Err(e) = &result {
             tracing::error!(node = self.id, error = %e, "raft node stopped on a fatal error");
         }
@@ -263,6 +297,9 @@ impl Node {
                     Some(request) => self.on_request(request),
                     None => return Ok(()),
                 },
+                written = snapshot_written(&mut self.snapshot_writer) => {
+                    self.on_snapshot_written(written)?;
+                }
             }
             self.drain_queued();
             self.on_ready()?;
@@ -523,6 +560,7 @@ impl Node {
         self.fsm.restore(index, &data)?;
         self.applied = index;
         self.snapshot_index = index;
+        self.applied_bytes = 0;
         self.proposals
             .fail_through(index, |i| ProposeError::Dropped { index: i });
         Ok(())
@@ -534,6 +572,7 @@ impl Node {
             if index <= self.applied {
                 continue;
             }
+            self.applied_bytes += entry.data.len() as u64;
             let output = match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.data.is_empty() => {
                     self.fsm.apply_empty(index);
@@ -634,8 +673,12 @@ impl Node {
     /// needs a newer snapshot than the stored one (for a new member), and compacts the log
     /// behind it.
     fn maybe_snapshot(&mut self) -> Result<(), NodeError> {
+        if self.snapshot_writer.is_some() {
+            return Ok(());
+        }
         let wanted = self.raw.store().take_snapshot_request();
-        let due = self.applied >= self.snapshot_index + self.cfg.snapshot_threshold;
+        let due = self.applied >= self.snapshot_index + self.cfg.snapshot_threshold
+            || self.applied_bytes >= self.cfg.snapshot_threshold_bytes;
         if !(due || wanted)
             || self.applied <= self.snapshot_index
             // While replaying after a restart the conf state may be ahead of `applied`.
@@ -643,25 +686,72 @@ impl Node {
         {
             return Ok(());
         }
-        let started = std::time::Instant::now();
+        // Here, where nothing changes the state, only references to its objects are taken;
+        // they are encoded, written and synced on a blocking thread while the loop goes on.
+        let started = Instant::now();
         let index = self.applied;
         let conf_state = self.raw.raft.prs().conf().to_conf_state();
-        let data = self.fsm.snapshot();
-        let bytes = data.len();
+        let state = self.fsm.shared_state();
+        let pending: PendingSnapshot =
+            self.raw
+                .store()
+                .prepare_snapshot(index, conf_state, Vec::new())?;
+        let taken_in = started.elapsed();
+        self.applied_bytes = 0;
+        let done = tokio::task::spawn_blocking(move || {
+            let encoding = Instant::now();
+            let pending = pending.with_data(fsm_snapshot::encode_shared(&state));
+            drop(state);
+            let encoded_in = encoding.elapsed();
+            let writing = Instant::now();
+            pending.write().map(|s| (s, encoded_in, writing.elapsed()))
+        });
+        self.snapshot_writer = Some(SnapshotWriter {
+            index,
+            for_peer: wanted,
+            started,
+            taken_in,
+            done,
+        });
+        Ok(())
+    }
+
+    /// The snapshot file is written: it becomes the stored snapshot and the log behind it is
+    /// compacted (unless a snapshot from the leader superseded it meanwhile).
+    fn on_snapshot_written(
+        &mut self,
+        written: Result<Written, tokio::task::JoinError>,
+    ) -> Result<(), NodeError> {
+        let Some(w) = self.snapshot_writer.take() else {
+            return Ok(());
+        };
+        let (snapshot, encoded_in, written_in) = match written {
+            Ok(result) => result?,
+            Err(e) => {
+                tracing::error!(node = self.id, index = w.index, error = %e, "the snapshot writer failed; the next snapshot is taken when due");
+                return Ok(());
+            }
+        };
+        let bytes = snapshot.data.len();
         let store = self.raw.mut_store();
-        store.create_snapshot(index, conf_state, data)?;
-        let compact_to = (index + 1).saturating_sub(self.cfg.snapshot_catch_up_entries);
+        if !store.snapshot_written(snapshot)? {
+            return Ok(());
+        }
+        let compact_to = (w.index + 1).saturating_sub(self.cfg.snapshot_catch_up_entries);
         store.compact(compact_to)?;
-        self.snapshot_index = index;
+        self.snapshot_index = w.index;
         self.cfg
             .metrics
-            .observe_snapshot(started.elapsed().as_secs_f64());
+            .observe_snapshot(w.started.elapsed().as_secs_f64());
         tracing::info!(
             node = self.id,
-            index,
+            index = w.index,
             bytes,
             first_index = compact_to.max(1),
-            for_peer = wanted,
+            for_peer = w.for_peer,
+            take_ms = w.taken_in.as_millis() as u64,
+            encode_ms = encoded_in.as_millis() as u64,
+            write_ms = written_in.as_millis() as u64,
             "state snapshot taken; log compacted"
         );
         Ok(())

@@ -23,6 +23,7 @@ use std::cell::Cell;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
@@ -104,6 +105,51 @@ pub struct DiskStorage {
     recovery: Recovery,
     /// Set when raft asked for a snapshot the stored one cannot serve (see `snapshot`).
     snapshot_wanted: Cell<bool>,
+    /// The index of the snapshot in the snapshot file; held while that file is written, which
+    /// a [`PendingSnapshot`] may do on another thread.
+    snapshot_file: Arc<Mutex<u64>>,
+}
+
+/// A snapshot of the state machine, prepared by [`DiskStorage::prepare_snapshot`], to be
+/// written on any thread (it takes a while for a large state) and then handed back to
+/// [`DiskStorage::snapshot_written`] on the raft loop.
+#[derive(Debug)]
+pub struct PendingSnapshot {
+    snapshot: Snapshot,
+    dir: PathBuf,
+    file: Arc<Mutex<u64>>,
+}
+
+impl PendingSnapshot {
+    pub fn index(&self) -> u64 {
+        self.snapshot.get_metadata().index
+    }
+
+    /// Sets the state machine's data (when it was encoded after `prepare_snapshot`).
+    pub fn with_data(mut self, data: Vec<u8>) -> Self {
+        self.snapshot.data = data.into();
+        self
+    }
+
+    /// Writes and syncs the snapshot file, unless it already holds a newer snapshot (one
+    /// received from a leader meanwhile). Returns the snapshot for `snapshot_written`.
+    pub fn write(self) -> Result<Snapshot, StorageError> {
+        let mut on_disk = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+        if *on_disk < self.index() {
+            write_snapshot_file(&self.dir, &self.snapshot)?;
+            *on_disk = self.index();
+        }
+        Ok(self.snapshot)
+    }
+}
+
+fn write_snapshot_file(dir: &Path, snapshot: &Snapshot) -> Result<(), StorageError> {
+    let bytes = files::encode_snapshot(snapshot).map_err(|source| StorageError::Encode {
+        what: "a snapshot",
+        source,
+    })?;
+    files::write_atomic(dir, SNAPSHOT_FILE, &bytes)
+        .map_err(StorageError::io("write", &dir.join(SNAPSHOT_FILE)))
 }
 
 impl std::fmt::Debug for DiskStorage {
@@ -195,6 +241,7 @@ impl DiskStorage {
                 (snap_meta.get_conf_state().clone(), snap_meta.index)
             };
 
+        let snapshot_file = Arc::new(Mutex::new(snapshot.get_metadata().index));
         Ok(Self {
             dir: dir.to_path_buf(),
             hard_state,
@@ -205,6 +252,7 @@ impl DiskStorage {
             log: opened.log,
             recovery,
             snapshot_wanted: Cell::new(false),
+            snapshot_file,
         })
     }
 
@@ -372,6 +420,19 @@ impl DiskStorage {
         conf_state: ConfState,
         data: Vec<u8>,
     ) -> Result<&Snapshot, StorageError> {
+        let written = self.prepare_snapshot(index, conf_state, data)?.write()?;
+        self.snapshot_written(written)?;
+        Ok(&self.snapshot)
+    }
+
+    /// The first half of [`Self::create_snapshot`]: the snapshot, to be written by
+    /// [`PendingSnapshot::write`] (on any thread) and then passed to [`Self::snapshot_written`].
+    pub fn prepare_snapshot(
+        &self,
+        index: u64,
+        conf_state: ConfState,
+        data: Vec<u8>,
+    ) -> Result<PendingSnapshot, StorageError> {
         let current = self.snapshot.get_metadata().index;
         if index <= current {
             return Err(StorageError::SnapshotOutOfDate {
@@ -388,7 +449,20 @@ impl DiskStorage {
         meta.index = index;
         meta.term = term;
         meta.set_conf_state(conf_state);
-        self.write_snapshot(&snapshot)?;
+        Ok(PendingSnapshot {
+            snapshot,
+            dir: self.dir.clone(),
+            file: self.snapshot_file.clone(),
+        })
+    }
+
+    /// Takes a written snapshot as the stored one; false (and nothing changes) if the storage
+    /// holds a newer one by now (installed from a leader). Call [`Self::compact`] afterwards.
+    pub fn snapshot_written(&mut self, snapshot: Snapshot) -> Result<bool, StorageError> {
+        let index = snapshot.get_metadata().index;
+        if index <= self.snapshot.get_metadata().index {
+            return Ok(false);
+        }
         self.snapshot = snapshot;
         // Applied implies committed.
         self.hard_state.commit = self.hard_state.commit.max(index);
@@ -396,7 +470,7 @@ impl DiskStorage {
         self.log
             .rotate(commit)
             .map_err(StorageError::io("rotate the log in", &self.dir))?;
-        Ok(&self.snapshot)
+        Ok(true)
     }
 
     /// Discards the entries before `compact_index` (like `MemStorage::compact`), and deletes the
@@ -469,13 +543,15 @@ impl DiskStorage {
             .map_err(StorageError::io("write", &self.dir.join(STATE_FILE)))
     }
 
+    /// Writes a snapshot received from a leader (always the newest truth).
     fn write_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
-        let bytes = files::encode_snapshot(snapshot).map_err(|source| StorageError::Encode {
-            what: "a snapshot",
-            source,
-        })?;
-        files::write_atomic(&self.dir, SNAPSHOT_FILE, &bytes)
-            .map_err(StorageError::io("write", &self.dir.join(SNAPSHOT_FILE)))
+        let mut on_disk = self
+            .snapshot_file
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        write_snapshot_file(&self.dir, snapshot)?;
+        *on_disk = snapshot.get_metadata().index;
+        Ok(())
     }
 }
 

@@ -15,8 +15,8 @@ pub mod watch;
 pub use allocations::{Allocation, holds_resources, host_ports, requested, task_state};
 pub use store::service_key;
 pub use store::{
-    ApplyOutcome, DEFAULT_NAMESPACE, Restored, ServiceKey, ServiceResult, Store, StoreError,
-    normalize_namespace, same_template,
+    ApplyOutcome, DEFAULT_NAMESPACE, Restored, ServiceKey, ServiceResult, SharedState, Store,
+    StoreError, normalize_namespace, same_template,
 };
 pub use subnets::ClusterNetwork;
 pub use tasks::{Plan, PlanResult, TaskChange, is_terminal};

@@ -2,6 +2,7 @@
 //! drained and uncordoned by the operator. Heartbeats never reach here (they live in the leader's
 //! memory); only transitions do.
 
+use std::sync::Arc;
 use tug_api::v1::{Node, NodeAvailability, NodeDescription, NodeState};
 
 use super::store::{Store, StoreError};
@@ -10,12 +11,12 @@ use super::watch::{EventKind, Object};
 
 impl Store {
     pub fn get_node(&self, name: &str) -> Option<&Node> {
-        self.nodes.get(name)
+        self.nodes.get(name).map(Arc::as_ref)
     }
 
     /// Every node, ordered by name.
     pub fn nodes(&self) -> impl Iterator<Item = &Node> {
-        self.nodes.values()
+        self.nodes.values().map(Arc::as_ref)
     }
 
     /// The cluster's container address plan, once a registration fixed it.
@@ -66,7 +67,7 @@ impl Store {
                 message: String::new(),
                 revision: index,
                 subnet,
-                ..old.clone()
+                ..(**old).clone()
             },
             None => Node {
                 description: Some(description),
@@ -96,14 +97,14 @@ impl Store {
             .get(name)
             .ok_or_else(|| StoreError::NodeNotFound(name.to_string()))?;
         if old.state() == state {
-            return Ok(old.clone());
+            return Ok((**old).clone());
         }
         let node = Node {
             state: state.into(),
             state_changed_ms: now_ms,
             message,
             revision: index,
-            ..old.clone()
+            ..(**old).clone()
         };
         Ok(self.put_node(index, node))
     }
@@ -119,12 +120,12 @@ impl Store {
             .get(name)
             .ok_or_else(|| StoreError::NodeNotFound(name.to_string()))?;
         if old.availability() == availability {
-            return Ok(old.clone());
+            return Ok((**old).clone());
         }
         let node = Node {
             availability: availability.into(),
             revision: index,
-            ..old.clone()
+            ..(**old).clone()
         };
         Ok(self.put_node(index, node))
     }
@@ -152,6 +153,7 @@ impl Store {
         let node = self
             .nodes
             .remove(name)
+            .map(Arc::unwrap_or_clone)
             .ok_or_else(|| StoreError::NodeNotFound(name.to_string()))?;
         self.subnets.release(name, &node.subnet);
         let mut gone = node.clone();
@@ -162,7 +164,7 @@ impl Store {
 
     fn put_node(&mut self, index: u64, node: Node) -> Node {
         let name = node.description.as_ref().map_or("", |d| d.name.as_str());
-        self.nodes.insert(name.to_string(), node.clone());
+        self.nodes.insert(name.to_string(), Arc::new(node.clone()));
         self.publish(EventKind::Put, Object::Node(node.clone()), index);
         node
     }

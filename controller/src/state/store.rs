@@ -2,6 +2,7 @@
 //! deterministic: the same commands at the same indices give the same objects on every replica.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use tug_api::v1::{Node, ObjectMeta, Service, ServiceSpec, Task};
 
@@ -75,9 +76,11 @@ pub enum StoreError {
 /// watches.
 #[derive(Debug)]
 pub struct Store {
-    pub(super) services: BTreeMap<ServiceKey, Service>,
-    pub(super) nodes: BTreeMap<String, Node>,
-    pub(super) tasks: BTreeMap<String, Task>,
+    // Objects are shared (`Arc`) so that a snapshot can take the whole state in a few
+    // milliseconds and encode it off the raft loop (see `Store::snapshot_view`).
+    pub(super) services: BTreeMap<ServiceKey, Arc<Service>>,
+    pub(super) nodes: BTreeMap<String, Arc<Node>>,
+    pub(super) tasks: BTreeMap<String, Arc<Task>>,
     /// Task ids per service and per node: the reconciler and the agents' streams read by these.
     pub(super) tasks_by_service: BTreeMap<ServiceKey, BTreeSet<String>>,
     pub(super) tasks_by_node: BTreeMap<String, BTreeSet<String>>,
@@ -85,6 +88,16 @@ pub struct Store {
     pub(super) subnets: SubnetPool,
     pub(super) revision: u64,
     pub(super) watch: WatchHub,
+}
+
+/// See [`Store::shared`]: services by namespace and name, nodes and tasks by name and id.
+#[derive(Debug, Clone)]
+pub struct SharedState {
+    pub revision: u64,
+    pub network: Option<ClusterNetwork>,
+    pub services: Vec<Arc<Service>>,
+    pub nodes: Vec<Arc<Node>>,
+    pub tasks: Vec<Arc<Task>>,
 }
 
 impl Store {
@@ -118,6 +131,7 @@ impl Store {
     pub fn get_service(&self, namespace: &str, name: &str) -> Option<&Service> {
         self.services
             .get(&(normalize_namespace(namespace).to_string(), name.to_string()))
+            .map(Arc::as_ref)
     }
 
     /// Services in `namespace` (every namespace if `None`) whose labels include all of
@@ -136,13 +150,25 @@ impl Store {
                     .iter()
                     .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
             })
-            .map(|(_, svc)| svc)
+            .map(|(_, svc)| svc.as_ref())
             .collect()
+    }
+
+    /// The whole state as shared references: a copy of pointers, taken in a few milliseconds
+    /// for a large state, to be read elsewhere while the store changes on (snapshots).
+    pub fn shared(&self) -> SharedState {
+        SharedState {
+            revision: self.revision,
+            network: self.cluster_network(),
+            services: self.services.values().cloned().collect(),
+            nodes: self.nodes.values().cloned().collect(),
+            tasks: self.tasks.values().cloned().collect(),
+        }
     }
 
     /// Every service, ordered by namespace and name.
     pub fn services(&self) -> impl Iterator<Item = &Service> {
-        self.services.values()
+        self.services.values().map(Arc::as_ref)
     }
 
     /// Changes with revision `>= from_revision` (0: from the next change on). A revision older
@@ -243,7 +269,7 @@ impl Store {
             }
         };
         let generation = stored.metadata.as_ref().map_or(0, |m| m.generation);
-        self.services.insert(key.clone(), stored.clone());
+        self.services.insert(key.clone(), Arc::new(stored.clone()));
         self.publish(EventKind::Put, Object::Service(stored), index);
         ServiceResult {
             namespace: key.0,
@@ -258,7 +284,11 @@ impl Store {
         let key = (normalize_namespace(namespace).to_string(), name.to_string());
         match self.services.remove(&key) {
             Some(old) => {
-                self.publish(EventKind::Delete, Object::Service(old), index);
+                self.publish(
+                    EventKind::Delete,
+                    Object::Service(Arc::unwrap_or_clone(old)),
+                    index,
+                );
                 true
             }
             None => false,
@@ -313,8 +343,16 @@ impl Store {
 
     /// Replaces everything with restored state at `revision` (snapshot install); watchers resync.
     pub(crate) fn replace(&mut self, revision: u64, restored: Restored) {
-        self.services = restored.services;
-        self.nodes = restored.nodes;
+        self.services = restored
+            .services
+            .into_iter()
+            .map(|(k, v)| (k, Arc::new(v)))
+            .collect();
+        self.nodes = restored
+            .nodes
+            .into_iter()
+            .map(|(k, v)| (k, Arc::new(v)))
+            .collect();
         self.subnets.restore(
             restored.network,
             self.nodes
@@ -328,7 +366,7 @@ impl Store {
         for task in restored.tasks {
             self.index_task(&task);
             self.allocations.update(None, Some(&task));
-            self.tasks.insert(task.id.clone(), task);
+            self.tasks.insert(task.id.clone(), Arc::new(task));
         }
         self.revision = revision;
         self.watch.reset(revision);

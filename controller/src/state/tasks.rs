@@ -2,6 +2,7 @@
 //! (one Raft command per reconcile pass), and their status reported by the agents that run them.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use tug_api::v1::{DesiredState, Task, TaskState, TaskStatus, TaskStatusUpdate};
 
@@ -61,12 +62,12 @@ pub fn is_terminal(state: TaskState) -> bool {
 
 impl Store {
     pub fn get_task(&self, id: &str) -> Option<&Task> {
-        self.tasks.get(id)
+        self.tasks.get(id).map(Arc::as_ref)
     }
 
     /// Every task, ordered by id.
     pub fn tasks(&self) -> impl Iterator<Item = &Task> {
-        self.tasks.values()
+        self.tasks.values().map(Arc::as_ref)
     }
 
     pub fn task_count(&self) -> usize {
@@ -90,7 +91,7 @@ impl Store {
     fn ids_to_tasks(&self, ids: Option<&BTreeSet<String>>) -> Vec<&Task> {
         ids.into_iter()
             .flatten()
-            .filter_map(|id| self.tasks.get(id))
+            .filter_map(|id| self.tasks.get(id).map(Arc::as_ref))
             .collect()
     }
 
@@ -149,7 +150,7 @@ impl Store {
             result.created += 1;
         }
         for change in plan.update {
-            let Some(old) = self.tasks.get(&change.id).cloned() else {
+            let Some(old) = self.tasks.get(&change.id).map(|t| (**t).clone()) else {
                 continue;
             };
             if !change.node.is_empty() && !old.node.is_empty() && old.node != change.node {
@@ -184,7 +185,11 @@ impl Store {
             if let Some(task) = self.tasks.remove(&id) {
                 self.unindex_task(&task);
                 self.allocations.update(Some(&task), None);
-                self.publish(EventKind::Delete, Object::Task(task), index);
+                self.publish(
+                    EventKind::Delete,
+                    Object::Task(Arc::unwrap_or_clone(task)),
+                    index,
+                );
                 removed += 1;
             }
         }
@@ -221,7 +226,7 @@ impl Store {
             let task = Task {
                 status: Some(status),
                 revision: index,
-                ..old.clone()
+                ..(**old).clone()
             };
             self.put_task(index, task);
             applied += 1;
@@ -231,8 +236,8 @@ impl Store {
 
     fn put_task(&mut self, index: u64, task: Task) {
         self.index_task(&task);
-        let old = self.tasks.insert(task.id.clone(), task.clone());
-        self.allocations.update(old.as_ref(), Some(&task));
+        let old = self.tasks.insert(task.id.clone(), Arc::new(task.clone()));
+        self.allocations.update(old.as_deref(), Some(&task));
         self.publish(EventKind::Put, Object::Task(task), index);
     }
 

@@ -14,6 +14,7 @@ use tug_api::v1::Service;
 
 use super::network::MemNetwork;
 use crate::fsm::Command;
+use crate::raft::NodeStatus;
 use crate::raft::{Applied, Node, NodeConfig, NodeError, NodeHandle, ProposeError};
 
 #[derive(Debug, thiserror::Error)]
@@ -288,6 +289,22 @@ impl TestCluster {
     }
 
     /// Polls `check` every 10 ms until it returns `Some` or `timeout` passes.
+    /// Waits until node `id` has stored a snapshot at `index` or later (snapshots are written
+    /// in the background); returns its status then.
+    pub async fn wait_snapshot(
+        &self,
+        id: u64,
+        index: u64,
+        timeout: Duration,
+    ) -> Result<NodeStatus, HarnessError> {
+        let what = format!("node {id} to store a snapshot at index {index} or later");
+        self.wait_until(&what, timeout, || {
+            let status = self.handle(id).ok()?.status();
+            (status.snapshot_index >= index).then_some(status)
+        })
+        .await
+    }
+
     pub async fn wait_until<T>(
         &self,
         what: &str,

@@ -517,6 +517,48 @@ fn a_received_snapshot_replaces_the_log() -> TestResult {
 }
 
 #[test]
+fn a_snapshot_written_on_another_thread_counts_once_handed_back() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut s = storage_with(tmp.path(), &ents_3_4_5())?;
+    let pending = s.prepare_snapshot(4, ConfState::default(), b"fsm at 4".to_vec())?;
+    assert_eq!(pending.index(), 4);
+    let written = std::thread::spawn(move || pending.write())
+        .join()
+        .map_err(|_| "writer panicked")??;
+    // Written, but not the stored snapshot until handed back.
+    assert_eq!(s.latest_snapshot().get_metadata().index, 2);
+    assert!(s.snapshot_written(written)?);
+    assert_eq!(s.latest_snapshot().get_metadata().index, 4);
+    s.compact(5)?;
+    drop(s);
+    let s = open(tmp.path())?;
+    assert_eq!(s.latest_snapshot().get_metadata().index, 4);
+    assert_eq!(&s.latest_snapshot().data[..], b"fsm at 4");
+    Ok(())
+}
+
+#[test]
+fn a_leader_snapshot_wins_over_an_older_one_written_late() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut s = storage_with(tmp.path(), &ents_3_4_5())?;
+    let pending = s.prepare_snapshot(4, ConfState::default(), b"fsm at 4".to_vec())?;
+    // The leader's snapshot arrives while ours is being written.
+    s.apply_snapshot(new_snapshot(10, 8, vec![1, 2]))?;
+    let written = pending.write()?;
+    assert!(
+        !s.snapshot_written(written)?,
+        "the older snapshot is ignored"
+    );
+    assert_eq!(s.latest_snapshot().get_metadata().index, 10);
+    drop(s);
+    // Nor did it replace the leader's in the file.
+    let s = open(tmp.path())?;
+    assert_eq!(s.latest_snapshot().get_metadata().index, 10);
+    assert_eq!(&s.latest_snapshot().data[..], b"state");
+    Ok(())
+}
+
+#[test]
 fn create_snapshot_refuses_unknown_or_old_indices() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let mut s = storage_with(tmp.path(), &ents_3_4_5())?;
