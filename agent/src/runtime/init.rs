@@ -12,7 +12,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -34,6 +34,9 @@ pub struct InitArgs {
     /// Read: a byte once the monitor has moved the child into its cgroup (v2 only), and one
     /// once it has recorded the start.
     pub from_monitor: OwnedFd,
+    /// The child's copy of the monitor's end of that pipe (the clone copied every
+    /// descriptor), closed first so that the monitor's death reads as EOF.
+    pub monitor_end: RawFd,
     /// Write: "ok\n", "start\n" or "error: ...\n".
     pub sync: OwnedFd,
     pub stdout: OwnedFd,
@@ -53,6 +56,9 @@ impl std::fmt::Debug for InitArgs {
 
 /// Run in the cloned child; returns only on failure (after reporting it).
 pub fn run(args: InitArgs) -> isize {
+    // SAFETY: the descriptor is this process's copy of the monitor's end, open and owned by
+    // nothing else here; dropping it closes it.
+    drop(unsafe { OwnedFd::from_raw_fd(args.monitor_end) });
     let mut sync = File::from(args.sync);
     let streams = Streams {
         from_monitor: args.from_monitor,

@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -198,6 +198,7 @@ fn clone_init(
 ) -> Result<Cloned, String> {
     let p = |e: nix::Error| format!("pipe: {e}");
     let (from_monitor, to_init) = pipe2(OFlag::O_CLOEXEC).map_err(p)?;
+    let monitor_end = to_init.as_raw_fd();
     let (sync_r, sync_w) = pipe2(OFlag::O_CLOEXEC).map_err(p)?;
     let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC).map_err(p)?;
     let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(p)?;
@@ -234,6 +235,7 @@ fn clone_init(
         rootfs,
         seccomp,
         from_monitor,
+        monitor_end,
         sync: sync_w,
         stdout: out_w,
         stderr: err_w,
