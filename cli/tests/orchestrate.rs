@@ -44,6 +44,21 @@ fn apply_scale_roll_lose_nodes_restart_and_delete() -> TestResult {
     result
 }
 
+/// The highest-numbered agent on which a task of `service` runs (its container included).
+fn agent_running(bed: &Cluster, service: &str) -> TestResult<usize> {
+    let mut found = None;
+    wait(&format!("an agent running {service}"), || {
+        found = bed
+            .running(service)?
+            .keys()
+            .filter_map(|node| node.trim_start_matches('a').parse::<usize>().ok())
+            .filter(|&i| !bed.containers(i).is_empty())
+            .max();
+        Ok(found.is_some())
+    })?;
+    found.ok_or_else(|| format!("no agent runs {service}").into())
+}
+
 fn scenario(bed: &mut Cluster, images: &TestImages) -> TestResult {
     let old = images.oci.reference(&bed.registry);
     let new = images.docker.reference(&bed.registry);
@@ -127,64 +142,68 @@ fn scenario(bed: &mut Cluster, images: &TestImages) -> TestResult {
         bed.controllers[i] = Some(c);
     }
 
-    // kill -9 an agent: its task moves to the others; its stale container stops when it is back.
-    if let Some(mut a) = bed.agents[2].take() {
+    // kill -9 an agent that runs a task (the rollout's surge may have left one without):
+    // its task moves to the others; its stale container stops when it is back.
+    let victim = agent_running(bed, "web")?;
+    let victim_node = format!("a{victim}");
+    if let Some(mut a) = bed.agents[victim].take() {
         a.kill()?;
     }
-    wait("a2's task replaced", || {
+    wait("the killed agent's task replaced", || {
         let r = bed.running("web")?;
-        Ok(!r.contains_key("a2") && r.values().sum::<usize>() == 3)
+        Ok(!r.contains_key(&victim_node) && r.values().sum::<usize>() == 3)
     })?;
     assert!(
         bed.tasks("web")?
             .iter()
-            .any(|t| t["status"]["state"] == LOST),
-        "the task on a2 is marked lost"
+            .any(|t| t["status"]["state"] == LOST && t["node"] == victim_node.as_str()),
+        "the task on {victim_node} is marked lost"
     );
-    let stale = bed.containers(2);
+    let stale = bed.containers(victim);
     assert!(
         !stale.is_empty(),
-        "a2's containers keep running without their agent"
+        "{victim_node}'s containers keep running without their agent"
     );
-    let a = bed.spawn_agent(2)?;
-    bed.agents[2] = Some(a);
-    wait("a2's stale container stopped", || {
-        Ok(bed.containers(2).is_empty())
+    let a = bed.spawn_agent(victim)?;
+    bed.agents[victim] = Some(a);
+    wait("the killed agent's stale container stopped", || {
+        Ok(bed.containers(victim).is_empty())
     })?;
 
-    // Cut an agent off the network: the same.
-    let (on_a1, _) = (bed.containers(1).len(), ());
-    assert!(on_a1 >= 1);
-    bed.net.cut(bed.agent_host(1))?;
-    wait("a1's tasks replaced", || {
+    // Cut an agent that runs a task off the network: the same.
+    let cut = agent_running(bed, "web")?;
+    let cut_node = format!("a{cut}");
+    assert!(!bed.containers(cut).is_empty());
+    bed.net.cut(bed.agent_host(cut))?;
+    wait("the cut agent's tasks replaced", || {
         let r = bed.running("web")?;
-        Ok(!r.contains_key("a1") && r.values().sum::<usize>() == 3)
+        Ok(!r.contains_key(&cut_node) && r.values().sum::<usize>() == 3)
     })?;
     // Cut off, the node keeps running what it had: no controller told it otherwise.
     assert!(
-        !bed.containers(1).is_empty(),
-        "a1 keeps its containers while no controller is reachable"
+        !bed.containers(cut).is_empty(),
+        "{cut_node} keeps its containers while no controller is reachable"
     );
-    bed.net.heal(bed.agent_host(1))?;
-    wait("a1's stale containers stopped", || {
-        Ok(bed.containers(1).is_empty())
+    bed.net.heal(bed.agent_host(cut))?;
+    wait("the cut agent's stale containers stopped", || {
+        Ok(bed.containers(cut).is_empty())
     })?;
 
     // An agent restart keeps its containers (same PIDs).
-    wait("a0 runs something", || Ok(!bed.containers(0).is_empty()))?;
-    let before = bed.containers(0);
-    if let Some(mut a) = bed.agents[0].take() {
+    let restarted = agent_running(bed, "web")?;
+    let before = bed.containers(restarted);
+    if let Some(mut a) = bed.agents[restarted].take() {
         a.stop(Duration::from_secs(10))?;
     }
-    let a = bed.spawn_agent(0)?;
-    bed.agents[0] = Some(a);
-    wait("a0 registered again", || {
+    let a = bed.spawn_agent(restarted)?;
+    bed.agents[restarted] = Some(a);
+    wait("the restarted agent registered again", || {
         let out = bed.ok(&["get", "nodes", "-o", "json"])?;
         Ok(out.matches("\"state\": 1").count() == AGENTS)
     })?;
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
-        bed.containers(0),
+        bed.containers(restarted),
         before,
         "a restarted agent keeps its containers"
     );
