@@ -6,7 +6,10 @@
 //! monitors. Shared libraries, heap, stack and mmap areas are still randomised.
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
+    // glibc targets only: musl links static-pie on purpose.
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
+        && std::env::var("CARGO_CFG_TARGET_ENV").as_deref() == Ok("gnu")
+    {
         println!("cargo:rustc-link-arg-bins=-no-pie");
     }
 }

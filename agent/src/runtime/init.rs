@@ -44,6 +44,9 @@ pub struct InitArgs {
     /// O_PATH descriptor of the state dir's exec.fifo (opened for writing to wait for start).
     pub fifo: OwnedFd,
     pub cgroups: mounts::CgroupView,
+    /// v1: the container's directory in every hierarchy it has one in (the init joins each);
+    /// `cgroups` may show fewer (only those under /sys/fs/cgroup can be mounted).
+    pub join_dirs: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for InitArgs {
@@ -65,7 +68,13 @@ pub fn run(args: InitArgs) -> isize {
         stdout: args.stdout,
         stderr: args.stderr,
     };
-    match setup(&args.spec, &args.rootfs, &args.cgroups, &streams) {
+    match setup(
+        &args.spec,
+        &args.rootfs,
+        &args.cgroups,
+        &args.join_dirs,
+        &streams,
+    ) {
         Ok(exec) => {
             let _ = sync.write_all(b"ok\n");
             match wait_and_exec(&args.fifo, &args.seccomp, exec, &mut sync, &streams) {
@@ -103,9 +112,10 @@ fn setup(
     spec: &Spec,
     rootfs: &Path,
     cgroups: &mounts::CgroupView,
+    join_dirs: &[PathBuf],
     streams: &Streams,
 ) -> Result<Exec, String> {
-    join_cgroup(cgroups, streams)?;
+    join_cgroup(cgroups, join_dirs, streams)?;
     super::netns::loopback_up()?;
     if let Some(h) = spec.hostname() {
         sethostname(h).map_err(|e| format!("set hostname {h:?}: {e}"))?;
@@ -150,10 +160,14 @@ fn setup(
 /// Into the container's cgroup, which becomes the root of a new cgroup namespace. On v1 the
 /// init moves itself (it has a single thread: see `cgroups::v1::join_current_thread` for why
 /// that is fast); on v2 the monitor moves it and says so.
-fn join_cgroup(cgroups: &mounts::CgroupView, streams: &Streams) -> Result<(), String> {
+fn join_cgroup(
+    cgroups: &mounts::CgroupView,
+    join_dirs: &[PathBuf],
+    streams: &Streams,
+) -> Result<(), String> {
     match cgroups {
-        mounts::CgroupView::V1(dirs) => {
-            join_current_thread(dirs.iter().map(|(_, dir)| dir.as_path()))
+        mounts::CgroupView::V1(_) => {
+            join_current_thread(join_dirs.iter().map(PathBuf::as_path))
                 .map_err(|e| e.to_string())?;
         }
         mounts::CgroupView::V2 => wait_for_monitor(streams)?,
@@ -222,8 +236,11 @@ fn wait_and_exec(
     sync.write_all(b"start\n")
         .map_err(|e| format!("report start: {e}"))?;
     wait_for_monitor(streams)?;
-    fifo.write_all(&[0])
-        .map_err(|e| format!("signal start: {e}"))?;
+    // The start is recorded: the container runs even if `start` died since it opened the
+    // fifo (the write then fails with EPIPE).
+    if let Err(e) = fifo.write_all(&[0]) {
+        let _ = writeln!(std::io::stderr(), "tug: tell start: {e}");
+    }
     drop(fifo);
     reset_signals();
     seccomp::apply(filters).map_err(|e| e.to_string())?;

@@ -230,6 +230,14 @@ fn clone_init(
                 .collect(),
         ),
     };
+    let join_dirs = match cgroup {
+        Cgroup::V1(_) => cgroup
+            .procs_paths()
+            .iter()
+            .filter_map(|procs| procs.parent().map(Path::to_path_buf))
+            .collect(),
+        Cgroup::V2(_) => Vec::new(),
+    };
     let mut args = Some(InitArgs {
         spec,
         rootfs,
@@ -241,6 +249,7 @@ fn clone_init(
         stderr: err_w,
         fifo,
         cgroups,
+        join_dirs,
     });
     let mut stack = vec![0u8; CHILD_STACK];
     let flags = CloneFlags::CLONE_NEWPID

@@ -25,7 +25,8 @@ pub struct NodeConfig {
     /// `--snapshot-count` default)...
     pub snapshot_threshold: u64,
     /// ...or once the entries applied since the last one hold this many bytes, whichever comes
-    /// first (the log is kept in memory until a snapshot compacts it).
+    /// first: the log is kept in memory until a snapshot compacts it, so this bounds it (plus
+    /// the `snapshot_catch_up_entries` kept, however large they are).
     pub snapshot_threshold_bytes: u64,
     /// Entries kept behind a snapshot so slightly lagging followers catch up from the log
     /// instead of a snapshot; 0 compacts everything the snapshot covers.

@@ -101,6 +101,8 @@ type Written = Result<(Snapshot, Duration, Duration), StorageError>;
 
 struct SnapshotWriter {
     index: u64,
+    /// `applied_bytes` when it started, given back if it fails.
+    applied_bytes: u64,
     for_peer: bool,
     started: Instant,
     /// How long taking the state held the loop.
@@ -697,7 +699,7 @@ impl Node {
                 .store()
                 .prepare_snapshot(index, conf_state, Vec::new())?;
         let taken_in = started.elapsed();
-        self.applied_bytes = 0;
+        let applied_bytes = std::mem::take(&mut self.applied_bytes);
         let done = tokio::task::spawn_blocking(move || {
             let encoding = Instant::now();
             let pending = pending.with_data(fsm_snapshot::encode_shared(&state));
@@ -708,6 +710,7 @@ impl Node {
         });
         self.snapshot_writer = Some(SnapshotWriter {
             index,
+            applied_bytes,
             for_peer: wanted,
             started,
             taken_in,
@@ -729,6 +732,7 @@ impl Node {
             Ok(result) => result?,
             Err(e) => {
                 tracing::error!(node = self.id, index = w.index, error = %e, "the snapshot writer failed; the next snapshot is taken when due");
+                self.applied_bytes += w.applied_bytes;
                 return Ok(());
             }
         };

@@ -20,10 +20,12 @@ mod segment;
 pub use segment::{Damage, DamageKind};
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError, Weak};
 
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
@@ -134,22 +136,59 @@ impl PendingSnapshot {
     /// Writes and syncs the snapshot file, unless it already holds a newer snapshot (one
     /// received from a leader meanwhile). Returns the snapshot for `snapshot_written`.
     pub fn write(self) -> Result<Snapshot, StorageError> {
-        let mut on_disk = self.file.lock().unwrap_or_else(PoisonError::into_inner);
-        if *on_disk < self.index() {
-            write_snapshot_file(&self.dir, &self.snapshot)?;
-            *on_disk = self.index();
-        }
+        write_snapshot_file(&self.dir, &self.snapshot, &self.file, false)?;
         Ok(self.snapshot)
     }
 }
 
-fn write_snapshot_file(dir: &Path, snapshot: &Snapshot) -> Result<(), StorageError> {
+/// Writes `snapshot` to a temporary file and syncs it, then (holding `file`, whose value is the
+/// index of the snapshot in the file) renames it into place, unless the file holds a newer
+/// snapshot and `newest` is false. The slow part runs outside the lock, so the raft loop never
+/// waits long for it while a background writer holds it.
+fn write_snapshot_file(
+    dir: &Path,
+    snapshot: &Snapshot,
+    file: &Mutex<u64>,
+    newest: bool,
+) -> Result<(), StorageError> {
+    static TEMP: AtomicU64 = AtomicU64::new(0);
+    let index = snapshot.get_metadata().index;
     let bytes = files::encode_snapshot(snapshot).map_err(|source| StorageError::Encode {
         what: "a snapshot",
         source,
     })?;
-    files::write_atomic(dir, SNAPSHOT_FILE, &bytes)
-        .map_err(StorageError::io("write", &dir.join(SNAPSHOT_FILE)))
+    let tmp = dir.join(format!(
+        "{SNAPSHOT_FILE}.{index}.{}.tmp",
+        TEMP.fetch_add(1, Ordering::Relaxed)
+    ));
+    files::write_synced(&tmp, &bytes).map_err(StorageError::io("write", &tmp))?;
+    let mut on_disk = file.lock().unwrap_or_else(PoisonError::into_inner);
+    if !newest && *on_disk >= index {
+        drop(on_disk);
+        return fs::remove_file(&tmp).map_err(StorageError::io("remove", &tmp));
+    }
+    let dest = dir.join(SNAPSHOT_FILE);
+    fs::rename(&tmp, &dest)
+        .and_then(|()| files::sync_dir(dir))
+        .map_err(StorageError::io("write", &dest))?;
+    *on_disk = index;
+    Ok(())
+}
+
+/// The snapshot-file lock of a storage directory, one per directory in this process: the
+/// writer of a node that was stopped may still run when a new node opens the same directory.
+fn snapshot_file_lock(dir: &Path) -> Arc<Mutex<u64>> {
+    static LOCKS: LazyLock<Mutex<HashMap<PathBuf, Weak<Mutex<u64>>>>> =
+        LazyLock::new(Mutex::default);
+    let key = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let mut locks = LOCKS.lock().unwrap_or_else(PoisonError::into_inner);
+    locks.retain(|_, lock| lock.strong_count() > 0);
+    if let Some(lock) = locks.get(&key).and_then(Weak::upgrade) {
+        return lock;
+    }
+    let lock = Arc::new(Mutex::new(0));
+    locks.insert(key, Arc::downgrade(&lock));
+    lock
 }
 
 impl std::fmt::Debug for DiskStorage {
@@ -169,10 +208,19 @@ impl DiskStorage {
     /// Opens (or creates) the storage in `dir`, repairing a torn or damaged log tail.
     pub fn open(dir: &Path, options: &StorageOptions) -> Result<Self, StorageError> {
         fs::create_dir_all(dir).map_err(StorageError::io("create", dir))?;
-        for name in [STATE_FILE, SNAPSHOT_FILE] {
-            let tmp = dir.join(format!("{name}.tmp"));
-            if tmp.exists() {
-                fs::remove_file(&tmp).map_err(StorageError::io("remove", &tmp))?;
+        // Held while the snapshot file is read: a writer of an earlier node on this directory
+        // finishes first, or finds the index it must beat.
+        let snapshot_file = snapshot_file_lock(dir);
+        let mut on_disk = snapshot_file.lock().unwrap_or_else(PoisonError::into_inner);
+        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+        if tmp.exists() {
+            fs::remove_file(&tmp).map_err(StorageError::io("remove", &tmp))?;
+        }
+        for entry in fs::read_dir(dir).map_err(StorageError::io("read", dir))? {
+            let path = entry.map_err(StorageError::io("read", dir))?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.starts_with(&format!("{SNAPSHOT_FILE}.")) && name.ends_with(".tmp") {
+                fs::remove_file(&path).map_err(StorageError::io("remove", &path))?;
             }
         }
 
@@ -241,7 +289,8 @@ impl DiskStorage {
                 (snap_meta.get_conf_state().clone(), snap_meta.index)
             };
 
-        let snapshot_file = Arc::new(Mutex::new(snapshot.get_metadata().index));
+        *on_disk = snapshot.get_metadata().index;
+        drop(on_disk);
         Ok(Self {
             dir: dir.to_path_buf(),
             hard_state,
@@ -545,13 +594,7 @@ impl DiskStorage {
 
     /// Writes a snapshot received from a leader (always the newest truth).
     fn write_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
-        let mut on_disk = self
-            .snapshot_file
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        write_snapshot_file(&self.dir, snapshot)?;
-        *on_disk = snapshot.get_metadata().index;
-        Ok(())
+        write_snapshot_file(&self.dir, snapshot, &self.snapshot_file, true)
     }
 }
 

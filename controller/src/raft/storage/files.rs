@@ -27,6 +27,13 @@ pub(super) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<(
     sync_dir(dir)
 }
 
+/// Writes `bytes` to a new file at `path` and syncs it.
+pub(super) fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
 /// Makes creations, renames and removals in `dir` durable.
 pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

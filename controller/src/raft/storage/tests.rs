@@ -559,6 +559,29 @@ fn a_leader_snapshot_wins_over_an_older_one_written_late() -> TestResult {
 }
 
 #[test]
+fn a_writer_of_a_stopped_node_does_not_replace_a_newer_snapshot() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let s = storage_with(tmp.path(), &ents_3_4_5())?;
+    let pending = s.prepare_snapshot(4, ConfState::default(), b"old node at 4".to_vec())?;
+    drop(s);
+    // A new node on the same directory installs a leader's snapshot before the stopped
+    // node's writer gets to write.
+    let mut s = open(tmp.path())?;
+    s.apply_snapshot(new_snapshot(10, 8, vec![1, 2]))?;
+    pending.write()?;
+    drop(s);
+    let s = open(tmp.path())?;
+    assert_eq!(s.latest_snapshot().get_metadata().index, 10);
+    assert_eq!(&s.latest_snapshot().data[..], b"state");
+    let leftovers: Vec<_> = fs::read_dir(tmp.path())?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    Ok(())
+}
+
+#[test]
 fn create_snapshot_refuses_unknown_or_old_indices() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let mut s = storage_with(tmp.path(), &ents_3_4_5())?;
