@@ -209,14 +209,15 @@ fn clone_init(
     )
     .map_err(|e| format!("open exec.fifo: {e}"))?;
 
-    let cgroups = match cgroup {
-        Cgroup::V2(_) => CgroupView::V2,
-        Cgroup::V1(_) => CgroupView::V1(
-            cgroup
-                .procs_paths()
+    // v1: the init joins every hierarchy's directory; the `cgroup` mount can show only those
+    // under /sys/fs/cgroup.
+    let (cgroups, join_dirs) = match cgroup {
+        Cgroup::V2(_) => (CgroupView::V2, Vec::new()),
+        Cgroup::V1(v1) => {
+            let dirs: Vec<PathBuf> = v1.dirs().into_iter().map(Path::to_path_buf).collect();
+            let view = dirs
                 .iter()
-                .filter_map(|procs| {
-                    let dir = procs.parent()?.to_path_buf();
+                .filter_map(|dir| {
                     let name = dir
                         .strip_prefix("/sys/fs/cgroup")
                         .ok()?
@@ -225,18 +226,11 @@ fn clone_init(
                         .as_os_str()
                         .to_string_lossy()
                         .into_owned();
-                    Some((name, dir))
+                    Some((name, dir.clone()))
                 })
-                .collect(),
-        ),
-    };
-    let join_dirs = match cgroup {
-        Cgroup::V1(_) => cgroup
-            .procs_paths()
-            .iter()
-            .filter_map(|procs| procs.parent().map(Path::to_path_buf))
-            .collect(),
-        Cgroup::V2(_) => Vec::new(),
+                .collect();
+            (CgroupView::V1(view), dirs)
+        }
     };
     let mut args = Some(InitArgs {
         spec,

@@ -34,7 +34,7 @@ use super::handle::{Membership, NodeHandle, ProposeError, ReadError, Request};
 use super::logger::raft_logger;
 use super::proposals::{Output, Proposals, Reads, Reply, decode_ctx, encode_ctx};
 use super::status::NodeStatus;
-use super::storage::{DamageKind, DiskStorage, PendingSnapshot, StorageError, StorageOptions};
+use super::storage::{DamageKind, DiskStorage, StorageError, StorageOptions};
 use super::transport::{Mailbox, Transport};
 use crate::fsm::{Fsm, FsmError, snapshot as fsm_snapshot};
 use crate::state::SharedStore;
@@ -694,10 +694,7 @@ impl Node {
         let index = self.applied;
         let conf_state = self.raw.raft.prs().conf().to_conf_state();
         let state = self.fsm.shared_state();
-        let pending: PendingSnapshot =
-            self.raw
-                .store()
-                .prepare_snapshot(index, conf_state, Vec::new())?;
+        let pending = self.raw.store().prepare_snapshot(index, conf_state)?;
         let taken_in = started.elapsed();
         let applied_bytes = std::mem::take(&mut self.applied_bytes);
         let done = tokio::task::spawn_blocking(move || {

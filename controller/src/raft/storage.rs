@@ -127,7 +127,7 @@ impl PendingSnapshot {
         self.snapshot.get_metadata().index
     }
 
-    /// Sets the state machine's data (when it was encoded after `prepare_snapshot`).
+    /// Sets the state machine's data.
     pub fn with_data(mut self, data: Vec<u8>) -> Self {
         self.snapshot.data = data.into();
         self
@@ -216,10 +216,11 @@ impl DiskStorage {
         if tmp.exists() {
             fs::remove_file(&tmp).map_err(StorageError::io("remove", &tmp))?;
         }
+        let snapshot_tmp = format!("{SNAPSHOT_FILE}.");
         for entry in fs::read_dir(dir).map_err(StorageError::io("read", dir))? {
             let path = entry.map_err(StorageError::io("read", dir))?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if name.starts_with(&format!("{SNAPSHOT_FILE}.")) && name.ends_with(".tmp") {
+            if name.starts_with(&snapshot_tmp) && name.ends_with(".tmp") {
                 fs::remove_file(&path).map_err(StorageError::io("remove", &path))?;
             }
         }
@@ -469,18 +470,21 @@ impl DiskStorage {
         conf_state: ConfState,
         data: Vec<u8>,
     ) -> Result<&Snapshot, StorageError> {
-        let written = self.prepare_snapshot(index, conf_state, data)?.write()?;
+        let written = self
+            .prepare_snapshot(index, conf_state)?
+            .with_data(data)
+            .write()?;
         self.snapshot_written(written)?;
         Ok(&self.snapshot)
     }
 
-    /// The first half of [`Self::create_snapshot`]: the snapshot, to be written by
-    /// [`PendingSnapshot::write`] (on any thread) and then passed to [`Self::snapshot_written`].
+    /// The first half of [`Self::create_snapshot`]: the snapshot's metadata, to be given its
+    /// data ([`PendingSnapshot::with_data`]) and written ([`PendingSnapshot::write`]) on any
+    /// thread, then passed to [`Self::snapshot_written`].
     pub fn prepare_snapshot(
         &self,
         index: u64,
         conf_state: ConfState,
-        data: Vec<u8>,
     ) -> Result<PendingSnapshot, StorageError> {
         let current = self.snapshot.get_metadata().index;
         if index <= current {
@@ -490,10 +494,7 @@ impl DiskStorage {
             });
         }
         let term = self.entry_term(index)?;
-        let mut snapshot = Snapshot {
-            data: data.into(),
-            ..Default::default()
-        };
+        let mut snapshot = Snapshot::default();
         let meta = snapshot.mut_metadata();
         meta.index = index;
         meta.term = term;

@@ -77,7 +77,7 @@ pub enum StoreError {
 #[derive(Debug)]
 pub struct Store {
     // Objects are shared (`Arc`) so that a snapshot can take the whole state in a few
-    // milliseconds and encode it off the raft loop (see `Store::snapshot_view`).
+    // milliseconds and encode it off the raft loop (see `Store::shared`).
     pub(super) services: BTreeMap<ServiceKey, Arc<Service>>,
     pub(super) nodes: BTreeMap<String, Arc<Node>>,
     pub(super) tasks: BTreeMap<String, Arc<Task>>,

@@ -91,7 +91,7 @@ impl Store {
     fn ids_to_tasks(&self, ids: Option<&BTreeSet<String>>) -> Vec<&Task> {
         ids.into_iter()
             .flatten()
-            .filter_map(|id| self.tasks.get(id).map(Arc::as_ref))
+            .filter_map(|id| self.get_task(id))
             .collect()
     }
 
@@ -150,7 +150,7 @@ impl Store {
             result.created += 1;
         }
         for change in plan.update {
-            let Some(old) = self.tasks.get(&change.id).map(|t| (**t).clone()) else {
+            let Some(old) = self.get_task(&change.id).cloned() else {
                 continue;
             };
             if !change.node.is_empty() && !old.node.is_empty() && old.node != change.node {

@@ -166,7 +166,8 @@ fn run() -> Result<()> {
     Ok(())
 }
 
-/// Write out every filesystem's dirty data (see the module's documentation).
+/// Write out every filesystem's dirty data and bring the registry's blobs into the page cache
+/// (see the module's documentation).
 fn settle(registry: &Registry, layers: &[String]) -> Result<()> {
     nix::unistd::sync();
     fetch_all(registry, layers)

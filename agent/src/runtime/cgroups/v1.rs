@@ -344,7 +344,7 @@ impl Cgroup {
 
     /// Move the calling thread into the cgroup in every hierarchy; see [`join_current_thread`].
     pub fn join_current_thread(&self) -> Result<()> {
-        join_current_thread(self.hierarchies.iter().map(|h| h.dir.as_path()))
+        join_current_thread(self.dirs())
     }
 
     /// Apply new limits. See [`super::Cgroup::update`].

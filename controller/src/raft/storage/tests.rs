@@ -520,7 +520,9 @@ fn a_received_snapshot_replaces_the_log() -> TestResult {
 fn a_snapshot_written_on_another_thread_counts_once_handed_back() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let mut s = storage_with(tmp.path(), &ents_3_4_5())?;
-    let pending = s.prepare_snapshot(4, ConfState::default(), b"fsm at 4".to_vec())?;
+    let pending = s
+        .prepare_snapshot(4, ConfState::default())?
+        .with_data(b"fsm at 4".to_vec());
     assert_eq!(pending.index(), 4);
     let written = std::thread::spawn(move || pending.write())
         .join()
@@ -541,7 +543,9 @@ fn a_snapshot_written_on_another_thread_counts_once_handed_back() -> TestResult 
 fn a_leader_snapshot_wins_over_an_older_one_written_late() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let mut s = storage_with(tmp.path(), &ents_3_4_5())?;
-    let pending = s.prepare_snapshot(4, ConfState::default(), b"fsm at 4".to_vec())?;
+    let pending = s
+        .prepare_snapshot(4, ConfState::default())?
+        .with_data(b"fsm at 4".to_vec());
     // The leader's snapshot arrives while ours is being written.
     s.apply_snapshot(new_snapshot(10, 8, vec![1, 2]))?;
     let written = pending.write()?;
@@ -562,7 +566,9 @@ fn a_leader_snapshot_wins_over_an_older_one_written_late() -> TestResult {
 fn a_writer_of_a_stopped_node_does_not_replace_a_newer_snapshot() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let s = storage_with(tmp.path(), &ents_3_4_5())?;
-    let pending = s.prepare_snapshot(4, ConfState::default(), b"old node at 4".to_vec())?;
+    let pending = s
+        .prepare_snapshot(4, ConfState::default())?
+        .with_data(b"old node at 4".to_vec());
     drop(s);
     // A new node on the same directory installs a leader's snapshot before the stopped
     // node's writer gets to write.
