@@ -8,6 +8,7 @@
 //! itself hands leadership over first and lets the new leader do it. Every error becomes a
 //! [`Status`] with one clear sentence.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -716,8 +717,11 @@ async fn resync(
         let store = handle.store().read();
         let revision = store.revision();
         let services: Vec<v1::Service> = store
-            .services()
-            .filter(|s| in_namespace(s, namespace))
+            .list_services(
+                (!namespace.is_empty()).then_some(namespace),
+                &HashMap::new(),
+            )
+            .into_iter()
             .cloned()
             .collect();
         let watcher = store

@@ -6,7 +6,8 @@ use tug_api::v1::{ListTasksRequest, NodeInfo, Resources, Task};
 pub use crate::state::task_state;
 use crate::state::{Store, normalize_namespace};
 
-/// Tasks matching the request's filters, ordered by namespace, service, slot, then newest first.
+/// Tasks matching the request's filters, ordered by namespace, service, slot, newest first, then
+/// id.
 pub fn tasks(store: &Store, req: &ListTasksRequest) -> Vec<Task> {
     let candidates: Vec<&Task> = if !req.service.is_empty() {
         store.tasks_of_service(&req.namespace, &req.service)
@@ -39,12 +40,14 @@ pub fn tasks(store: &Store, req: &ListTasksRequest) -> Vec<Task> {
             &a.service,
             a.slot,
             std::cmp::Reverse(a.create_revision),
+            &a.id,
         )
             .cmp(&(
                 &b.namespace,
                 &b.service,
                 b.slot,
                 std::cmp::Reverse(b.create_revision),
+                &b.id,
             ))
     });
     out

@@ -264,29 +264,33 @@ mod tests {
     #[test]
     fn peers_need_a_subnet_and_an_ipv4_address() {
         let mut map = MapState::default();
-        assert!(map.apply(&put(Object::Node(node(
+        assert!(map.apply(&put(Object::Node(Arc::new(node(
             "a",
             "10.0.0.1:7441",
             "10.88.0.0/24"
-        )))));
-        assert!(!map.apply(&put(Object::Node(node(
+        ))))));
+        assert!(!map.apply(&put(Object::Node(Arc::new(node(
             "a",
             "10.0.0.1:7441",
             "10.88.0.0/24"
-        )))));
-        assert!(!map.apply(&put(Object::Node(node("b", "10.0.0.2:7441", "")))));
-        assert!(!map.apply(&put(Object::Node(node("c", "host:7441", "10.88.2.0/24")))));
+        ))))));
+        assert!(!map.apply(&put(Object::Node(Arc::new(node("b", "10.0.0.2:7441", ""))))));
+        assert!(!map.apply(&put(Object::Node(Arc::new(node(
+            "c",
+            "host:7441",
+            "10.88.2.0/24"
+        ))))));
         let mut with_ip = node("d", "host:7441", "10.88.3.0/24");
         if let Some(d) = with_ip.description.as_mut() {
             d.node_ip = "10.0.0.4".into();
         }
-        assert!(map.apply(&put(Object::Node(with_ip.clone()))));
+        assert!(map.apply(&put(Object::Node(Arc::new(with_ip.clone())))));
         let built = map.build();
         let ips: Vec<&str> = built.peers.iter().map(|p| p.node_ip.as_str()).collect();
         assert_eq!(ips, ["10.0.0.1", "10.0.0.4"]);
         assert!(map.apply(&WatchEvent {
             kind: EventKind::Delete,
-            object: Object::Node(with_ip),
+            object: Object::Node(Arc::new(with_ip)),
             revision: 2,
         }));
         assert_eq!(map.build().peers.len(), 1);
@@ -319,14 +323,14 @@ mod tests {
             task("web.6", TaskState::Running, TaskHealth::None, ""),
         ];
         for t in cases {
-            map.apply(&put(Object::Task(t)));
+            map.apply(&put(Object::Task(Arc::new(t))));
         }
         let mut stopping = task("web.1", TaskState::Running, TaskHealth::None, "10.88.0.2");
         stopping.desired_state = DesiredState::Shutdown.into();
         let built = map.build();
         assert_eq!(built.services.len(), 1);
         assert_eq!(built.services[0].addresses, ["10.88.0.2", "10.88.0.3"]);
-        assert!(map.apply(&put(Object::Task(stopping))));
+        assert!(map.apply(&put(Object::Task(Arc::new(stopping)))));
         assert_eq!(map.build().services[0].addresses, ["10.88.0.3"]);
     }
 }

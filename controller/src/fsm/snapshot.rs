@@ -95,16 +95,29 @@ pub fn encode_shared(state: &SharedState) -> Vec<u8> {
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
     put_record(&mut out, KIND_META, &meta);
-    for svc in &state.services {
-        put_record(&mut out, KIND_SERVICE, svc.as_ref());
+    // The store keeps services and tasks hashed; written in key order, the same state makes
+    // the same snapshot on every replica.
+    let mut services: Vec<&Service> = state.services.iter().map(AsRef::as_ref).collect();
+    services.sort_unstable_by(|a, b| service_order(a).cmp(&service_order(b)));
+    for svc in services {
+        put_record(&mut out, KIND_SERVICE, svc);
     }
     for node in &state.nodes {
         put_record(&mut out, KIND_NODE, node.as_ref());
     }
-    for task in &state.tasks {
-        put_record(&mut out, KIND_TASK, task.as_ref());
+    let mut tasks: Vec<&Task> = state.tasks.iter().map(AsRef::as_ref).collect();
+    tasks.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+    for task in tasks {
+        put_record(&mut out, KIND_TASK, task);
     }
     out
+}
+
+/// (namespace, name) of a stored service.
+fn service_order(svc: &Service) -> (&str, &str) {
+    svc.metadata
+        .as_ref()
+        .map_or(("", ""), |m| (m.namespace.as_str(), m.name.as_str()))
 }
 
 /// The snapshot of an empty state at `revision` (how a new cluster starts).

@@ -94,6 +94,9 @@ pub struct Node {
     role: StateRole,
     /// Set while catching up after the log was found damaged on open.
     catch_up: Option<CatchUp>,
+    /// Free bytes of the data dir's filesystem, looked up once per cycle by the first proposal
+    /// (inner `None`: the lookup failed).
+    disk_free: Option<Option<u64>>,
 }
 
 /// The written snapshot, and how long encoding and writing it took.
@@ -260,6 +263,7 @@ impl Node {
             snapshot_waits: HashMap::new(),
             role: StateRole::Follower,
             catch_up,
+            disk_free: None,
         };
         node.publish_status();
         Ok((node, handle))
@@ -304,6 +308,7 @@ impl Node {
                 }
             }
             self.drain_queued();
+            self.disk_free = None;
             self.on_ready()?;
             self.maybe_snapshot()?;
             self.check_caught_up();
@@ -464,15 +469,20 @@ impl Node {
 
     /// Refuses a write while the data dir's filesystem has less than the reserve free: an entry
     /// raft accepted must be persisted, and failing that stops the node.
-    fn check_disk(&self) -> Result<(), ProposeError> {
+    fn check_disk(&mut self) -> Result<(), ProposeError> {
         let reserve = self.cfg.disk_reserve_bytes;
         if reserve == 0 {
             return Ok(());
         }
-        let Ok(stat) = nix::sys::statvfs::statvfs(&self.cfg.data_dir) else {
+        let data_dir = &self.cfg.data_dir;
+        let free = *self.disk_free.get_or_insert_with(|| {
+            nix::sys::statvfs::statvfs(data_dir)
+                .ok()
+                .map(|stat| stat.blocks_available() * stat.fragment_size())
+        });
+        let Some(free) = free else {
             return Ok(());
         };
-        let free = stat.blocks_available() * stat.fragment_size();
         if free >= reserve {
             return Ok(());
         }

@@ -158,14 +158,15 @@ impl Store {
         self.subnets.release(name, &node.subnet);
         let mut gone = node.clone();
         gone.revision = index;
-        self.publish(EventKind::Delete, Object::Node(gone), index);
+        self.publish(EventKind::Delete, Object::Node(Arc::new(gone)), index);
         Ok(node)
     }
 
     fn put_node(&mut self, index: u64, node: Node) -> Node {
         let name = node.description.as_ref().map_or("", |d| d.name.as_str());
-        self.nodes.insert(name.to_string(), Arc::new(node.clone()));
-        self.publish(EventKind::Put, Object::Node(node.clone()), index);
+        let shared = Arc::new(node.clone());
+        self.nodes.insert(name.to_string(), Arc::clone(&shared));
+        self.publish(EventKind::Put, Object::Node(shared), index);
         node
     }
 }

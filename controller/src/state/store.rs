@@ -4,6 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use hashbrown::Equivalent;
+
 use tug_api::v1::{Node, ObjectMeta, Service, ServiceSpec, Task};
 
 use super::allocations::Allocations;
@@ -12,6 +14,22 @@ use super::watch::{EventKind, Object, WatchError, WatchEvent, WatchHub, Watcher}
 
 /// Objects are keyed by (namespace, name).
 pub type ServiceKey = (String, String);
+
+/// The maps behind point lookups: hashed (foldhash, seeded at random per process), since an
+/// ordered map of string keys spent most of an apply comparing strings. Nothing applied depends
+/// on their iteration order; whatever is shown or written in order is sorted where it is read.
+pub(super) type Map<K, V> = hashbrown::HashMap<K, V>;
+
+/// A borrowed [`ServiceKey`], to look one up without building its Strings. Hashes as the
+/// tuple does (field by field, each as a `str`).
+#[derive(Hash)]
+pub(super) struct KeyRef<'a>(pub &'a str, pub &'a str);
+
+impl Equivalent<ServiceKey> for KeyRef<'_> {
+    fn equivalent(&self, key: &ServiceKey) -> bool {
+        self.0 == key.0 && self.1 == key.1
+    }
+}
 
 /// The namespace an object without one lands in.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -78,12 +96,13 @@ pub enum StoreError {
 pub struct Store {
     // Objects are shared (`Arc`) so that a snapshot can take the whole state in a few
     // milliseconds and encode it off the raft loop (see `Store::shared`).
-    pub(super) services: BTreeMap<ServiceKey, Arc<Service>>,
+    pub(super) services: Map<ServiceKey, Arc<Service>>,
     pub(super) nodes: BTreeMap<String, Arc<Node>>,
-    pub(super) tasks: BTreeMap<String, Arc<Task>>,
-    /// Task ids per service and per node: the reconciler and the agents' streams read by these.
-    pub(super) tasks_by_service: BTreeMap<ServiceKey, BTreeSet<String>>,
-    pub(super) tasks_by_node: BTreeMap<String, BTreeSet<String>>,
+    pub(super) tasks: Map<String, Arc<Task>>,
+    /// Task ids per service and per node (in id order): the reconciler and the agents' streams
+    /// read by these.
+    pub(super) tasks_by_service: Map<ServiceKey, BTreeSet<String>>,
+    pub(super) tasks_by_node: Map<String, BTreeSet<String>>,
     pub(super) allocations: Allocations,
     pub(super) subnets: SubnetPool,
     pub(super) revision: u64,
@@ -103,11 +122,11 @@ pub struct SharedState {
 impl Store {
     pub(crate) fn new(watch_history: usize) -> Self {
         Self {
-            services: BTreeMap::new(),
+            services: Map::new(),
             nodes: BTreeMap::new(),
-            tasks: BTreeMap::new(),
-            tasks_by_service: BTreeMap::new(),
-            tasks_by_node: BTreeMap::new(),
+            tasks: Map::new(),
+            tasks_by_service: Map::new(),
+            tasks_by_node: Map::new(),
             allocations: Allocations::default(),
             subnets: SubnetPool::default(),
             revision: 0,
@@ -130,7 +149,7 @@ impl Store {
 
     pub fn get_service(&self, namespace: &str, name: &str) -> Option<&Service> {
         self.services
-            .get(&(normalize_namespace(namespace).to_string(), name.to_string()))
+            .get(&KeyRef(normalize_namespace(namespace), name))
             .map(Arc::as_ref)
     }
 
@@ -141,7 +160,8 @@ impl Store {
         namespace: Option<&str>,
         selector: &HashMap<String, String>,
     ) -> Vec<&Service> {
-        self.services
+        let mut found: Vec<(&ServiceKey, &Service)> = self
+            .services
             .iter()
             .filter(|((ns, _), _)| namespace.is_none_or(|want| ns == normalize_namespace(want)))
             .filter(|(_, svc)| {
@@ -150,12 +170,15 @@ impl Store {
                     .iter()
                     .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
             })
-            .map(|(_, svc)| svc.as_ref())
-            .collect()
+            .map(|(key, svc)| (key, svc.as_ref()))
+            .collect();
+        found.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        found.into_iter().map(|(_, svc)| svc).collect()
     }
 
     /// The whole state as shared references: a copy of pointers, taken in a few milliseconds
-    /// for a large state, to be read elsewhere while the store changes on (snapshots).
+    /// for a large state, to be read elsewhere while the store changes on (snapshots). Services
+    /// and tasks come in no particular order.
     pub fn shared(&self) -> SharedState {
         SharedState {
             revision: self.revision,
@@ -166,7 +189,7 @@ impl Store {
         }
     }
 
-    /// Every service, ordered by namespace and name.
+    /// Every service, in no particular order (`list_services` sorts).
     pub fn services(&self) -> impl Iterator<Item = &Service> {
         self.services.values().map(Arc::as_ref)
     }
@@ -221,7 +244,7 @@ impl Store {
         let meta = svc.metadata.unwrap_or_default();
         let namespace = normalize_namespace(&meta.namespace).to_string();
         let key = (namespace.clone(), meta.name.clone());
-        let (outcome, stored) = match self.services.get(&key) {
+        let (outcome, stored) = match self.services.get(&KeyRef(&key.0, &key.1)) {
             None => {
                 let stored = Service {
                     metadata: Some(ObjectMeta {
@@ -269,7 +292,8 @@ impl Store {
             }
         };
         let generation = stored.metadata.as_ref().map_or(0, |m| m.generation);
-        self.services.insert(key.clone(), Arc::new(stored.clone()));
+        let stored = Arc::new(stored);
+        self.services.insert(key.clone(), Arc::clone(&stored));
         self.publish(EventKind::Put, Object::Service(stored), index);
         ServiceResult {
             namespace: key.0,
@@ -281,14 +305,12 @@ impl Store {
 
     /// Deletes a service at log index `index`; false if there was none.
     pub(crate) fn delete_service(&mut self, index: u64, namespace: &str, name: &str) -> bool {
-        let key = (normalize_namespace(namespace).to_string(), name.to_string());
-        match self.services.remove(&key) {
+        match self
+            .services
+            .remove(&KeyRef(normalize_namespace(namespace), name))
+        {
             Some(old) => {
-                self.publish(
-                    EventKind::Delete,
-                    Object::Service(Arc::unwrap_or_clone(old)),
-                    index,
-                );
+                self.publish(EventKind::Delete, Object::Service(old), index);
                 true
             }
             None => false,
@@ -359,9 +381,9 @@ impl Store {
                 .iter()
                 .map(|(name, node)| (name.as_str(), node.subnet.as_str())),
         );
-        self.tasks = BTreeMap::new();
-        self.tasks_by_node = BTreeMap::new();
-        self.tasks_by_service = BTreeMap::new();
+        self.tasks = Map::new();
+        self.tasks_by_node = Map::new();
+        self.tasks_by_service = Map::new();
         self.allocations.clear();
         for task in restored.tasks {
             self.index_task(&task);

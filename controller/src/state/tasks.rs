@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tug_api::v1::{DesiredState, Task, TaskState, TaskStatus, TaskStatusUpdate};
 
 use super::allocations::Allocation;
-use super::store::{ServiceKey, Store, normalize_namespace};
+use super::store::{KeyRef, ServiceKey, Store, normalize_namespace};
 use super::watch::{EventKind, Object};
 
 /// One change of a plan to an existing task.
@@ -65,7 +65,7 @@ impl Store {
         self.tasks.get(id).map(Arc::as_ref)
     }
 
-    /// Every task, ordered by id.
+    /// Every task, in no particular order.
     pub fn tasks(&self) -> impl Iterator<Item = &Task> {
         self.tasks.values().map(Arc::as_ref)
     }
@@ -75,7 +75,7 @@ impl Store {
     }
 
     pub fn tasks_of_service(&self, namespace: &str, name: &str) -> Vec<&Task> {
-        let key = (normalize_namespace(namespace).to_string(), name.to_string());
+        let key = KeyRef(normalize_namespace(namespace), name);
         self.ids_to_tasks(self.tasks_by_service.get(&key))
     }
 
@@ -83,7 +83,8 @@ impl Store {
         self.ids_to_tasks(self.tasks_by_node.get(node))
     }
 
-    /// The keys of every service that has tasks (some may belong to deleted services).
+    /// The keys of every service that has tasks (some may belong to deleted services), in no
+    /// particular order.
     pub fn services_with_tasks(&self) -> impl Iterator<Item = &ServiceKey> {
         self.tasks_by_service.keys()
     }
@@ -96,14 +97,15 @@ impl Store {
     }
 
     pub(super) fn index_task(&mut self, task: &Task) {
-        let key = (
-            normalize_namespace(&task.namespace).to_string(),
-            task.service.clone(),
-        );
-        self.tasks_by_service
-            .entry(key)
-            .or_default()
-            .insert(task.id.clone());
+        let key = KeyRef(normalize_namespace(&task.namespace), &task.service);
+        let ids = match self.tasks_by_service.get_mut(&key) {
+            Some(ids) => ids,
+            None => self
+                .tasks_by_service
+                .entry((key.0.to_string(), key.1.to_string()))
+                .or_default(),
+        };
+        ids.insert(task.id.clone());
         if !task.node.is_empty() {
             self.tasks_by_node
                 .entry(task.node.clone())
@@ -113,10 +115,7 @@ impl Store {
     }
 
     fn unindex_task(&mut self, task: &Task) {
-        let key = (
-            normalize_namespace(&task.namespace).to_string(),
-            task.service.clone(),
-        );
+        let key = KeyRef(normalize_namespace(&task.namespace), &task.service);
         if let Some(ids) = self.tasks_by_service.get_mut(&key) {
             ids.remove(&task.id);
             if ids.is_empty() {
@@ -185,11 +184,7 @@ impl Store {
             if let Some(task) = self.tasks.remove(&id) {
                 self.unindex_task(&task);
                 self.allocations.update(Some(&task), None);
-                self.publish(
-                    EventKind::Delete,
-                    Object::Task(Arc::unwrap_or_clone(task)),
-                    index,
-                );
+                self.publish(EventKind::Delete, Object::Task(task), index);
                 removed += 1;
             }
         }
@@ -236,7 +231,8 @@ impl Store {
 
     fn put_task(&mut self, index: u64, task: Task) {
         self.index_task(&task);
-        let old = self.tasks.insert(task.id.clone(), Arc::new(task.clone()));
+        let task = Arc::new(task);
+        let old = self.tasks.insert(task.id.clone(), Arc::clone(&task));
         self.allocations.update(old.as_deref(), Some(&task));
         self.publish(EventKind::Put, Object::Task(task), index);
     }

@@ -21,14 +21,13 @@ pub enum EventKind {
     Delete,
 }
 
-/// The object a change is about. Events live behind an `Arc`, so the variants' sizes matter
-/// little.
+/// The object a change is about: the same allocation the store holds (or held), so publishing
+/// a change copies nothing.
 #[derive(Debug, Clone, PartialEq)]
-#[allow(clippy::large_enum_variant)]
 pub enum Object {
-    Service(Service),
-    Task(Task),
-    Node(Node),
+    Service(Arc<Service>),
+    Task(Arc<Task>),
+    Node(Arc<Node>),
 }
 
 /// One change, at the revision (log index) that made it.
@@ -42,14 +41,14 @@ pub struct WatchEvent {
 impl WatchEvent {
     pub fn service(&self) -> Option<&Service> {
         match &self.object {
-            Object::Service(s) => Some(s),
+            Object::Service(s) => Some(s.as_ref()),
             _ => None,
         }
     }
 
     pub fn task(&self) -> Option<&Task> {
         match &self.object {
-            Object::Task(t) => Some(t),
+            Object::Task(t) => Some(t.as_ref()),
             _ => None,
         }
     }
@@ -217,13 +216,13 @@ mod tests {
     fn event(name: &str, revision: u64) -> WatchEvent {
         WatchEvent {
             kind: EventKind::Put,
-            object: Object::Service(Service {
+            object: Object::Service(Arc::new(Service {
                 metadata: Some(ObjectMeta {
                     name: name.into(),
                     ..Default::default()
                 }),
                 ..Default::default()
-            }),
+            })),
             revision,
         }
     }
