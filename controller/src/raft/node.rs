@@ -4,9 +4,11 @@
 //!
 //! 1. send `messages` (they may leave before the local write);
 //! 2. install a snapshot (storage, then state machine);
-//! 3. apply committed entries (commands to the state machine, conf changes to raft + storage);
+//! 3. on the leader, apply committed entries (commands to the state machine, conf changes to
+//!    raft + storage): its clients are answered before its own sync;
 //! 4. append `entries` and persist the hard state: one fdatasync;
-//! 5. only now send `persisted_messages` (votes, append acks);
+//! 5. only now send `persisted_messages` (votes, append acks); a follower applies committed
+//!    entries after this, so its acknowledgement does not wait for them;
 //! 6. `advance`; the LightReady's commit index, messages and committed entries likewise;
 //!    then `advance_apply_to(applied)`.
 //!
@@ -509,7 +511,13 @@ impl Node {
         if !ready.snapshot().is_empty() {
             self.install_snapshot(ready.snapshot().clone())?;
         }
-        self.apply_entries(ready.take_committed_entries())?;
+        // The leader applies first: that answers its clients before its own sync. A follower
+        // persists and acknowledges first, since its acknowledgement is what the leader's
+        // clients wait for, and applies afterwards (both before `advance`).
+        let mut committed = ready.take_committed_entries();
+        if self.role == StateRole::Leader {
+            self.apply_entries(std::mem::take(&mut committed))?;
+        }
         for rs in ready.take_read_states() {
             match decode_ctx(&rs.request_ctx) {
                 Some((incarnation, seq)) if incarnation == self.incarnation => {
@@ -522,6 +530,7 @@ impl Node {
         if !ready.persisted_messages().is_empty() {
             self.transport.send(ready.take_persisted_messages());
         }
+        self.apply_entries(committed)?;
 
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {

@@ -1,8 +1,9 @@
 //! Writes through a 3-replica tug controller cluster and through a 3-member etcd cluster, both
 //! started here on loopback with fsync on (their defaults), in the same run: the same number of
 //! concurrent writers (tokio tasks, each with its own gRPC connection to the leader) do
-//! sequential small writes for a fixed time per concurrency level; print writes/s and p50/p99
-//! latency side by side with ratios.
+//! sequential small writes for a fixed time per concurrency level, in rounds that alternate the
+//! two systems; print writes/s, p50/p99 latency and the replicas' CPU time per write side by side
+//! with ratios.
 //!
 //! - tug: `Control.Apply` of one small `Service` per write (unique name, image busybox, 1
 //!   replica) to the leader replica.
@@ -10,7 +11,7 @@
 //!   encoded as protobuf (so both store about the same bytes).
 //!
 //! Run: `e2e/bench.sh controller [--duration SECS] [--warmup SECS] [--levels 1,16,256]
-//! [--dir DIR]` (builds release binaries, installs etcd). Data dirs go under DIR (default: the
+//! [--rounds N] [--dir DIR]` (builds release binaries, installs etcd). Data dirs go under DIR (default: the
 //! system temp dir), which should be on the disk being measured, not tmpfs.
 
 use std::fmt::Write as _;
@@ -55,17 +56,19 @@ struct Args {
     duration: Duration,
     warmup: Duration,
     levels: Vec<usize>,
+    rounds: usize,
     dir: PathBuf,
 }
 
-const USAGE: &str =
-    "usage: bench-controller [--duration SECS] [--warmup SECS] [--levels 1,16,256] [--dir DIR]";
+const USAGE: &str = "usage: bench-controller [--duration SECS] [--warmup SECS] [--levels 1,16,256] \
+                     [--rounds N] [--dir DIR]";
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
         duration: Duration::from_secs(5),
         warmup: Duration::from_secs(1),
         levels: vec![1, 16, 256],
+        rounds: 2,
         dir: std::env::temp_dir(),
     };
     let mut it = std::env::args().skip(1);
@@ -102,6 +105,13 @@ fn parse_args() -> Result<Args> {
                     .ok_or_else(|| {
                         format!("--levels {value:?}: give client counts from 1, e.g. 1,16,256")
                     })?;
+            }
+            "--rounds" => {
+                args.rounds = value
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| format!("--rounds {value:?}: give a count from 1"))?;
             }
             "--dir" => args.dir = PathBuf::from(value),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}").into()),
@@ -174,6 +184,10 @@ struct Cluster {
 
 impl Cluster {
     /// An error if a replica has exited.
+    fn pids(&self) -> Vec<u32> {
+        self.guards.iter().map(ChildGuard::pid).collect()
+    }
+
     fn check_alive(&mut self) -> Result<()> {
         for (i, guard) in self.guards.iter_mut().enumerate() {
             if let Some(status) = guard.try_wait()? {
@@ -466,9 +480,35 @@ struct Measured {
     errors: u64,
     first_error: Option<String>,
     elapsed: Duration,
+    /// CPU time (user + system) the three replicas used while measured.
+    server_cpu: Duration,
+    /// CPU time this program (the clients) used meanwhile.
+    client_cpu: Duration,
 }
 
 impl Measured {
+    /// Adds another round of the same level.
+    fn add(&mut self, round: Measured) {
+        self.latencies.extend(round.latencies);
+        self.latencies.sort_unstable();
+        self.errors += round.errors;
+        if self.first_error.is_none() {
+            self.first_error = round.first_error;
+        }
+        self.elapsed += round.elapsed;
+        self.server_cpu += round.server_cpu;
+        self.client_cpu += round.client_cpu;
+    }
+
+    /// CPU microseconds per acknowledged write.
+    fn cpu_per_write(&self, cpu: Duration) -> f64 {
+        if self.latencies.is_empty() {
+            0.0
+        } else {
+            cpu.as_secs_f64() * 1e6 / self.latencies.len() as f64
+        }
+    }
+
     fn per_sec(&self) -> f64 {
         let secs = self.elapsed.as_secs_f64();
         if secs > 0.0 {
@@ -528,21 +568,55 @@ async fn drive<W: Writer>(writers: &[W], tag: &str, duration: Duration) -> Resul
 }
 
 /// A warm-up round (not counted), then the measured one.
+/// Linux reports process CPU times in /proc in USER_HZ ticks, which is 100 per second.
+const USER_HZ: u64 = 100;
+
+/// CPU time (user + system, every thread) that process `pid` has used so far.
+fn cpu_time(pid: u32) -> Result<Duration> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    // Fields after the command name (which may hold spaces) start with the state, field 3;
+    // utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(user), Some(system)) => Ok(Duration::from_millis((user + system) * 1000 / USER_HZ)),
+        _ => Err(format!("{path}: no CPU times in {stat:?}").into()),
+    }
+}
+
+fn cpu_of(pids: &[u32]) -> Result<Duration> {
+    pids.iter().map(|&pid| cpu_time(pid)).sum()
+}
+
+/// One round of one level: warm up, then measure, with the CPU time the replicas (`pids`) and
+/// this program used meanwhile.
 async fn level<W: Writer>(
     writers: &[W],
     clients: usize,
     args: &Args,
     system: &str,
+    pids: &[u32],
 ) -> Result<Measured> {
     if !args.warmup.is_zero() {
         drive(writers, &format!("{clients}w"), args.warmup).await?;
     }
-    let m = drive(writers, &format!("{clients}m"), args.duration).await?;
+    let me = std::process::id();
+    let (server0, client0) = (cpu_of(pids)?, cpu_time(me)?);
+    let mut m = drive(writers, &format!("{clients}m"), args.duration).await?;
+    m.server_cpu = cpu_of(pids)?.saturating_sub(server0);
+    m.client_cpu = cpu_time(me)?.saturating_sub(client0);
     eprintln!(
-        "  {system:<4} {clients:>4} clients: {:>8.0} writes/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
+        "  {system:<4} {clients:>4} clients: {:>8.0} writes/s, p50 {:.2} ms, p99 {:.2} ms, \
+         {:.0} us server CPU a write, {} errors",
         m.per_sec(),
         ms(m.p(50.0)),
         ms(m.p(99.0)),
+        m.cpu_per_write(m.server_cpu),
         m.errors
     );
     Ok(m)
@@ -562,7 +636,7 @@ fn ratio(a: f64, b: f64) -> String {
 
 fn table(rows: &[(usize, Measured, Measured)]) -> String {
     let mut out = format!(
-        "{:>7} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+        "{:>7} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9}\n",
         "clients",
         "tug w/s",
         "etcd w/s",
@@ -571,12 +645,20 @@ fn table(rows: &[(usize, Measured, Measured)]) -> String {
         "etcd p50",
         "tug p99",
         "etcd p99",
-        "p99 t/e"
+        "p99 t/e",
+        "tug cpu/w",
+        "etcd cpu/w",
+        "cpu t/e",
     );
     for (clients, tug, etcd) in rows {
+        let (tug_cpu, etcd_cpu) = (
+            tug.cpu_per_write(tug.server_cpu),
+            etcd.cpu_per_write(etcd.server_cpu),
+        );
         let _ = writeln!(
             out,
-            "{clients:>7} {:>10.0} {:>10.0} {:>9} {:>7.2}ms {:>7.2}ms {:>7.2}ms {:>7.2}ms {:>9}",
+            "{clients:>7} {:>10.0} {:>10.0} {:>9} {:>7.2}ms {:>7.2}ms {:>7.2}ms {:>7.2}ms {:>9} \
+             {:>8.0}us {:>8.0}us {:>9}",
             tug.per_sec(),
             etcd.per_sec(),
             ratio(tug.per_sec(), etcd.per_sec()),
@@ -585,6 +667,21 @@ fn table(rows: &[(usize, Measured, Measured)]) -> String {
             ms(tug.p(99.0)),
             ms(etcd.p(99.0)),
             ratio(ms(tug.p(99.0)), ms(etcd.p(99.0))),
+            tug_cpu,
+            etcd_cpu,
+            ratio(tug_cpu, etcd_cpu),
+        );
+    }
+    out.push_str(
+        "cpu/w: CPU time (user + system) of the three replicas together per acknowledged write\n",
+    );
+    for (clients, tug, etcd) in rows {
+        let _ = writeln!(
+            out,
+            "client CPU a write at {clients} clients (this program): {:.0} us for tug, {:.0} us \
+             for etcd",
+            tug.cpu_per_write(tug.client_cpu),
+            etcd.cpu_per_write(etcd.client_cpu),
         );
     }
     for (clients, tug, etcd) in rows {
@@ -656,26 +753,33 @@ fn run() -> Result<()> {
             "tug controller vs etcd {}: 3 replicas each on loopback, both fsync every write \
              (their defaults), data under {} (one disk), {cores} cores shared by both clusters \
              and the clients; writes to the leader ({} / {}), one connection per client; \
-             {:.1} s per level after {:.1} s warm-up\n",
+             per level {} rounds, each {:.1} s of tug then {:.1} s of etcd, after {:.1} s of \
+             warm-up each\n",
             etcd_version(),
             args.dir.display(),
             tug_leader,
             etcd_leader,
+            args.rounds,
+            args.duration.as_secs_f64(),
             args.duration.as_secs_f64(),
             args.warmup.as_secs_f64(),
         );
+        let (tug_pids, etcd_pids) = (tug_cluster.pids(), etcd_cluster.pids());
         let mut rows = Vec::new();
         for &clients in &args.levels {
             let tug_writers = writers(&tug_leader, clients, |c| TugWriter(ControlClient::new(c)));
             let tug_writers = tug_writers.await?;
-            let t = level(&tug_writers, clients, &args, "tug").await?;
-            drop(tug_writers);
-            tug_cluster.check_alive()?;
             let etcd_writers = writers(&etcd_leader, clients, |c| EtcdWriter(KvClient::new(c)));
             let etcd_writers = etcd_writers.await?;
-            let e = level(&etcd_writers, clients, &args, "etcd").await?;
-            drop(etcd_writers);
-            etcd_cluster.check_alive()?;
+            // Rounds alternate the two systems, so a machine that speeds up or slows down
+            // during the run (other tenants, page cache reclaim) weighs on both alike.
+            let (mut t, mut e) = (Measured::default(), Measured::default());
+            for _ in 0..args.rounds {
+                t.add(level(&tug_writers, clients, &args, "tug", &tug_pids).await?);
+                tug_cluster.check_alive()?;
+                e.add(level(&etcd_writers, clients, &args, "etcd", &etcd_pids).await?);
+                etcd_cluster.check_alive()?;
+            }
             rows.push((clients, t, e));
         }
         println!("{}", table(&rows));
