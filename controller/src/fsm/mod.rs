@@ -79,6 +79,7 @@ impl Fsm {
         let decoded =
             Command::decode(data).map_err(|source| FsmError::Command { index, source })?;
         let mut store = self.store.write();
+        store.hold_changes();
         let result = match decoded {
             Decoded::Skipped { type_byte } => {
                 tracing::warn!(
@@ -91,6 +92,7 @@ impl Fsm {
             Decoded::Command(command) => apply_command(&mut store, index, command),
         };
         store.advance(index);
+        store.release_changes();
         Ok(result)
     }
 

@@ -206,6 +206,16 @@ impl Store {
         self.watch.compacted()
     }
 
+    /// Changes made from now on reach watchers together, at [`Store::release_changes`]: one
+    /// wake-up per log entry, not one per object it changed.
+    pub(crate) fn hold_changes(&mut self) {
+        self.watch.hold();
+    }
+
+    pub(crate) fn release_changes(&mut self) {
+        self.watch.release();
+    }
+
     /// Marks the entry at `index` applied (every entry, whatever it changed).
     pub(crate) fn advance(&mut self, index: u64) {
         self.revision = self.revision.max(index);

@@ -75,7 +75,12 @@ pub enum WatchError {
 #[derive(Debug, Clone)]
 enum Change {
     Event(Arc<WatchEvent>),
-    Reset { revision: u64 },
+    /// The changes of one log entry (a plan touches many tasks), sent at once so that
+    /// subscribers are woken once for all of them.
+    Batch(Arc<[Arc<WatchEvent>]>),
+    Reset {
+        revision: u64,
+    },
 }
 
 /// Recent history plus the fan-out channel. Mutated only under the store's write lock, so a
@@ -87,6 +92,8 @@ pub(crate) struct WatchHub {
     /// Changes at revisions `<= compacted` are not in `history` any more.
     compacted: u64,
     tx: broadcast::Sender<Change>,
+    /// While held (see [`WatchHub::hold`]), published changes wait here to be sent as one.
+    held: Option<Vec<Arc<WatchEvent>>>,
 }
 
 impl WatchHub {
@@ -98,6 +105,30 @@ impl WatchHub {
             capacity,
             compacted: 0,
             tx,
+            held: None,
+        }
+    }
+
+    /// From now until [`WatchHub::release`], changes go to the history at once but to
+    /// subscribers together. Both happen under the store's write lock, so a subscriber sees
+    /// every change once: in its backlog or in the batch.
+    pub(crate) fn hold(&mut self) {
+        self.held.get_or_insert_with(Vec::new);
+    }
+
+    /// Sends the changes held since [`WatchHub::hold`].
+    pub(crate) fn release(&mut self) {
+        let Some(mut held) = self.held.take() else {
+            return;
+        };
+        let change = match held.len() {
+            0 => return,
+            1 => held.pop().map(Change::Event),
+            _ => Some(Change::Batch(held.into())),
+        };
+        if let Some(change) = change {
+            // No receivers is fine: nobody is watching.
+            let _ = self.tx.send(change);
         }
     }
 
@@ -109,13 +140,19 @@ impl WatchHub {
             self.compacted = self.compacted.max(old.revision);
         }
         self.history.push_back(Arc::clone(&event));
-        // No receivers is fine: nobody is watching.
-        let _ = self.tx.send(Change::Event(event));
+        match &mut self.held {
+            Some(held) => held.push(event),
+            // No receivers is fine: nobody is watching.
+            None => {
+                let _ = self.tx.send(Change::Event(event));
+            }
+        }
     }
 
     /// The state was replaced (snapshot restore) at `revision`: history is gone, and every
     /// current subscriber must resync.
     pub(crate) fn reset(&mut self, revision: u64) {
+        self.release();
         self.history.clear();
         self.compacted = revision;
         let _ = self.tx.send(Change::Reset { revision });
@@ -199,6 +236,12 @@ impl Watcher {
         match change {
             Ok(Change::Event(event)) if event.revision >= self.from => Some(Ok(event)),
             Ok(Change::Event(_)) => None,
+            Ok(Change::Batch(events)) => {
+                let from = self.from;
+                self.backlog
+                    .extend(events.iter().filter(|e| e.revision >= from).cloned());
+                self.backlog.pop_front().map(Ok)
+            }
             Ok(Change::Reset { revision }) => Some(Err(WatchError::Reset { revision })),
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 Some(Err(WatchError::Lagged { missed }))
@@ -243,6 +286,32 @@ mod tests {
         assert_eq!(name(&*w.next().await?), "b");
         assert_eq!(name(&*w.next().await?), "c");
         assert!(w.try_next().is_none());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn held_changes_arrive_together_in_order_once_released() -> Result<(), WatchError> {
+        let mut hub = WatchHub::new(10);
+        let mut w = hub.subscribe(0, 1)?;
+        hub.hold();
+        for (n, rev) in [("a", 2), ("b", 2), ("c", 2)] {
+            hub.publish(event(n, rev));
+        }
+        assert!(w.try_next().is_none(), "nothing is sent while held");
+        // The history has them at once: a subscriber from revision 2 gets them as backlog.
+        assert_eq!(
+            hub.subscribe(2, 2)?
+                .try_next()
+                .map(|e| e.map(|e| e.revision)),
+            Some(Ok(2))
+        );
+        hub.release();
+        hub.publish(event("d", 3));
+        let mut names = Vec::new();
+        while let Some(e) = w.try_next() {
+            names.push(name(&*e?).to_string());
+        }
+        assert_eq!(names, ["a", "b", "c", "d"]);
         Ok(())
     }
 
