@@ -66,6 +66,9 @@ pub enum NodeError {
 const SNAPSHOT_WAIT_ELECTIONS: u64 = 5;
 /// Peer messages and client requests folded into one Ready cycle at most.
 const MAX_STEPS_PER_CYCLE: usize = 4096;
+/// How long a leader lets a new commit index wait for an append to carry it to the followers
+/// before it sends one just for that.
+const COMMIT_NOTIFY_DELAY: Duration = Duration::from_millis(2);
 
 /// A Raft member. Create with [`Node::open`], then drive with [`Node::run`] (or [`spawn`]).
 pub struct Node {
@@ -99,6 +102,18 @@ pub struct Node {
     /// Free bytes of the data dir's filesystem, looked up once per cycle by the first proposal
     /// (inner `None`: the lookup failed).
     disk_free: Option<Option<u64>>,
+    /// Leader: the commit index as of the last append sent to every follower.
+    told_commit: u64,
+    /// Leader: when to tell the followers a commit index no append has carried yet.
+    commit_notify_at: Option<tokio::time::Instant>,
+}
+
+/// Resolves at `at`; never, without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The written snapshot, and how long encoding and writing it took.
@@ -266,6 +281,8 @@ impl Node {
             role: StateRole::Follower,
             catch_up,
             disk_free: None,
+            told_commit: 0,
+            commit_notify_at: None,
         };
         node.publish_status();
         Ok((node, handle))
@@ -308,10 +325,12 @@ impl Node {
                 written = snapshot_written(&mut self.snapshot_writer) => {
                     self.on_snapshot_written(written)?;
                 }
+                () = sleep_until(self.commit_notify_at) => self.notify_commit(),
             }
             self.drain_queued();
             self.disk_free = None;
             self.on_ready()?;
+            self.schedule_commit_notify();
             self.maybe_snapshot()?;
             self.check_caught_up();
             self.publish_status();
@@ -460,6 +479,10 @@ impl Node {
             Proposal::ConfChange(change) => self.raw.propose_conf_change(ctx.clone(), change),
         };
         let index = self.raw.raft.raft_log.last_index();
+        if index > before {
+            // raft sent the new entry to every follower, with the commit index.
+            self.told_commit = self.raw.raft.raft_log.committed;
+        }
         match result {
             Ok(()) if index > before => {
                 self.proposals.insert(index, self.raw.raft.term, ctx, reply);
@@ -544,6 +567,26 @@ impl Node {
 
         self.reads.resolve(self.applied);
         Ok(())
+    }
+
+    /// Leader: a commit index that no append has carried to the followers yet (raft is told
+    /// not to send one just for it) is sent after [`COMMIT_NOTIFY_DELAY`], unless a proposal
+    /// carries it first. Under load the next proposal always does.
+    fn schedule_commit_notify(&mut self) {
+        let committed = self.raw.raft.raft_log.committed;
+        if self.role != StateRole::Leader || committed <= self.told_commit {
+            self.commit_notify_at = None;
+        } else if self.commit_notify_at.is_none() {
+            self.commit_notify_at = Some(tokio::time::Instant::now() + COMMIT_NOTIFY_DELAY);
+        }
+    }
+
+    fn notify_commit(&mut self) {
+        self.commit_notify_at = None;
+        if self.role == StateRole::Leader {
+            self.raw.raft.bcast_append();
+            self.told_commit = self.raw.raft.raft_log.committed;
+        }
     }
 
     fn on_role_change(&mut self, role: StateRole, leader_id: u64) {
