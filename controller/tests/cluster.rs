@@ -175,6 +175,34 @@ async fn writes_apply_identically_on_every_replica() -> TestResult {
     Ok(())
 }
 
+/// A commit index is not sent in an empty append of its own but with the next one; when no
+/// write follows, the leader sends it shortly after, well before a heartbeat would carry it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_apply_the_last_write_soon_after_writes_stop() -> TestResult {
+    init_tracing();
+    let dir = tempfile::tempdir()?;
+    // Heartbeats every second (ticks of 10 ms): only the leader's own notice can be quicker.
+    let cluster = TestCluster::start(dir.path(), 3, 5, |cfg| {
+        cfg.tick_interval = Duration::from_millis(10);
+        cfg.heartbeat_ticks = 100;
+        cfg.election_ticks = 200;
+    })?;
+    let leader = cluster.wait_for_leader(&[1, 2, 3], WAIT).await?;
+    let h = cluster.handle(leader)?;
+    for round in 0..3 {
+        let written = h.propose(&apply(&format!("last-{round}"), "img")).await?;
+        for id in [1, 2, 3] {
+            cluster
+                .wait_applied(id, written.index, Duration::from_millis(500))
+                .await?;
+        }
+        // Idle for more than the leader's delay, then write again.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.shutdown().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_elects_a_new_one_and_writes_continue() -> TestResult {
     init_tracing();
