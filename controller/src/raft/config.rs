@@ -124,6 +124,9 @@ impl NodeConfig {
             // of every write. The node sends one itself when no append follows soon (see
             // `Node::notify_commit`), so followers never lag long.
             skip_bcast_commit: true,
+            // The proposals of one cycle go to each follower as one append message, not one
+            // message each.
+            batch_append: true,
             ..raft::Config::default()
         }
     }
