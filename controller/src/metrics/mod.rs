@@ -168,7 +168,7 @@ pub fn state_families(status: &NodeStatus, store: &Store) -> Vec<Family> {
         gauge(
             "tug_controller_services",
             "Services in the store.",
-            store.services().count() as f64,
+            store.service_count() as f64,
         ),
     ];
     let mut tasks: BTreeMap<String, u64> = TASK_STATES

@@ -480,7 +480,8 @@ impl Node {
         };
         let index = self.raw.raft.raft_log.last_index();
         if index > before {
-            // raft sent the new entry to every follower, with the commit index.
+            // raft sent the new entry, with the commit index, to every follower it is not
+            // waiting on (a paused one gets the commit index with its next append).
             self.told_commit = self.raw.raft.raft_log.committed;
         }
         match result {
@@ -583,7 +584,7 @@ impl Node {
 
     fn notify_commit(&mut self) {
         self.commit_notify_at = None;
-        if self.role == StateRole::Leader {
+        if self.raw.raft.state == StateRole::Leader {
             self.raw.raft.bcast_append();
             self.told_commit = self.raw.raft.raft_log.committed;
         }

@@ -109,7 +109,7 @@ pub struct Store {
     pub(super) watch: WatchHub,
 }
 
-/// See [`Store::shared`]: services by namespace and name, nodes and tasks by name and id.
+/// See [`Store::shared`]: services and tasks in no particular order, nodes by name.
 #[derive(Debug, Clone)]
 pub struct SharedState {
     pub revision: u64,
@@ -192,6 +192,10 @@ impl Store {
     /// Every service, in no particular order (`list_services` sorts).
     pub fn services(&self) -> impl Iterator<Item = &Service> {
         self.services.values().map(Arc::as_ref)
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
     }
 
     /// Changes with revision `>= from_revision` (0: from the next change on). A revision older

@@ -63,7 +63,8 @@ pub enum WatchError {
     )]
     Compacted { requested: u64, compacted: u64 },
     #[error(
-        "the watcher fell {missed} changes behind and they were dropped; resync with a full list"
+        "the watcher fell {missed} updates behind (a change, or the changes of one log entry) and \
+         they were dropped; resync with a full list"
     )]
     Lagged { missed: u64 },
     #[error("the replica restored a snapshot at revision {revision}; resync with a full list")]
@@ -298,6 +299,7 @@ mod tests {
             hub.publish(event(n, rev));
         }
         assert!(w.try_next().is_none(), "nothing is sent while held");
+        assert_eq!(w.rx.len(), 0);
         // The history has them at once: a subscriber from revision 2 gets them as backlog.
         assert_eq!(
             hub.subscribe(2, 2)?
@@ -306,6 +308,7 @@ mod tests {
             Some(Ok(2))
         );
         hub.release();
+        assert_eq!(w.rx.len(), 1, "the held changes went out as one message");
         hub.publish(event("d", 3));
         let mut names = Vec::new();
         while let Some(e) = w.try_next() {

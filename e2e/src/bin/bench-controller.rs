@@ -183,11 +183,11 @@ struct Cluster {
 }
 
 impl Cluster {
-    /// An error if a replica has exited.
     fn pids(&self) -> Vec<u32> {
         self.guards.iter().map(ChildGuard::pid).collect()
     }
 
+    /// An error if a replica has exited.
     fn check_alive(&mut self) -> Result<()> {
         for (i, guard) in self.guards.iter_mut().enumerate() {
             if let Some(status) = guard.try_wait()? {
@@ -567,7 +567,6 @@ async fn drive<W: Writer>(writers: &[W], tag: &str, duration: Duration) -> Resul
     Ok(total)
 }
 
-/// A warm-up round (not counted), then the measured one.
 /// Linux reports process CPU times in /proc in USER_HZ ticks, which is 100 per second.
 const USER_HZ: u64 = 100;
 
@@ -593,21 +592,23 @@ fn cpu_of(pids: &[u32]) -> Result<Duration> {
     pids.iter().map(|&pid| cpu_time(pid)).sum()
 }
 
-/// One round of one level: warm up, then measure, with the CPU time the replicas (`pids`) and
-/// this program used meanwhile.
+/// Round `round` of one level: a warm-up (not counted), then the measured writes, with the CPU
+/// time the replicas (`pids`) and this program used meanwhile. Every round writes new names, so
+/// every write creates an object (none is an unchanged re-apply).
 async fn level<W: Writer>(
     writers: &[W],
     clients: usize,
+    round: usize,
     args: &Args,
     system: &str,
     pids: &[u32],
 ) -> Result<Measured> {
     if !args.warmup.is_zero() {
-        drive(writers, &format!("{clients}w"), args.warmup).await?;
+        drive(writers, &format!("{clients}w{round}"), args.warmup).await?;
     }
     let me = std::process::id();
     let (server0, client0) = (cpu_of(pids)?, cpu_time(me)?);
-    let mut m = drive(writers, &format!("{clients}m"), args.duration).await?;
+    let mut m = drive(writers, &format!("{clients}m{round}"), args.duration).await?;
     m.server_cpu = cpu_of(pids)?.saturating_sub(server0);
     m.client_cpu = cpu_time(me)?.saturating_sub(client0);
     eprintln!(
@@ -774,10 +775,10 @@ fn run() -> Result<()> {
             // Rounds alternate the two systems, so a machine that speeds up or slows down
             // during the run (other tenants, page cache reclaim) weighs on both alike.
             let (mut t, mut e) = (Measured::default(), Measured::default());
-            for _ in 0..args.rounds {
-                t.add(level(&tug_writers, clients, &args, "tug", &tug_pids).await?);
+            for round in 0..args.rounds {
+                t.add(level(&tug_writers, clients, round, &args, "tug", &tug_pids).await?);
                 tug_cluster.check_alive()?;
-                e.add(level(&etcd_writers, clients, &args, "etcd", &etcd_pids).await?);
+                e.add(level(&etcd_writers, clients, round, &args, "etcd", &etcd_pids).await?);
                 etcd_cluster.check_alive()?;
             }
             rows.push((clients, t, e));
