@@ -37,10 +37,11 @@ fn monitor_mode() -> Option<ExitCode> {
     let (Some(dir), None) = (argv.next(), argv.next()) else {
         return None;
     };
-    let format = match std::env::var("TUG_LOG_FORMAT").as_deref() {
-        Ok("json") => args::LogFormat::Json,
-        _ => args::LogFormat::Human,
-    };
+    // The same values as the parser's `--log-format` / TUG_LOG_FORMAT.
+    let format = std::env::var("TUG_LOG_FORMAT")
+        .ok()
+        .and_then(|v| <args::LogFormat as clap::ValueEnum>::from_str(&v, false).ok())
+        .unwrap_or(args::LogFormat::Human);
     logging::init(format);
     let code = tug_agent::runtime::monitor::main(std::path::Path::new(&dir));
     Some(ExitCode::from(u8::try_from(code).unwrap_or(1)))

@@ -87,9 +87,7 @@ impl Containerd {
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
     }
-}
 
-impl Containerd {
     /// Stop the daemon (by PID) and release its mounts; its files stay until it is dropped.
     pub fn stop(&mut self) {
         let _ = self.child.stop(Duration::from_secs(10));

@@ -258,7 +258,7 @@ impl Store {
         let meta = svc.metadata.unwrap_or_default();
         let namespace = normalize_namespace(&meta.namespace).to_string();
         let key = (namespace.clone(), meta.name.clone());
-        let (outcome, stored) = match self.services.get(&KeyRef(&key.0, &key.1)) {
+        let (outcome, stored) = match self.services.get(&key) {
             None => {
                 let stored = Service {
                     metadata: Some(ObjectMeta {

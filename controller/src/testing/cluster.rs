@@ -14,8 +14,7 @@ use tug_api::v1::Service;
 
 use super::network::MemNetwork;
 use crate::fsm::Command;
-use crate::raft::NodeStatus;
-use crate::raft::{Applied, Node, NodeConfig, NodeError, NodeHandle, ProposeError};
+use crate::raft::{Applied, Node, NodeConfig, NodeError, NodeHandle, NodeStatus, ProposeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HarnessError {
@@ -288,7 +287,6 @@ impl TestCluster {
         .await
     }
 
-    /// Polls `check` every 10 ms until it returns `Some` or `timeout` passes.
     /// Waits until node `id` has stored a snapshot at `index` or later (snapshots are written
     /// in the background); returns its status then.
     pub async fn wait_snapshot(
@@ -305,6 +303,7 @@ impl TestCluster {
         .await
     }
 
+    /// Polls `check` every 10 ms until it returns `Some` or `timeout` passes.
     pub async fn wait_until<T>(
         &self,
         what: &str,

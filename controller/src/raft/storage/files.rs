@@ -18,11 +18,7 @@ const SNAPSHOT_MAGIC: &[u8; 8] = b"TUGRSN01";
 /// Writes `name` in `dir` so that after a crash it holds either the old or the new bytes.
 pub(super) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
+    write_synced(&tmp, bytes)?;
     fs::rename(&tmp, dir.join(name))?;
     sync_dir(dir)
 }

@@ -11,7 +11,7 @@ use protobuf::Message as PbMessage;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, Storage, StorageError as RaftStorageError};
 
-use super::{DamageKind, DiskStorage, StorageError, StorageOptions};
+use super::{DamageKind, DiskStorage, PendingSnapshot, StorageError, StorageOptions};
 
 type TestResult = Result<(), Box<dyn Error>>;
 
@@ -52,6 +52,12 @@ fn storage_with(dir: &Path, ents: &[Entry]) -> Result<DiskStorage, StorageError>
 
 fn ents_3_4_5() -> Vec<Entry> {
     vec![new_entry(3, 3), new_entry(4, 4), new_entry(5, 5)]
+}
+
+/// A snapshot at index 4 (of `storage_with(.., &ents_3_4_5())`) holding `data`, not written yet.
+fn pending_at_4(s: &DiskStorage, data: &[u8]) -> Result<PendingSnapshot, StorageError> {
+    Ok(s.prepare_snapshot(4, ConfState::default())?
+        .with_data(data.to_vec()))
 }
 
 fn all_entries(s: &DiskStorage) -> Result<Vec<Entry>, raft::Error> {
@@ -520,9 +526,7 @@ fn a_received_snapshot_replaces_the_log() -> TestResult {
 fn a_snapshot_written_on_another_thread_counts_once_handed_back() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let mut s = storage_with(tmp.path(), &ents_3_4_5())?;
-    let pending = s
-        .prepare_snapshot(4, ConfState::default())?
-        .with_data(b"fsm at 4".to_vec());
+    let pending = pending_at_4(&s, b"fsm at 4")?;
     assert_eq!(pending.index(), 4);
     let written = std::thread::spawn(move || pending.write())
         .join()
@@ -543,9 +547,7 @@ fn a_snapshot_written_on_another_thread_counts_once_handed_back() -> TestResult 
 fn a_leader_snapshot_wins_over_an_older_one_written_late() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let mut s = storage_with(tmp.path(), &ents_3_4_5())?;
-    let pending = s
-        .prepare_snapshot(4, ConfState::default())?
-        .with_data(b"fsm at 4".to_vec());
+    let pending = pending_at_4(&s, b"fsm at 4")?;
     // The leader's snapshot arrives while ours is being written.
     s.apply_snapshot(new_snapshot(10, 8, vec![1, 2]))?;
     let written = pending.write()?;
@@ -566,9 +568,7 @@ fn a_leader_snapshot_wins_over_an_older_one_written_late() -> TestResult {
 fn a_writer_of_a_stopped_node_does_not_replace_a_newer_snapshot() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let s = storage_with(tmp.path(), &ents_3_4_5())?;
-    let pending = s
-        .prepare_snapshot(4, ConfState::default())?
-        .with_data(b"old node at 4".to_vec());
+    let pending = pending_at_4(&s, b"old node at 4")?;
     drop(s);
     // A new node on the same directory installs a leader's snapshot before the stopped
     // node's writer gets to write.
