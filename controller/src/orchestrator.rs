@@ -26,6 +26,11 @@ pub struct OrchestratorConfig {
     /// Changes are gathered this long before a pass, so a burst makes one plan.
     pub debounce: Duration,
     pub reconcile: ReconcileConfig,
+    /// Services reconciled per hold of the store's read lock. The Raft loop needs the write
+    /// lock to apply, so one hold over a large store (a full pass over 200,000 services took
+    /// over a second here) would stall replication, and past an election timeout cost the
+    /// leadership. A pass over more services reconciles and commits them chunk by chunk.
+    pub pass_chunk: usize,
     /// Where reconcile passes and placements are counted.
     pub metrics: crate::metrics::SchedulingMetrics,
 }
@@ -38,6 +43,7 @@ impl Default for OrchestratorConfig {
             resync: Duration::from_secs(30),
             debounce: Duration::from_millis(10),
             reconcile: ReconcileConfig::default(),
+            pass_chunk: 1024,
             metrics: crate::metrics::SchedulingMetrics::default(),
         }
     }
@@ -200,13 +206,64 @@ impl Dirty {
     }
 }
 
-/// One reconcile pass, computed off the async threads and committed.
+/// One reconcile pass, computed off the async threads and committed: in chunks of
+/// [`OrchestratorConfig::pass_chunk`] services, each planned under its own short hold of the
+/// store's read lock and committed before the next is planned (so each sees the placements of
+/// the ones before). Returns whether a plan was cut short (the scope needs another pass) and
+/// the earliest time a pass is due for a back-off.
 async fn pass(
     handle: &NodeHandle,
     ids: &TaskIds,
     cfg: &OrchestratorConfig,
     scope: Scope,
 ) -> Result<(bool, Option<u64>), ProposeError> {
+    let started = Instant::now();
+    let keys: Vec<ServiceKey> = match scope {
+        Scope::All => {
+            let store = handle.store().clone();
+            let mut keys = tokio::task::spawn_blocking(move || reconcile::all_keys(&store.read()))
+                .await
+                .map_err(|_| ProposeError::Stopped)?;
+            keys.sort_unstable();
+            keys.dedup();
+            keys
+        }
+        Scope::Services(keys) => keys.into_iter().collect(),
+    };
+    let mut wake_at_ms: Option<u64> = None;
+    let mut placed = 0;
+    // At least one chunk, even an empty one: the node step (tasks lost with their node) runs
+    // in every pass.
+    let mut chunks: Vec<&[ServiceKey]> = keys.chunks(cfg.pass_chunk.max(1)).collect();
+    if chunks.is_empty() {
+        chunks.push(&[]);
+    }
+    for chunk in chunks {
+        let scope = Scope::Services(chunk.iter().cloned().collect());
+        let (truncated, wake, n) = pass_chunk(handle, ids, cfg, scope).await?;
+        placed += n;
+        if let Some(w) = wake {
+            wake_at_ms = Some(wake_at_ms.map_or(w, |old| old.min(w)));
+        }
+        if truncated {
+            cfg.metrics
+                .observe_pass(started.elapsed().as_secs_f64(), placed);
+            return Ok((true, wake_at_ms));
+        }
+    }
+    cfg.metrics
+        .observe_pass(started.elapsed().as_secs_f64(), placed);
+    Ok((false, wake_at_ms))
+}
+
+/// Plans `scope` under one hold of the read lock and commits the plan. Returns whether the
+/// plan was cut short, its back-off wake time and how many tasks it placed.
+async fn pass_chunk(
+    handle: &NodeHandle,
+    ids: &TaskIds,
+    cfg: &OrchestratorConfig,
+    scope: Scope,
+) -> Result<(bool, Option<u64>, usize), ProposeError> {
     let store = handle.store().clone();
     let rc = cfg.reconcile;
     let ids = ids.clone();
@@ -219,8 +276,7 @@ async fn pass(
     .await
     .map_err(|_| ProposeError::Stopped)?;
     if outcome.plan.is_empty() {
-        cfg.metrics.observe_pass(started.elapsed().as_secs_f64(), 0);
-        return Ok((outcome.truncated, outcome.wake_at_ms));
+        return Ok((outcome.truncated, outcome.wake_at_ms, 0));
     }
     // New tasks placed at once, and pending ones placed now.
     let placed = outcome
@@ -241,8 +297,6 @@ async fn pass(
         outcome.plan.remove.len(),
     );
     let applied = handle.propose(&Command::ApplyPlan(outcome.plan)).await?;
-    cfg.metrics
-        .observe_pass(started.elapsed().as_secs_f64(), placed);
     tracing::debug!(
         creates,
         updates,
@@ -251,7 +305,7 @@ async fn pass(
         took = ?started.elapsed(),
         "reconcile plan committed"
     );
-    Ok((outcome.truncated, outcome.wake_at_ms))
+    Ok((outcome.truncated, outcome.wake_at_ms, placed))
 }
 
 /// Marks down every ready node not heard from within the grace period.

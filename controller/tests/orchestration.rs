@@ -58,6 +58,8 @@ async fn start_cluster(dir: &std::path::Path) -> TestResult<Vec<Replica>> {
             peers: peers.clone(),
             orchestrator: OrchestratorConfig {
                 heartbeat_period: Duration::from_millis(200),
+                // Full passes go in several chunks, each committed before the next.
+                pass_chunk: 2,
                 ..OrchestratorConfig::default()
             },
             network: Default::default(),
@@ -413,8 +415,35 @@ async fn schedule_scale_lose_drain_roll_and_delete() -> TestResult {
     })
     .await?;
 
+    // Five services in one write: their pass goes in three chunks (`pass_chunk: 2`), each
+    // planned and committed in turn, and every one is placed.
+    let batch: Vec<String> = (0..5).map(|i| format!("batch-{i}")).collect();
+    control(&alive)
+        .await?
+        .apply(ApplyRequest {
+            services: batch.iter().map(|n| service(n, "img:1", 1)).collect(),
+        })
+        .await?;
+    wait_until("every batch service running", async || {
+        for name in &batch {
+            if running_per_node(&alive, name)
+                .await?
+                .values()
+                .sum::<usize>()
+                != 1
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })
+    .await?;
+
     // Delete: every task stops and is forgotten.
-    for name in ["web", "huge"] {
+    for name in ["web", "huge"]
+        .into_iter()
+        .chain(batch.iter().map(String::as_str))
+    {
         control(&alive)
             .await?
             .delete(DeleteRequest {

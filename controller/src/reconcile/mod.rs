@@ -77,6 +77,16 @@ pub fn reconcile(
     reconcile_scope(store, now_ms, cfg, ids, &Scope::All)
 }
 
+/// Every service a full pass looks at: each stored service, and each service that still has
+/// tasks (a deleted one's tasks are removed by the pass). Unordered, possibly with repeats.
+pub fn all_keys(store: &Store) -> Vec<ServiceKey> {
+    store
+        .services_with_tasks()
+        .cloned()
+        .chain(store.services().map(crate::state::service_key))
+        .collect()
+}
+
 /// One pass over the services of `scope`.
 pub fn reconcile_scope(
     store: &Store,
@@ -97,11 +107,7 @@ pub fn reconcile_scope(
     };
     pass.nodes();
     let mut keys: BTreeSet<ServiceKey> = match scope {
-        Scope::All => {
-            let mut keys: BTreeSet<ServiceKey> = store.services_with_tasks().cloned().collect();
-            keys.extend(store.services().map(crate::state::service_key));
-            keys
-        }
+        Scope::All => all_keys(store).into_iter().collect(),
         Scope::Services(keys) => keys.clone(),
     };
     for id in pass.changes.keys() {
