@@ -484,6 +484,61 @@ async fn a_restarted_node_keeps_its_state_and_catches_up() -> TestResult {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_state_is_snapshotted_after_as_many_entries_as_it_holds_objects() -> TestResult {
+    init_tracing();
+    let dir = tempfile::tempdir()?;
+    let cluster = TestCluster::start(dir.path(), 1, 10, |cfg| {
+        cfg.snapshot_threshold = 5;
+        cfg.snapshot_catch_up_entries = 0;
+    })?;
+    cluster.wait_for_leader(&[1], WAIT).await?;
+    // One entry brings 40 services; a few more reach the threshold of 5 entries.
+    let many = (0..40)
+        .map(|i| service(&format!("bulk-{i}"), "x"))
+        .collect();
+    cluster.propose(&Command::ApplyServices(many), WAIT).await?;
+    for i in 0..5 {
+        cluster
+            .propose(&apply(&format!("svc-{i}"), "x"), WAIT)
+            .await?;
+    }
+    let first = cluster.wait_snapshot(1, 5, WAIT).await?.snapshot_index;
+    let objects = services(cluster.handle(1)?).len() as u64;
+    assert!(objects >= 40, "{objects} services");
+
+    // Far more than 5 entries, fewer than the state's objects: no snapshot yet.
+    for i in 0..20 {
+        cluster
+            .propose(&apply(&format!("more-{i}"), "x"), WAIT)
+            .await?;
+    }
+    let early = cluster
+        .wait_snapshot(1, first + 1, Duration::from_secs(1))
+        .await;
+    assert!(
+        early.is_err(),
+        "a snapshot {} entries after one of {objects} objects",
+        early.map(|s| s.snapshot_index - first).unwrap_or_default()
+    );
+    // Once as many entries as objects are applied, the next one is taken.
+    for i in 20..objects {
+        cluster
+            .propose(&apply(&format!("more-{i}"), "x"), WAIT)
+            .await?;
+    }
+    let next = cluster
+        .wait_snapshot(1, first + 1, WAIT)
+        .await?
+        .snapshot_index;
+    assert!(
+        next >= first + 40,
+        "the next snapshot at {next}, the first at {first}"
+    );
+    cluster.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarting_every_node_keeps_the_state() -> TestResult {
     init_tracing();
     let dir = tempfile::tempdir()?;

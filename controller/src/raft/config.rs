@@ -22,7 +22,11 @@ pub struct NodeConfig {
     /// Ticks between a leader's heartbeats.
     pub heartbeat_ticks: usize,
     /// Take a snapshot of the state machine every this many applied entries (etcd's
-    /// `--snapshot-count` default)...
+    /// `--snapshot-count` default), or every as many entries as the last snapshot held
+    /// objects if that is more: a snapshot costs time in proportion to the state, so the log
+    /// may grow as large as the state (in entries) before the next, which keeps the cost per
+    /// write flat however large the state grows (Redis rewrites its append-only file on the
+    /// same rule, at 100% growth)...
     pub snapshot_threshold: u64,
     /// ...or once the entries applied since the last one hold this many bytes, whichever comes
     /// first: the log is kept in memory until a snapshot compacts it, so this bounds it (plus

@@ -88,6 +88,9 @@ pub struct Node {
     next_seq: u64,
     applied: u64,
     snapshot_index: u64,
+    /// Objects in the state as of the last snapshot: the next is due after at least as many
+    /// entries (see [`NodeConfig::snapshot_threshold`]).
+    snapshot_objects: u64,
     /// The snapshot being written on a blocking thread, if any: a large state takes a while to
     /// write and sync, and the loop keeps replicating meanwhile.
     snapshot_writer: Option<SnapshotWriter>,
@@ -197,6 +200,7 @@ impl Node {
         if snapshot_index > 0 {
             fsm.restore(snapshot_index, &snapshot.data)?;
         }
+        let snapshot_objects = fsm.object_count() as u64;
         let hard_state = storage.hard_state().clone();
         let recovery = storage.recovery().clone();
         let voters = storage.conf_state().voters.len();
@@ -274,6 +278,7 @@ impl Node {
             next_seq: 1,
             applied: snapshot_index,
             snapshot_index,
+            snapshot_objects,
             snapshot_writer: None,
             applied_bytes: 0,
             ticks: 0,
@@ -625,6 +630,7 @@ impl Node {
         self.fsm.restore(index, &data)?;
         self.applied = index;
         self.snapshot_index = index;
+        self.snapshot_objects = self.fsm.object_count() as u64;
         self.applied_bytes = 0;
         self.proposals
             .fail_through(index, |i| ProposeError::Dropped { index: i });
@@ -734,7 +740,8 @@ impl Node {
         })))
     }
 
-    /// Snapshots the state machine every `snapshot_threshold` applied entries, or when raft
+    /// Snapshots the state machine every `snapshot_threshold` applied entries (or as many as
+    /// the last snapshot held objects, if more), or when raft
     /// needs a newer snapshot than the stored one (for a new member), and compacts the log
     /// behind it.
     fn maybe_snapshot(&mut self) -> Result<(), NodeError> {
@@ -742,7 +749,8 @@ impl Node {
             return Ok(());
         }
         let wanted = self.raw.store().take_snapshot_request();
-        let due = self.applied >= self.snapshot_index + self.cfg.snapshot_threshold
+        let every = self.cfg.snapshot_threshold.max(self.snapshot_objects);
+        let due = self.applied >= self.snapshot_index + every
             || self.applied_bytes >= self.cfg.snapshot_threshold_bytes;
         if !(due || wanted)
             || self.applied <= self.snapshot_index
@@ -757,6 +765,8 @@ impl Node {
         let index = self.applied;
         let conf_state = self.raw.raft.prs().conf().to_conf_state();
         let state = self.fsm.shared_state();
+        self.snapshot_objects =
+            (state.services.len() + state.tasks.len() + state.nodes.len()) as u64;
         let pending = self.raw.store().prepare_snapshot(index, conf_state)?;
         let taken_in = started.elapsed();
         let applied_bytes = std::mem::take(&mut self.applied_bytes);

@@ -198,6 +198,11 @@ impl Store {
         self.services.len()
     }
 
+    /// Services, tasks and nodes together: what a snapshot holds.
+    pub fn object_count(&self) -> usize {
+        self.services.len() + self.task_count() + self.nodes.len()
+    }
+
     /// Changes with revision `>= from_revision` (0: from the next change on). A revision older
     /// than the kept history fails with [`WatchError::Compacted`]: list, then watch from
     /// `revision() + 1` under the same read lock.
