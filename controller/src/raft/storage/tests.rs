@@ -77,6 +77,13 @@ fn last_segment(dir: &Path) -> Result<PathBuf, Box<dyn Error>> {
     Ok(segments(dir)?.pop().ok_or("no segment")?)
 }
 
+/// Where the written bytes of a segment end, before the zeros of its unused preallocated space
+/// (the test entries end in non-zero bytes).
+fn data_len(path: &Path) -> Result<u64, std::io::Error> {
+    let bytes = fs::read(path)?;
+    Ok(bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1) as u64)
+}
+
 #[test]
 fn term_like_memstorage() -> TestResult {
     let tmp = tempfile::tempdir()?;
@@ -346,7 +353,7 @@ fn a_torn_tail_is_truncated_to_the_last_good_record() -> TestResult {
     drop(s);
     // Cut the last record in half, as a crash during the write would.
     let seg = last_segment(tmp.path())?;
-    let len = fs::metadata(&seg)?.len();
+    let len = data_len(&seg)?;
     OpenOptions::new()
         .write(true)
         .open(&seg)?
@@ -405,22 +412,82 @@ fn a_flipped_byte_cuts_the_log_there() -> TestResult {
 }
 
 #[test]
-fn a_zero_filled_tail_is_a_torn_write() -> TestResult {
+fn a_zero_filled_tail_is_the_end_of_the_log() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let s = storage_with(tmp.path(), &ents_3_4_5())?;
     drop(s);
-    // The file grew but its last blocks never got their data.
+    // Past the unused preallocated space, the file grew but its last blocks never got data.
     let seg = last_segment(tmp.path())?;
     OpenOptions::new()
         .append(true)
         .open(&seg)?
         .write_all(&[0u8; 100])?;
+    let mut s = open(tmp.path())?;
+    assert_eq!(s.recovery().damage, None);
+    assert_eq!(all_entries(&s)?, ents_3_4_5());
+    s.append(&[new_entry(6, 6)])?;
+    drop(s);
+    reopens_clean(tmp.path(), open, 6)
+}
+
+/// Opens the storage in `dir` again and checks that it finds no damage and ends at `last`.
+fn reopens_clean(
+    dir: &Path,
+    reopen: fn(&Path) -> Result<DiskStorage, StorageError>,
+    last: u64,
+) -> TestResult {
+    let s = reopen(dir)?;
+    assert_eq!(s.recovery().damage, None);
+    assert_eq!(s.last_index()?, last);
+    Ok(())
+}
+
+#[test]
+fn a_half_written_record_in_preallocated_space_is_a_torn_write() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut s = storage_with(tmp.path(), &ents_3_4_5())?;
+    s.append(&[new_entry(6, 5)])?;
+    drop(s);
+    // The last record's final bytes never landed: zeros, as the rest of the space.
+    let seg = last_segment(tmp.path())?;
+    let end = data_len(&seg)?;
+    let mut f = OpenOptions::new().write(true).open(&seg)?;
+    f.seek(SeekFrom::Start(end - 5))?;
+    f.write_all(&[0u8; 5])?;
+    drop(f);
+
     let s = open(tmp.path())?;
     let damage = s.recovery().damage.clone().ok_or("damage not reported")?;
+    assert!(damage.reason.contains("checksum"), "{}", damage.reason);
     assert_eq!(damage.kind, DamageKind::TornWrite);
-    assert_eq!(damage.dropped_bytes, 100);
     assert_eq!(all_entries(&s)?, ents_3_4_5());
     Ok(())
+}
+
+#[test]
+fn the_active_segment_is_preallocated_and_cut_to_its_records_when_full() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut s = open_small(tmp.path())?;
+    for i in 1..=40 {
+        s.append(&[new_entry(i, 1)])?;
+    }
+    let segs = segments(tmp.path())?;
+    assert!(segs.len() >= 3, "{} segments", segs.len());
+    let (active, sealed) = segs.split_last().ok_or("no segment")?;
+    assert!(
+        fs::metadata(active)?.len() >= 256,
+        "the active segment holds its 256 bytes"
+    );
+    for seg in sealed {
+        assert_eq!(
+            fs::metadata(seg)?.len(),
+            data_len(seg)?,
+            "{} keeps unused space",
+            seg.display()
+        );
+    }
+    drop(s);
+    reopens_clean(tmp.path(), open_small, 40)
 }
 
 #[test]
