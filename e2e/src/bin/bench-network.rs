@@ -4,11 +4,17 @@
 //! 1. Data path: `iperf3` TCP throughput and `ping` round trips container-to-container across
 //!    the two hosts, with tug's built-in plugin in host-gw and in vxlan mode, against the same
 //!    measured host-to-host in the same run (ratio). Targets: host-gw >= 95%, vxlan >= 85%.
+//!    Each node is set up as the agent sets it up (bridge, routes or VXLAN, and its masquerade
+//!    rules). The three paths are measured in rounds that alternate them (throughput on this
+//!    VM moves by 10-20% from one minute to the next); the medians are compared. With two or
+//!    more CPUs, iperf3's client and server are pinned to different ones (`-A 0,1`). Also
+//!    printed: the CPU time of the whole machine per GB moved, steadier than the throughput.
 //! 2. Control path: the time to set up and tear down one container's network (veth, address,
 //!    routes) with the built-in plugin against Debian's CNI `bridge` + `host-local` plugins
 //!    invoked the standard way (exec, env, config on stdin) on the same kind of namespaces.
 //!
-//! Run: `e2e/bench.sh network [SECONDS] [CYCLES]` (default 5 s per iperf3 run, 100 cycles).
+//! Run: `e2e/bench.sh network [SECONDS] [CYCLES] [ROUNDS]` (default 5 s per iperf3 run, 100
+//! cycles, 3 rounds).
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -17,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use tug_e2e::{Host, Netns, TestNet};
 use tug_netplugin::cni::CniNetwork;
+use tug_netplugin::nat;
 use tug_netplugin::netns::block_in_netns;
 use tug_netplugin::{
     ContainerNet, HostGwConfig, Mode, NodeConfig, Subnet, VxlanConfig, add, del, setup_node,
@@ -42,32 +49,51 @@ fn run() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let seconds: u32 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(5);
     let cycles: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(100);
+    let rounds: usize = args
+        .next()
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(3)
+        .max(1);
     for tool in ["iperf3", "busybox"] {
         if which(tool).is_none() {
             return Err(format!("{tool} is not installed: run e2e/install-deps.sh --bench").into());
         }
     }
     println!(
-        "tug network benchmark: 2 test-bed hosts, iperf3 {seconds} s per run, {cycles} setup cycles"
+        "tug network benchmark: 2 test-bed hosts, iperf3 {seconds} s per run, {rounds} rounds, \
+         {cycles} setup cycles"
     );
+    let modes = [None, Some(Mode::HostGw), Some(Mode::Vxlan)];
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); modes.len()];
+    for _ in 0..rounds {
+        for (mode, samples) in modes.iter().zip(samples.iter_mut()) {
+            samples.push(data_path(*mode, seconds)?);
+        }
+    }
     println!();
     println!(
-        "{:<34} {:>12} {:>8} {:>12} {:>8}",
-        "path", "Gbit/s", "ratio", "rtt ms", "ratio"
+        "{:<34} {:>8} {:>15} {:>7} {:>8} {:>7} {:>9}",
+        "path (median of rounds)", "Gbit/s", "range", "ratio", "rtt ms", "ratio", "CPU s/GB"
     );
-    let mut base: Option<(f64, f64)> = None;
-    for mode in [None, Some(Mode::HostGw), Some(Mode::Vxlan)] {
-        let (gbits, rtt) = data_path(mode, seconds)?;
+    let medians: Vec<Sample> = samples.iter().map(|s| Sample::median(s)).collect();
+    let base = medians[0];
+    for ((mode, runs), m) in modes.iter().zip(&samples).zip(&medians) {
         let label = match mode {
             None => "host to host (baseline)",
             Some(Mode::HostGw) => "container to container, host-gw",
             Some(Mode::Vxlan) => "container to container, vxlan",
         };
-        let (g0, r0) = *base.get_or_insert((gbits, rtt));
+        let lo = runs.iter().map(|s| s.gbits).fold(f64::INFINITY, f64::min);
+        let hi = runs.iter().map(|s| s.gbits).fold(0.0, f64::max);
         println!(
-            "{label:<34} {gbits:>12.2} {:>7.1}% {rtt:>12.3} {:>7.2}x",
-            100.0 * gbits / g0,
-            rtt / r0
+            "{label:<34} {:>8.2} {:>15} {:>6.1}% {:>8.3} {:>6.2}x {:>9.3}",
+            m.gbits,
+            format!("{lo:.2}-{hi:.2}"),
+            100.0 * m.gbits / base.gbits,
+            m.rtt_ms,
+            m.rtt_ms / base.rtt_ms,
+            m.cpu_s_per_gb,
         );
     }
     println!("targets: host-gw >= 95% and vxlan >= 85% of host-to-host throughput");
@@ -89,6 +115,44 @@ struct Node<'a> {
     host: &'a Host,
     subnet: Subnet,
     container: Option<(Netns, Ipv4Addr)>,
+}
+
+/// One measurement of a path.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    gbits: f64,
+    rtt_ms: f64,
+    /// CPU time of the whole machine (all CPUs, user + system + softirq) per GB received.
+    cpu_s_per_gb: f64,
+}
+
+impl Sample {
+    /// The median of each figure on its own.
+    fn median(samples: &[Sample]) -> Sample {
+        let pick = |f: fn(&Sample) -> f64| {
+            let mut v: Vec<f64> = samples.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+        };
+        Sample {
+            gbits: pick(|s| s.gbits),
+            rtt_ms: pick(|s| s.rtt_ms),
+            cpu_s_per_gb: pick(|s| s.cpu_s_per_gb),
+        }
+    }
+}
+
+/// Busy CPU time of the machine so far (all CPUs), in clock ticks (`/proc/stat`).
+fn cpu_ticks() -> Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().ok_or("empty /proc/stat")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<std::result::Result<_, _>>()?;
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Ok(v.iter().sum::<u64>().saturating_sub(idle))
 }
 
 fn subnets(own: Subnet) -> Result<HostGwConfig> {
@@ -124,6 +188,10 @@ fn set_up(node: &mut Node<'_>, mode: Mode, role: &str, dir: &Path) -> Result<()>
         let vx = vxlan_cfg(node, setup.mtu)?;
         block_in_netns(&path, || setup_vxlan(&vx))?;
     }
+    // Masquerade for traffic leaving the cluster, as the agent sets it up: the node's
+    // netfilter then tracks connections, container traffic included.
+    let (subnet, cluster) = (node.subnet, CLUSTER.parse::<Subnet>()?);
+    block_in_netns(&path, || async move { nat::setup_nat(subnet, cluster) })?;
     let ns = Netns::create(role)?;
     let net = ContainerNet {
         id: role.into(),
@@ -153,9 +221,9 @@ fn peer(node: &mut Node<'_>, other: (Subnet, Ipv4Addr), mode: Mode) -> Result<()
     Ok(())
 }
 
-/// Throughput (Gbit/s) and mean ping round trip (ms) from host 0 to host 1 (`None`), or from a
+/// Throughput, mean ping round trip and CPU per GB from host 0 to host 1 (`None`), or from a
 /// container on host 0 to one on host 1.
-fn data_path(mode: Option<Mode>, seconds: u32) -> Result<(f64, f64)> {
+fn data_path(mode: Option<Mode>, seconds: u32) -> Result<Sample> {
     let mut net = TestNet::new(0)?;
     net.add_host("a")?;
     net.add_host("b")?;
@@ -195,17 +263,27 @@ fn data_path(mode: Option<Mode>, seconds: u32) -> Result<(f64, f64)> {
     )?;
     std::thread::sleep(Duration::from_millis(300));
     let mut client = client;
-    let out = client
-        .args(["-c", &target.to_string(), "-t", &seconds.to_string(), "-J"])
-        .output()?;
+    client.args(["-c", &target.to_string(), "-t", &seconds.to_string(), "-J"]);
+    if std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2) {
+        client.args(["-A", "0,1"]);
+    }
+    let before = cpu_ticks()?;
+    let out = client.output()?;
+    let after = cpu_ticks()?;
     let _ = server.stop(Duration::from_secs(2));
     if !out.status.success() {
         return Err(format!("iperf3 client: {}", String::from_utf8_lossy(&out.stdout)).into());
     }
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let bits = report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .ok_or("iperf3 report without end.sum_received")?;
+    let received = &report["end"]["sum_received"];
+    let (Some(bits), Some(bytes)) = (
+        received["bits_per_second"].as_f64(),
+        received["bytes"].as_f64(),
+    ) else {
+        return Err("iperf3 report without end.sum_received".into());
+    };
+    // USER_HZ is 100 on Linux.
+    let cpu_s = after.saturating_sub(before) as f64 / 100.0;
     let mut ping = match (&mode, &a.container) {
         (Some(_), Some((ca, _))) => ca.command("busybox"),
         _ => a.host.command("busybox"),
@@ -215,7 +293,11 @@ fn data_path(mode: Option<Mode>, seconds: u32) -> Result<(f64, f64)> {
         .output()?;
     let rtt = mean_rtt(&String::from_utf8_lossy(&out.stdout))
         .ok_or_else(|| format!("ping: {}", String::from_utf8_lossy(&out.stdout)))?;
-    Ok((bits / 1e9, rtt))
+    Ok(Sample {
+        gbits: bits / 1e9,
+        rtt_ms: rtt,
+        cpu_s_per_gb: cpu_s / (bytes / 1e9),
+    })
 }
 
 /// "round-trip min/avg/max = 0.046/0.069/0.093 ms" -> 0.069.
