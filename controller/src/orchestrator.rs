@@ -221,12 +221,14 @@ async fn pass(
     let keys: Vec<ServiceKey> = match scope {
         Scope::All => {
             let store = handle.store().clone();
-            let mut keys = tokio::task::spawn_blocking(move || reconcile::all_keys(&store.read()))
-                .await
-                .map_err(|_| ProposeError::Stopped)?;
-            keys.sort_unstable();
-            keys.dedup();
-            keys
+            tokio::task::spawn_blocking(move || {
+                let mut keys = reconcile::all_keys(&store.read());
+                keys.sort_unstable();
+                keys.dedup();
+                keys
+            })
+            .await
+            .map_err(|_| ProposeError::Stopped)?
         }
         Scope::Services(keys) => keys.into_iter().collect(),
     };

@@ -787,12 +787,17 @@ impl Node {
             (state.services.len() + state.tasks.len() + state.nodes.len()) as u64;
         let pending = self.raw.store().prepare_snapshot(index, conf_state)?;
         let taken_in = started.elapsed();
+        // A routine snapshot yields the CPU to the writes in flight; one a peer waits for, or
+        // one that must bound a log grown to its byte limit, does not.
+        let background = !wanted && self.applied_bytes < self.cfg.snapshot_threshold_bytes;
         let applied_bytes = std::mem::take(&mut self.applied_bytes);
         let (tx, done) = oneshot::channel();
         let spawned = std::thread::Builder::new()
             .name("tug-snapshot".into())
             .spawn(move || {
-                lower_thread_priority();
+                if background {
+                    lower_thread_priority();
+                }
                 let encoding = Instant::now();
                 let pending = pending.with_data(fsm_snapshot::encode_shared(&state));
                 drop(state);

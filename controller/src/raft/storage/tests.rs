@@ -77,6 +77,23 @@ fn last_segment(dir: &Path) -> Result<PathBuf, Box<dyn Error>> {
     Ok(segments(dir)?.pop().ok_or("no segment")?)
 }
 
+/// Where `needle` first occurs in the file at `path`.
+fn position_of(path: &Path, needle: &[u8]) -> Result<u64, Box<dyn Error>> {
+    let bytes = fs::read(path)?;
+    let pos = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .ok_or_else(|| format!("{} not found", String::from_utf8_lossy(needle)))?;
+    Ok(pos as u64)
+}
+
+/// Writes `bytes` over the file at `path` from `pos`.
+fn overwrite(path: &Path, pos: u64, bytes: &[u8]) -> Result<(), std::io::Error> {
+    let mut f = OpenOptions::new().write(true).open(path)?;
+    f.seek(SeekFrom::Start(pos))?;
+    f.write_all(bytes)
+}
+
 /// Where the written bytes of a segment end, before the zeros of its unused preallocated space
 /// (the test entries end in non-zero bytes).
 fn data_len(path: &Path) -> Result<u64, std::io::Error> {
@@ -384,16 +401,9 @@ fn a_flipped_byte_cuts_the_log_there() -> TestResult {
     drop(s);
     // Flip a byte inside the record of entry 6 (the second to last record).
     let seg = last_segment(tmp.path())?;
-    let bytes = fs::read(&seg)?;
-    let needle = b"entry 6/5";
-    let pos = bytes
-        .windows(needle.len())
-        .position(|w| w == needle)
-        .ok_or("entry 6 not found")?;
-    let mut f = OpenOptions::new().write(true).open(&seg)?;
-    f.seek(SeekFrom::Start(pos as u64))?;
-    f.write_all(&[bytes[pos] ^ 0x40])?;
-    drop(f);
+    let pos = position_of(&seg, b"entry 6/5")?;
+    let byte = fs::read(&seg)?[pos as usize];
+    overwrite(&seg, pos, &[byte ^ 0x40])?;
 
     let s = open(tmp.path())?;
     let damage = s.recovery().damage.clone().ok_or("damage not reported")?;
@@ -465,6 +475,70 @@ fn a_half_written_record_in_preallocated_space_is_a_torn_write() -> TestResult {
 }
 
 #[test]
+fn a_batch_torn_in_the_middle_in_preallocated_space_is_a_torn_write() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut s = storage_with(tmp.path(), &ents_3_4_5())?;
+    // One append, one write: entries 6, 7 and 8 in one batch.
+    s.append(&[new_entry(6, 5), new_entry(7, 5), new_entry(8, 5)])?;
+    drop(s);
+    // The middle of the write never landed; its end did.
+    let seg = last_segment(tmp.path())?;
+    overwrite(&seg, position_of(&seg, b"entry 7/5")?, &[0u8; 9])?;
+
+    let s = open(tmp.path())?;
+    let damage = s.recovery().damage.clone().ok_or("damage not reported")?;
+    assert_eq!(damage.kind, DamageKind::TornWrite, "{}", damage.reason);
+    assert_eq!(all_entries(&s)?, ents_3_4_5(), "the whole batch is gone");
+    Ok(())
+}
+
+#[test]
+fn zeros_before_the_end_of_a_sealed_segment_are_corruption() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut s = open_small(tmp.path())?;
+    for i in 1..=40 {
+        s.append(&[new_entry(i, 1)])?;
+    }
+    drop(s);
+    let segs = segments(tmp.path())?;
+    assert!(segs.len() >= 3, "{} segments", segs.len());
+    // Records of the first (sealed) segment read back as zeros.
+    let len = fs::metadata(&segs[0])?.len();
+    let mut f = OpenOptions::new().write(true).open(&segs[0])?;
+    f.seek(SeekFrom::Start(len - 20))?;
+    f.write_all(&[0u8; 20])?;
+    drop(f);
+
+    let s = open_small(tmp.path())?;
+    let damage = s.recovery().damage.clone().ok_or("damage not reported")?;
+    assert_eq!(damage.kind, DamageKind::Corrupt, "{}", damage.reason);
+    assert_eq!(damage.dropped_segments, segs.len() - 1);
+    Ok(())
+}
+
+#[test]
+fn a_segment_created_up_to_its_zeros_is_a_torn_write() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let s = storage_with(tmp.path(), &ents_3_4_5())?;
+    drop(s);
+    // A rotation cut the segment to its records; the next one's space was reserved but its
+    // header never landed.
+    let last = last_segment(tmp.path())?;
+    let end = data_len(&last)?;
+    OpenOptions::new().write(true).open(&last)?.set_len(end)?;
+    let name = last.file_name().and_then(|n| n.to_str()).ok_or("name")?;
+    let seq: u64 = name.trim_end_matches(".wal").parse()?;
+    let next = last.with_file_name(format!("{:020}.wal", seq + 1));
+    fs::write(&next, vec![0u8; 4096])?;
+
+    let s = open(tmp.path())?;
+    let damage = s.recovery().damage.clone().ok_or("damage not reported")?;
+    assert_eq!(damage.kind, DamageKind::TornWrite, "{}", damage.reason);
+    assert_eq!(all_entries(&s)?, ents_3_4_5());
+    Ok(())
+}
+
+#[test]
 fn the_active_segment_is_preallocated_and_cut_to_its_records_when_full() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let mut s = open_small(tmp.path())?;
@@ -505,17 +579,9 @@ fn a_commit_past_the_surviving_log_is_lowered() -> TestResult {
     let seg = last_segment(tmp.path())?;
     let len = fs::metadata(&seg)?.len();
     // Remove the commit record and half of entry 6.
-    let bytes = fs::read(&seg)?;
-    let needle = b"entry 6/5";
-    let pos = bytes
-        .windows(needle.len())
-        .position(|w| w == needle)
-        .ok_or("entry 6 not found")?;
-    OpenOptions::new()
-        .write(true)
-        .open(&seg)?
-        .set_len(pos as u64)?;
-    assert!((pos as u64) < len);
+    let pos = position_of(&seg, b"entry 6/5")?;
+    OpenOptions::new().write(true).open(&seg)?.set_len(pos)?;
+    assert!(pos < len);
 
     let s = open(tmp.path())?;
     assert_eq!(s.recovery().commit_clamped, Some((6, 5)));
