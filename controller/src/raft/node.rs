@@ -102,9 +102,9 @@ pub struct Node {
     role: StateRole,
     /// Set while catching up after the log was found damaged on open.
     catch_up: Option<CatchUp>,
-    /// Free bytes of the data dir's filesystem, looked up once per cycle by the first proposal
-    /// (inner `None`: the lookup failed).
-    disk_free: Option<Option<u64>>,
+    /// Free bytes of the data dir's filesystem and when they were looked up (inner `None`: the
+    /// lookup failed); see [`DISK_TRUSTED_FOR`].
+    disk_free: Option<(Instant, Option<u64>)>,
     /// Leader: the commit index as of the last append sent to every follower.
     told_commit: u64,
     /// Leader: when to tell the followers a commit index no append has carried yet.
@@ -132,6 +132,18 @@ struct SnapshotWriter {
     taken_in: Duration,
     /// The writer thread's result (an error if the thread died without one).
     done: oneshot::Receiver<Written>,
+}
+
+/// A free-space reading this far above the reserve is trusted for [`DISK_TRUSTED_FOR`]: the
+/// log's own writes cannot use that much in that time, and the lookup (a `statfs`, 15 us here)
+/// stays off the path of most writes. Closer to the reserve, every cycle looks again.
+const DISK_TRUSTED_MARGIN: u64 = 64 << 20;
+const DISK_TRUSTED_FOR: Duration = Duration::from_millis(100);
+
+/// Whether a free-space reading (`None`: the lookup failed) taken `age` ago can stand in for a
+/// new lookup, with `reserve` bytes to keep.
+fn reading_trusted(age: Duration, free: Option<u64>, reserve: u64) -> bool {
+    age < DISK_TRUSTED_FOR && free.is_some_and(|f| f >= reserve.saturating_add(DISK_TRUSTED_MARGIN))
 }
 
 /// How much less CPU weight a snapshot's writer thread gets than the Raft loop (a nice value):
@@ -350,7 +362,6 @@ impl Node {
                 () = sleep_until(self.commit_notify_at) => self.notify_commit(),
             }
             self.drain_queued();
-            self.disk_free = None;
             self.on_ready()?;
             self.schedule_commit_notify();
             self.maybe_snapshot()?;
@@ -522,12 +533,16 @@ impl Node {
         if reserve == 0 {
             return Ok(());
         }
-        let data_dir = &self.cfg.data_dir;
-        let free = *self.disk_free.get_or_insert_with(|| {
-            nix::sys::statvfs::statvfs(data_dir)
+        let trusted = self
+            .disk_free
+            .is_some_and(|(at, free)| reading_trusted(at.elapsed(), free, reserve));
+        if !trusted {
+            let free = nix::sys::statvfs::statvfs(&self.cfg.data_dir)
                 .ok()
-                .map(|stat| stat.blocks_available() * stat.fragment_size())
-        });
+                .map(|stat| stat.blocks_available() * stat.fragment_size());
+            self.disk_free = Some((Instant::now(), free));
+        }
+        let free = self.disk_free.and_then(|(_, free)| free);
         let Some(free) = free else {
             return Ok(());
         };
@@ -993,4 +1008,26 @@ fn sorted(ids: &[u64]) -> Vec<u64> {
     let mut v = ids.to_vec();
     v.sort_unstable();
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_free_space_reading_is_reused_only_when_young_and_far_from_the_reserve() {
+        let reserve = 128 << 20;
+        let plenty = Some(reserve + DISK_TRUSTED_MARGIN);
+        let young = DISK_TRUSTED_FOR / 2;
+        assert!(reading_trusted(young, plenty, reserve));
+        assert!(
+            !reading_trusted(DISK_TRUSTED_FOR, plenty, reserve),
+            "too old"
+        );
+        assert!(
+            !reading_trusted(young, Some(reserve + DISK_TRUSTED_MARGIN - 1), reserve),
+            "close to the reserve: look every time"
+        );
+        assert!(!reading_trusted(young, None, reserve), "a failed lookup");
+    }
 }
