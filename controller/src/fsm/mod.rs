@@ -106,12 +106,12 @@ impl Fsm {
         snapshot::encode(&self.store.read())
     }
 
-    /// The state to snapshot, taken quickly; encode it with [`snapshot::encode_shared`].
     /// Objects in the state (what a snapshot of it holds).
     pub fn object_count(&self) -> usize {
         self.store.read().object_count()
     }
 
+    /// The state to snapshot, taken quickly; encode it with [`snapshot::encode_shared`].
     pub fn shared_state(&self) -> crate::state::SharedState {
         self.store.read().shared()
     }

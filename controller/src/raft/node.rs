@@ -91,8 +91,8 @@ pub struct Node {
     /// Objects in the state as of the last snapshot: the next is due after at least as many
     /// entries (see [`NodeConfig::snapshot_threshold`]).
     snapshot_objects: u64,
-    /// The snapshot being written on a blocking thread, if any: a large state takes a while to
-    /// write and sync, and the loop keeps replicating meanwhile.
+    /// The snapshot being written on a thread of its own, if any: a large state takes a while
+    /// to write and sync, and the loop keeps replicating meanwhile.
     snapshot_writer: Option<SnapshotWriter>,
     /// Bytes of the entries applied since the last snapshot was started.
     applied_bytes: u64,
@@ -798,8 +798,7 @@ impl Node {
         let index = self.applied;
         let conf_state = self.raw.raft.prs().conf().to_conf_state();
         let state = self.fsm.shared_state();
-        self.snapshot_objects =
-            (state.services.len() + state.tasks.len() + state.nodes.len()) as u64;
+        self.snapshot_objects = state.object_count() as u64;
         let pending = self.raw.store().prepare_snapshot(index, conf_state)?;
         let taken_in = started.elapsed();
         // A routine snapshot yields the CPU to the writes in flight; one a peer waits for, or

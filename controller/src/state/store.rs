@@ -119,6 +119,13 @@ pub struct SharedState {
     pub tasks: Vec<Arc<Task>>,
 }
 
+impl SharedState {
+    /// Services, tasks and nodes together, as [`Store::object_count`].
+    pub fn object_count(&self) -> usize {
+        self.services.len() + self.tasks.len() + self.nodes.len()
+    }
+}
+
 impl Store {
     pub(crate) fn new(watch_history: usize) -> Self {
         Self {

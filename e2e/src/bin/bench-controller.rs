@@ -11,8 +11,8 @@
 //!   encoded as protobuf (so both store about the same bytes).
 //!
 //! Run: `e2e/bench.sh controller [--duration SECS] [--warmup SECS] [--levels 1,16,256]
-//! [--rounds N] [--dir DIR]` (builds release binaries, installs etcd). Data dirs go under DIR (default: the
-//! system temp dir), which should be on the disk being measured, not tmpfs.
+//! [--rounds N] [--dir DIR]` (builds release binaries, installs etcd). Data dirs go under DIR
+//! (default: the system temp dir), which should be on the disk being measured, not tmpfs.
 
 use std::fmt::Write as _;
 use std::fs::File;

@@ -5,9 +5,9 @@
 //! ```
 //! Kinds: an entry (protobuf `Entry`), a commit index (`u64le`), or a batch: the records of one
 //! write, nested in one record so that one checksum covers the whole write. Records are only
-//! appended; an
-//! entry whose index is at or below an earlier one replaces that suffix logically (the reader
-//! applies the same truncation), so overwriting uncommitted entries never rewrites a file.
+//! appended; an entry whose index is at or below an earlier one replaces that suffix logically
+//! (the reader applies the same truncation), so overwriting uncommitted entries never rewrites
+//! a file.
 //! Segments rotate at a size limit and at every snapshot, and whole segments are deleted once a
 //! snapshot covers every entry in them.
 //!
@@ -123,7 +123,7 @@ impl SegmentLog {
             let bytes = fs::read(&seg.path)?;
             let scan = scan(&bytes, &mut records);
             seg.max_index = scan.max_index;
-            end = (scan.valid_len.max(HEADER)) as u64;
+            end = scan.valid_len.max(HEADER) as u64;
             let sealed = i + 1 < count;
             let damage_here = scan.damage.or_else(|| {
                 // A rotated segment was cut to its records and synced before the next was made.
@@ -135,7 +135,7 @@ impl SegmentLog {
                 })
             });
             if let Some((mut kind, reason)) = damage_here {
-                if i + 1 < count {
+                if sealed {
                     // Only the last segment can end in an interrupted write.
                     kind = DamageKind::Corrupt;
                 }
@@ -213,14 +213,11 @@ impl SegmentLog {
     /// start: one batch record holding the records (or, past the largest record, the records
     /// themselves).
     fn seal_batch(&mut self) -> usize {
-        let body_len = self.buf.len() - 8;
-        if body_len > MAX_RECORD {
+        if self.buf.len() - 8 > MAX_RECORD {
             return BATCH_HEAD;
         }
         self.buf[8] = KIND_BATCH;
-        let crc = crc32fast::hash(&self.buf[8..]);
-        self.buf[0..4].copy_from_slice(&(body_len as u32).to_le_bytes());
-        self.buf[4..8].copy_from_slice(&crc.to_le_bytes());
+        fill_head(&mut self.buf);
         0
     }
 
@@ -381,14 +378,19 @@ fn truncate_segment(path: &Path, len: usize) -> io::Result<()> {
 }
 
 fn push_record(buf: &mut Vec<u8>, kind: u8, payload: &[u8]) {
-    let len = (payload.len() + 1) as u32;
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&[kind]);
-    hasher.update(payload);
-    buf.extend_from_slice(&len.to_le_bytes());
-    buf.extend_from_slice(&hasher.finalize().to_le_bytes());
+    let start = buf.len();
+    buf.extend_from_slice(&[0; 8]);
     buf.push(kind);
     buf.extend_from_slice(payload);
+    fill_head(&mut buf[start..]);
+}
+
+/// Writes the length and checksum of `record[8..]` (its body) into `record[..8]`.
+fn fill_head(record: &mut [u8]) {
+    let body = &record[8..];
+    let (len, crc) = (body.len() as u32, crc32fast::hash(body));
+    record[0..4].copy_from_slice(&len.to_le_bytes());
+    record[4..8].copy_from_slice(&crc.to_le_bytes());
 }
 
 fn all_zero(bytes: &[u8]) -> bool {
