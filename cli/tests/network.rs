@@ -6,7 +6,8 @@
 //!   address and by service name (three spellings), and pinged;
 //! - its hostPort answers from another host's root namespace at A's address, and from A itself;
 //! - egress to a host outside the cluster CIDR arrives from A's node address (masquerade);
-//! - an agent restart keeps every container's address (and the container answers);
+//! - an agent restart keeps every container's address (and the container answers, through the
+//!   restarted agent's fast path);
 //! - a node removed from the cluster (`tug delete node`) has its routes (host-gw) or FDB entries
 //!   (vxlan) removed on the others;
 //! - deleting the service leaves no veth, DNAT rule or address behind.
@@ -153,6 +154,47 @@ fn http_get(host: &tug_e2e::net::Host, to: SocketAddr) -> TestResult<String> {
     Ok(body)
 }
 
+/// `tug_agent_fast_path_packets_total` of node `node` in `direction`, from its agent's
+/// `/metrics`; `None` when the agent has no fast path.
+fn fast_path_packets(bed: &Cluster, node: usize, direction: &str) -> TestResult<Option<f64>> {
+    let host = bed.agent_host(node);
+    let mut stream = host.connect(
+        SocketAddr::from((host.addr(), 7443)),
+        Duration::from_secs(5),
+    )?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let label = format!("direction=\"{direction}\"");
+    Ok(text
+        .lines()
+        .find(|l| l.starts_with("tug_agent_fast_path_packets_total{") && l.contains(&label))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok()))
+}
+
+/// With the built-in plugin, traffic from node `from`'s containers to node `to`'s took the
+/// eBPF fast path on both ends; with CNI plugins there is none.
+fn assert_fast_path(bed: &Cluster, from: usize, to: usize, cni: bool) -> TestResult {
+    let sent = fast_path_packets(bed, from, "to_nodes")?;
+    let delivered = fast_path_packets(bed, to, "to_containers")?;
+    if cni {
+        assert_eq!(
+            (sent, delivered),
+            (None, None),
+            "a fast path with CNI plugins"
+        );
+    } else {
+        assert!(sent.is_some_and(|n| n > 0.0), "a{from} sent {sent:?}");
+        assert!(
+            delivered.is_some_and(|n| n > 0.0),
+            "a{to} delivered {delivered:?}"
+        );
+    }
+    Ok(())
+}
+
 fn scenario(bed: &mut Cluster, images: &TestImages, mode: &str, cni: bool) -> TestResult {
     wait("three ready nodes", || {
         let out = bed.ok(&["get", "nodes", "-o", "json"])?;
@@ -203,6 +245,7 @@ fn scenario(bed: &mut Cluster, images: &TestImages, mode: &str, cni: bool) -> Te
         &b.id,
         &["ping", "-c", "1", "-W", "3", &a.address.to_string()],
     )?;
+    assert_fast_path(bed, b.node, a.node, cni)?;
     // By service name: the agent's DNS answers with the running replicas.
     for name in ["web", "web.default", "web.default.svc.tug"] {
         let body = fetch(bed, b, name)?;
@@ -262,6 +305,9 @@ fn scenario(bed: &mut Cluster, images: &TestImages, mode: &str, cni: bool) -> Te
     assert_eq!(after, before, "addresses after an agent restart");
     let body = fetch(bed, b, &a.address.to_string())?;
     assert_eq!(body.trim(), format!("web-{}", a.id));
+    // The restarted agent loaded the fast path anew (counters from 0) with the running
+    // container in it.
+    assert_fast_path(bed, b.node, a.node, cni)?;
 
     // A node removed from the cluster: the others forget how to reach its subnet.
     let gone = 2;

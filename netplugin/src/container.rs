@@ -64,6 +64,15 @@ pub struct Attachment {
     pub host_veth: String,
 }
 
+/// The MAC address `eth0` gets: `0a:58` (locally administered, unicast) and the container's
+/// address, as CNI's bridge plugin and Kubernetes do. The same address always gets the same MAC,
+/// so a neighbour cache never holds a dead container's MAC for a new one's address, and the
+/// fast path (see [`crate::fastpath`]) can address a container knowing only its IP address.
+pub fn container_mac(address: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = address.octets();
+    [0x0a, 0x58, a, b, c, d]
+}
+
 /// The host-side veth name for a container id: `tv` + 13 hex digits (15 bytes, the kernel's
 /// limit), stable across restarts.
 pub fn host_veth_name(id: &str) -> String {
@@ -134,6 +143,7 @@ async fn wire(
     let netns = open_netns(&net.netns_path)?;
     let peer = LinkUnspec::new_with_name(CONTAINER_IFNAME)
         .mtu(mtu)
+        .address(container_mac(address).to_vec())
         .setns_by_fd(netns.as_raw_fd())
         .build();
     let veth = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)

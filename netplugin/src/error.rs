@@ -34,6 +34,27 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A `bpf(2)` call of the fast path failed; `what` names the operation and the object.
+    #[error("could not {what}: {source}")]
+    Bpf {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The kernel refused to load a fast-path program; `log` is the end of the verifier's log.
+    #[error("the kernel refused fast-path program {program}: {source}{}", if log.is_empty() { String::new() } else { format!("; verifier: {log}") })]
+    BpfLoad {
+        program: String,
+        #[source]
+        source: std::io::Error,
+        log: String,
+    },
+
+    /// A fast-path request that makes no sense (the address is not the node's).
+    #[error("could not {what}: {reason}")]
+    FastPath { what: String, reason: String },
+
     /// A network namespace file could not be opened or entered.
     #[error("could not {what} network namespace {}: {source}", path.display())]
     Netns {
@@ -148,6 +169,12 @@ impl Error {
     pub(crate) fn netlink(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
         let what = what.into();
         move |source| Error::Netlink { what, source }
+    }
+
+    /// Wrap a `bpf(2)` error with a description of what was being done.
+    pub(crate) fn bpf(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let what = what.into();
+        move |source| Error::Bpf { what, source }
     }
 
     /// Wrap an I/O error on a path.

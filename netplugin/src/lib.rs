@@ -11,7 +11,8 @@
 //! work inside the container's namespace runs on a helper thread ([`netns`]). Callers in another
 //! namespace (tests, a hook process) use [`netns::block_in_netns`] or [`netns::in_netns`].
 //!
-//! Masquerade and published ports are iptables rules ([`nat`]); service names are answered by
+//! Between containers on different nodes an eBPF fast path skips the bridge and IP forwarding
+//! ([`fastpath`]). Masquerade and published ports are iptables rules ([`nat`]); service names are answered by
 //! [`dns`]; standard CNI plugins can replace the built-in container setup ([`cni`]).
 
 pub mod cni;
@@ -19,6 +20,7 @@ pub mod container;
 pub mod dns;
 pub mod error;
 pub mod etc_files;
+pub mod fastpath;
 pub mod ipam;
 pub mod nat;
 mod netlink;

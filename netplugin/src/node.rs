@@ -1,5 +1,5 @@
-//! Node setup: the bridge every container's veth hangs off, its gateway address, its MTU and IP
-//! forwarding. Run at every agent start; it converges instead of failing on what is already
+//! Node setup: the bridge every container's veth hangs off, its gateway address, its MAC (fixed,
+//! derived from the gateway address like a container's), its MTU and IP forwarding. Run at every agent start; it converges instead of failing on what is already
 //! there.
 //!
 //! A bridge that holds other IPv4 addresses than the node subnet's gateway is *corrected*: the
@@ -13,8 +13,9 @@ use std::path::Path;
 use rtnetlink::LinkBridge;
 use rtnetlink::packet_route::link::InfoKind;
 
+use crate::container::container_mac;
 use crate::error::{Error, Result};
-use crate::netlink::Netlink;
+use crate::netlink::{Netlink, format_mac};
 use crate::subnet::Subnet;
 
 /// The default bridge name.
@@ -67,6 +68,7 @@ pub async fn setup_node(cfg: &NodeConfig) -> Result<NodeSetup> {
     let nl = Netlink::open()?;
     check_clash(&nl, cfg).await?;
     let mtu = node_mtu(&nl, cfg).await?;
+    let mac = container_mac(cfg.subnet.gateway());
     let mut changed = false;
 
     let bridge = match nl.link_by_name(&cfg.bridge).await? {
@@ -74,7 +76,13 @@ pub async fn setup_node(cfg: &NodeConfig) -> Result<NodeSetup> {
         None => {
             nl.handle
                 .link()
-                .add(LinkBridge::new(&cfg.bridge).mtu(mtu).up().build())
+                .add(
+                    LinkBridge::new(&cfg.bridge)
+                        .mtu(mtu)
+                        .address(mac.to_vec())
+                        .up()
+                        .build(),
+                )
                 .execute()
                 .await
                 .map_err(Error::netlink(format!("create bridge {:?}", cfg.bridge)))?;
@@ -112,6 +120,27 @@ pub async fn setup_node(cfg: &NodeConfig) -> Result<NodeSetup> {
                 cfg.bridge
             )))?;
         tracing::info!(from = ?bridge.mtu, to = mtu, "bridge MTU corrected");
+        changed = true;
+    }
+
+    if bridge.mac.as_deref() != Some(&mac[..]) {
+        // Set explicitly, a bridge keeps its MAC; otherwise it takes the lowest of its ports'
+        // and changes as containers come and go, leaving containers' neighbour caches stale.
+        nl.handle
+            .link()
+            .set(
+                rtnetlink::LinkUnspec::new_with_index(bridge.index)
+                    .address(mac.to_vec())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(Error::netlink(format!(
+                "set the MAC of bridge {:?} to {}",
+                cfg.bridge,
+                format_mac(&mac)
+            )))?;
+        tracing::info!(mac = %format_mac(&mac), "bridge MAC set");
         changed = true;
     }
 

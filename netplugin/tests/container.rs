@@ -76,6 +76,8 @@ fn add_gives_eth0_an_address_and_both_sides_ping() -> TestResult {
     assert!(eth0.contains("inet 10.88.3.2/24"), "{eth0}");
     let link = ctr.ip(&["link", "show", "eth0"])?;
     assert!(link.contains(&att.mac), "{link} lacks {}", att.mac);
+    // The MAC follows from the address (0a:58 and its four bytes).
+    assert_eq!(att.mac, "0a:58:0a:58:03:02");
     assert!(ctr.ip(&["link", "show", "lo"])?.contains("UP"));
     let routes = ctr.ip(&["-4", "route", "show"])?;
     assert!(

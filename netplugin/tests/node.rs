@@ -29,6 +29,8 @@ fn node_setup_creates_bridge_and_is_idempotent() -> TestResult {
     let link = node.ip(&["-d", "link", "show", "tug0"])?;
     assert!(link.contains("state UP") || link.contains(",UP"), "{link}");
     assert!(link.contains("bridge"), "{link}");
+    // A fixed MAC, from the gateway address, that ports joining and leaving do not change.
+    assert!(link.contains("link/ether 0a:58:0a:58:03:01"), "{link}");
     assert_eq!(
         node.exec(&["cat", "/proc/sys/net/ipv4/ip_forward"])?.trim(),
         "1"

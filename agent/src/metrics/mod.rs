@@ -5,7 +5,7 @@
 //!   (`cadvisor`), for the containers in the [`ContainerTable`] the runners keep current;
 //! - the machine: `machine_cpu_cores`, `machine_memory_bytes`;
 //! - tug's own: image pull duration and bytes, container start duration (histograms), reconcile
-//!   errors, task restarts.
+//!   errors, task restarts, the network fast path's packets.
 //!
 //! Scrapes copy the table under a short lock and read the files on a blocking thread: they
 //! never wait for a runner and no runner waits for them. [`UsageSampler`] makes the compact
@@ -18,7 +18,7 @@ mod usage;
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, Registry, exponential_buckets};
 use tokio::net::TcpListener;
@@ -28,6 +28,7 @@ use tug_api::v1::TaskUsage;
 pub use table::{ContainerTable, TaskLabels, Tracked};
 pub use usage::UsageSampler;
 
+use crate::network::FastPathSlot;
 use crate::runtime::cgroups::CgroupDriver;
 
 /// Default port of the agent's `/metrics`.
@@ -48,6 +49,8 @@ pub struct AgentMetrics {
     pub pull_bytes: Histogram,
     pub start_seconds: Histogram,
     pub reconcile_errors: IntCounter,
+    /// The node network's fast path, whose packet counters are rendered.
+    fast_path: OnceLock<FastPathSlot>,
 }
 
 fn histogram(name: &str, help: &str, buckets: Vec<f64>) -> prometheus::Result<Histogram> {
@@ -102,6 +105,7 @@ impl AgentMetrics {
             pull_bytes,
             start_seconds,
             reconcile_errors,
+            fast_path: OnceLock::new(),
         })
     }
 
@@ -138,7 +142,44 @@ impl AgentMetrics {
             (entries.len() - up) as f64,
         );
         families.extend([cores, memory, running]);
+        families.extend(self.fast_path_family());
         metrics_http::render(&self.registry, families)
+    }
+
+    /// Render the packet counters of the node network's fast path (set once, by the worker).
+    pub fn watch_fast_path(&self, slot: FastPathSlot) {
+        let _ = self.fast_path.set(slot);
+    }
+
+    fn fast_path_family(&self) -> Option<Family> {
+        let fast = self
+            .fast_path
+            .get()?
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        let stats = match fast.stats() {
+            Ok(stats) => stats,
+            Err(e) => {
+                tracing::debug!(cause = %e, "fast path counters unreadable");
+                return None;
+            }
+        };
+        let mut family = Family::counter(
+            "tug_agent_fast_path_packets_total",
+            "Packets the eBPF fast path carried between this node's containers and other nodes \
+             (GSO packets count once), by direction, since it was loaded.",
+        );
+        for (direction, value) in [
+            ("to_nodes", stats.to_nodes),
+            ("to_containers", stats.to_containers),
+        ] {
+            family.add(
+                &[("node", self.node.as_str()), ("direction", direction)],
+                value as f64,
+            );
+        }
+        Some(family)
     }
 
     /// The container of `task` exited (blocking: reads its cgroup's OOM kill count, which a

@@ -23,6 +23,7 @@ use tug_api::v1::NetworkMap;
 use tug_netplugin::cni::CniNetwork;
 use tug_netplugin::container::CONTAINER_IFNAME;
 use tug_netplugin::dns::{self, DnsTable};
+use tug_netplugin::fastpath::{FastPath, FastPathConfig};
 use tug_netplugin::nat::{self, PortMapping};
 use tug_netplugin::node::DEFAULT_BRIDGE;
 use tug_netplugin::vxlan::{DEFAULT_DEVICE, DEFAULT_PORT, DEFAULT_VNI};
@@ -105,6 +106,9 @@ pub struct CniSettings {
     pub bin_dir: PathBuf,
 }
 
+/// The node's eBPF fast path once loaded; shared with the metrics, which read its counters.
+pub type FastPathSlot = Arc<Mutex<Option<Arc<FastPath>>>>;
+
 /// The node's network; shared by the worker's parts.
 #[derive(Debug)]
 pub struct NodeNetwork {
@@ -127,6 +131,10 @@ pub struct NodeNetwork {
     /// detach changed them since; `None` if the rules could not be read (every detach then asks
     /// iptables). Spares a removal without ports two iptables runs.
     published: Mutex<Option<BTreeSet<String>>>,
+    /// Whether to load the eBPF fast path (built-in plugin only).
+    fast_path_wanted: bool,
+    /// The loaded fast path; `None` when off, not supported or not set up yet.
+    fast_path: FastPathSlot,
 }
 
 impl Drop for NodeNetwork {
@@ -143,6 +151,7 @@ impl NodeNetwork {
     pub async fn open(
         mode: NetworkMode,
         cni: Option<CniSettings>,
+        fast_path: bool,
         data_dir: &Path,
         node_ip: Ipv4Addr,
     ) -> Result<NodeNetwork, NetworkError> {
@@ -160,6 +169,8 @@ impl NodeNetwork {
             failure: Mutex::new(None),
             map_revision: AtomicU64::new(0),
             published: Mutex::new(None),
+            fast_path_wanted: fast_path,
+            fast_path: FastPathSlot::default(),
         };
         if mode == NetworkMode::None {
             return Ok(net);
@@ -189,6 +200,51 @@ impl NodeNetwork {
 
     fn lock_state(&self) -> std::sync::MutexGuard<'_, Option<Saved>> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The slot holding the node's fast path (for its metrics).
+    pub fn fast_path_slot(&self) -> FastPathSlot {
+        self.fast_path.clone()
+    }
+
+    fn fast_path(&self) -> Option<Arc<FastPath>> {
+        self.fast_path
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Load the fast path for `saved` (replacing an earlier one, on this node's hooks too) and
+    /// attach the containers already running. Without it, traffic takes the normal path: a
+    /// failure is logged, not returned.
+    fn set_up_fast_path(&self, saved: Saved, uplink: Option<String>) {
+        let loaded = if self.fast_path_wanted && self.cni_settings.is_none() {
+            let cfg = FastPathConfig {
+                cluster_cidr: saved.cluster_cidr,
+                subnet: saved.subnet,
+                ingress: match self.mode {
+                    NetworkMode::Vxlan => Some(DEFAULT_DEVICE.to_string()),
+                    _ => uplink,
+                },
+            };
+            match FastPath::setup(&cfg) {
+                Ok(fast) => {
+                    let running = tug_netplugin::Ipam::open(self.dir.join("ipam"), saved.subnet)
+                        .and_then(|ipam| ipam.allocations())
+                        .unwrap_or_default();
+                    let adopted = fast.adopt(&running);
+                    tracing::info!(containers = adopted, "eBPF fast path between nodes on");
+                    Some(Arc::new(fast))
+                }
+                Err(e) => {
+                    tracing::warn!(cause = %e, "no eBPF fast path: traffic between nodes takes the bridge and IP forwarding");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        *self.fast_path.lock().unwrap_or_else(|p| p.into_inner()) = loaded;
     }
 
     fn lock_published(&self) -> std::sync::MutexGuard<'_, Option<BTreeSet<String>>> {
@@ -246,12 +302,13 @@ impl NodeNetwork {
         })
         .await?;
         if self.mode == NetworkMode::Vxlan {
-            tug_netplugin::setup_vxlan(&self.vxlan_config(saved, uplink, node.mtu)).await?;
+            tug_netplugin::setup_vxlan(&self.vxlan_config(saved, uplink.clone(), node.mtu)).await?;
         }
         let (subnet, cidr) = (saved.subnet, saved.cluster_cidr);
         tokio::task::spawn_blocking(move || nat::setup_nat(subnet, cidr))
             .await
             .map_err(|e| NetworkError::Internal(e.to_string()))??;
+        self.set_up_fast_path(saved, uplink.clone());
         if let Some(settings) = &self.cni_settings {
             let loaded = CniNetwork::load(
                 &settings.conf_dir,
@@ -421,7 +478,15 @@ impl NodeNetwork {
                 .await
                 .map_err(|e| NetworkError::Internal(e.to_string()))??
             }
-            None => tug_netplugin::add(&net).await?.address,
+            None => {
+                let attachment = tug_netplugin::add(&net).await?;
+                if let Some(fast) = self.fast_path()
+                    && let Err(e) = fast.attach(&attachment.host_veth, attachment.address)
+                {
+                    tracing::warn!(container = %req.id, cause = %e, "container left on the normal path");
+                }
+                attachment.address
+            }
         };
         let finish = {
             let req = req.clone();
@@ -459,7 +524,15 @@ impl NodeNetwork {
             })
             .await
             .map_err(|e| NetworkError::Internal(e.to_string()))??,
-            None => tug_netplugin::del(&net).await?,
+            None => {
+                if let Some(fast) = self.fast_path()
+                    && let Some(address) = self.address_of(&net.id)
+                    && let Err(e) = fast.detach(address)
+                {
+                    tracing::warn!(container = %net.id, cause = %e, "cannot remove the container from the fast path");
+                }
+                tug_netplugin::del(&net).await?
+            }
         }
         Ok(())
     }

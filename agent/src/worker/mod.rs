@@ -95,6 +95,8 @@ pub struct WorkerConfig {
     pub node_ip: Option<Ipv4Addr>,
     /// Attach containers with these CNI plugins instead of the built-in setup.
     pub cni: Option<CniSettings>,
+    /// Use the eBPF fast path between containers on different nodes where the kernel can.
+    pub fast_path: bool,
 }
 
 /// Where the agent serves `/metrics`.
@@ -137,6 +139,7 @@ impl WorkerConfig {
             network_mode: NetworkMode::None,
             node_ip: None,
             cni: None,
+            fast_path: true,
         }
     }
 }
@@ -195,10 +198,17 @@ pub async fn run(
         }
     };
     let network = Arc::new(
-        NodeNetwork::open(cfg.network_mode, cfg.cni.clone(), &cfg.data_dir, network_ip)
-            .await
-            .map_err(WorkerError::Network)?,
+        NodeNetwork::open(
+            cfg.network_mode,
+            cfg.cni.clone(),
+            cfg.fast_path,
+            &cfg.data_dir,
+            network_ip,
+        )
+        .await
+        .map_err(WorkerError::Network)?,
     );
+    metrics.watch_fast_path(network.fast_path_slot());
     let ctx = Arc::new(context(&cfg, metrics.clone(), network)?);
     let runtime = ctx.runtime.clone();
     let description = {

@@ -76,6 +76,11 @@ pub(super) fn config(global: &GlobalArgs, args: &AgentArgs) -> anyhow::Result<Wo
         .parse()
         .map_err(|e: String| anyhow::anyhow!("--network-mode: {e}"))?;
     cfg.node_ip = args.node.node_ip;
+    cfg.fast_path = match args.node.fast_path.as_str() {
+        "on" => true,
+        "off" => false,
+        other => bail!("--fast-path: {other:?} is not one of on, off"),
+    };
     cfg.cni = args
         .node
         .cni_conf_dir

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use tug_e2e::{Host, Netns, TestNet};
 use tug_netplugin::cni::CniNetwork;
+use tug_netplugin::fastpath::{FastPath, FastPathConfig};
 use tug_netplugin::nat;
 use tug_netplugin::netns::block_in_netns;
 use tug_netplugin::{
@@ -69,8 +70,10 @@ fn run() -> Result<()> {
     let paths = [
         Route::Bare,
         Route::Nodes,
-        Route::Containers(Mode::HostGw),
-        Route::Containers(Mode::Vxlan),
+        Route::Containers(Mode::HostGw, Datapath::Fast),
+        Route::Containers(Mode::HostGw, Datapath::Stack),
+        Route::Containers(Mode::Vxlan, Datapath::Fast),
+        Route::Containers(Mode::Vxlan, Datapath::Stack),
     ];
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); paths.len()];
     for _ in 0..rounds {
@@ -96,8 +99,10 @@ fn run() -> Result<()> {
         let label = match path {
             Route::Bare => "host to host, bare hosts",
             Route::Nodes => "host to host, tug nodes (baseline)",
-            Route::Containers(Mode::HostGw) => "container to container, host-gw",
-            Route::Containers(Mode::Vxlan) => "container to container, vxlan",
+            Route::Containers(Mode::HostGw, Datapath::Fast) => "container to container, host-gw",
+            Route::Containers(Mode::HostGw, Datapath::Stack) => "  same, fast path off",
+            Route::Containers(Mode::Vxlan, Datapath::Fast) => "container to container, vxlan",
+            Route::Containers(Mode::Vxlan, Datapath::Stack) => "  same, fast path off",
         };
         let lo = runs.iter().map(|s| s.gbits).fold(f64::INFINITY, f64::min);
         let hi = runs.iter().map(|s| s.gbits).fold(0.0, f64::max);
@@ -135,6 +140,8 @@ struct Node<'a> {
     host: &'a Host,
     subnet: Subnet,
     container: Option<(Netns, Ipv4Addr)>,
+    /// The node's fast path, when the run uses it.
+    fast: Option<FastPath>,
 }
 
 /// What a data-path run measures.
@@ -145,8 +152,18 @@ enum Route {
     /// Between two hosts set up as tug nodes (host-gw): bridge, routes and the agent's
     /// masquerade rules, which make the hosts' netfilter track every connection of theirs too.
     Nodes,
-    /// Between a container on each of two tug nodes.
-    Containers(Mode),
+    /// Between a container on each of two tug nodes; with the eBPF fast path (the agent's
+    /// default) or through the stack only (`--fast-path off`).
+    Containers(Mode, Datapath),
+}
+
+/// How container traffic crosses a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Datapath {
+    /// Bridge, netfilter and IP forwarding.
+    Stack,
+    /// tug's eBPF programs (`tug_netplugin::fastpath`).
+    Fast,
 }
 
 /// One measurement of a path.
@@ -207,7 +224,13 @@ fn vxlan_cfg(node: &Node<'_>, mtu: u32) -> Result<VxlanConfig> {
 }
 
 /// Set a node up in `mode` with one container; returns its address.
-fn set_up(node: &mut Node<'_>, mode: Mode, role: &str, dir: &Path) -> Result<()> {
+fn set_up(
+    node: &mut Node<'_>,
+    mode: Mode,
+    datapath: Datapath,
+    role: &str,
+    dir: &Path,
+) -> Result<()> {
     let path = node.host.netns().path();
     let cfg = NodeConfig {
         bridge: "tug0".into(),
@@ -233,6 +256,22 @@ fn set_up(node: &mut Node<'_>, mode: Mode, role: &str, dir: &Path) -> Result<()>
         state_dir: dir.join(role),
     };
     let attachment = block_in_netns(&path, || add(&net))?;
+    if datapath == Datapath::Fast {
+        let cfg = FastPathConfig {
+            cluster_cidr: cluster,
+            subnet,
+            ingress: Some(match mode {
+                Mode::HostGw => "eth0".into(),
+                Mode::Vxlan => "tug.vxlan".into(),
+            }),
+        };
+        let (veth, address) = (attachment.host_veth.clone(), attachment.address);
+        node.fast = Some(block_in_netns(&path, || async move {
+            let fast = FastPath::setup(&cfg)?;
+            fast.attach(&veth, address)?;
+            Ok(fast)
+        })?);
+    }
     node.container = Some((ns, attachment.address));
     Ok(())
 }
@@ -264,11 +303,13 @@ fn data_path(path: Route, seconds: u32) -> Result<Sample> {
         host: net.host(0),
         subnet: "10.88.1.0/24".parse()?,
         container: None,
+        fast: None,
     };
     let mut b = Node {
         host: net.host(1),
         subnet: "10.88.2.0/24".parse()?,
         container: None,
+        fast: None,
     };
     let (client, server, target) = match path {
         Route::Bare => (
@@ -276,13 +317,13 @@ fn data_path(path: Route, seconds: u32) -> Result<Sample> {
             b.host.command("iperf3"),
             b.host.addr(),
         ),
-        Route::Nodes | Route::Containers(_) => {
-            let mode = match path {
-                Route::Containers(mode) => mode,
-                _ => Mode::HostGw,
+        Route::Nodes | Route::Containers(..) => {
+            let (mode, datapath) = match path {
+                Route::Containers(mode, datapath) => (mode, datapath),
+                _ => (Mode::HostGw, Datapath::Stack),
             };
-            set_up(&mut a, mode, "bench-ca", dir.path())?;
-            set_up(&mut b, mode, "bench-cb", dir.path())?;
+            set_up(&mut a, mode, datapath, "bench-ca", dir.path())?;
+            set_up(&mut b, mode, datapath, "bench-cb", dir.path())?;
             peer(&mut a, (b.subnet, b.host.addr()), mode)?;
             peer(&mut b, (a.subnet, a.host.addr()), mode)?;
             let (ca, _) = a.container.as_ref().ok_or("no container on a")?;
@@ -329,7 +370,7 @@ fn data_path(path: Route, seconds: u32) -> Result<Sample> {
     // USER_HZ is 100 on Linux.
     let cpu_s = after.saturating_sub(before) as f64 / 100.0;
     let mut ping = match (path, &a.container) {
-        (Route::Containers(_), Some((ca, _))) => ca.command("busybox"),
+        (Route::Containers(..), Some((ca, _))) => ca.command("busybox"),
         _ => a.host.command("busybox"),
     };
     let out = ping
@@ -337,6 +378,13 @@ fn data_path(path: Route, seconds: u32) -> Result<Sample> {
         .output()?;
     let rtt = mean_rtt(&String::from_utf8_lossy(&out.stdout))
         .ok_or_else(|| format!("ping: {}", String::from_utf8_lossy(&out.stdout)))?;
+    if let Some(fast) = &a.fast {
+        // The figures are only the fast path's if it carried the traffic.
+        let stats = fast.stats()?;
+        if stats.to_nodes == 0 || stats.to_containers == 0 {
+            return Err(format!("the fast path carried nothing: {stats:?}").into());
+        }
+    }
     Ok(Sample {
         gbits: bits / 1e9,
         rtt_ms: rtt,

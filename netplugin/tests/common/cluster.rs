@@ -4,6 +4,7 @@
 
 use std::net::Ipv4Addr;
 
+use tug_netplugin::fastpath::{FastPath, FastPathConfig};
 use tug_netplugin::netns::block_in_netns;
 use tug_netplugin::vxlan::{DEFAULT_DEVICE, DEFAULT_PORT, DEFAULT_VNI};
 use tug_netplugin::{
@@ -108,6 +109,35 @@ impl Node {
 
     pub fn container_address(&self) -> TestResult<Ipv4Addr> {
         Ok(self.attachment.as_ref().ok_or("node not set up")?.address)
+    }
+
+    /// The eBPF fast path set up on this node, with its container attached.
+    pub fn fast_path(&self) -> TestResult<FastPath> {
+        let cfg = FastPathConfig {
+            cluster_cidr: subnet(CLUSTER)?,
+            subnet: self.subnet,
+            ingress: Some(match self.mode {
+                Mode::HostGw => "wire".into(),
+                Mode::Vxlan => DEFAULT_DEVICE.into(),
+            }),
+        };
+        let attachment = self.attachment.as_ref().ok_or("node not set up")?;
+        let (veth, address) = (attachment.host_veth.clone(), attachment.address);
+        Ok(block_in_netns(&self.ns.path(), || async move {
+            let fast = FastPath::setup(&cfg)?;
+            fast.attach(&veth, address)?;
+            Ok(fast)
+        })?)
+    }
+
+    /// The container's host-side veth.
+    pub fn host_veth(&self) -> TestResult<String> {
+        Ok(self
+            .attachment
+            .as_ref()
+            .ok_or("node not set up")?
+            .host_veth
+            .clone())
     }
 
     pub fn routes(&self) -> TestResult<String> {
