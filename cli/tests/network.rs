@@ -306,8 +306,9 @@ fn scenario(bed: &mut Cluster, images: &TestImages, mode: &str, cni: bool) -> Te
     let body = fetch(bed, b, &a.address.to_string())?;
     assert_eq!(body.trim(), format!("web-{}", a.id));
     // The restarted agent loaded the fast path anew (counters from 0) with the running
-    // container in it.
+    // container in it, both ways.
     assert_fast_path(bed, b.node, a.node, cni)?;
+    assert_fast_path(bed, a.node, b.node, cni)?;
 
     // A node removed from the cluster: the others forget how to reach its subnet.
     let gone = 2;

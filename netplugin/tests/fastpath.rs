@@ -1,7 +1,8 @@
 //! The eBPF fast path between two "nodes" (see `common::cluster`), in both cross-host modes:
 //! containers still reach each other (ICMP and a TCP transfer, checked end to end), the
-//! programs' counters show the packets took the fast path both ways, TTLs are decremented as by
-//! a router, and loading again (an agent restart) replaces the programs instead of stacking them.
+//! programs' counters show the packets took the fast path both ways (from the container's veth,
+//! and from the bridge before the veth is hooked), TTLs are decremented as by a router, and
+//! loading again (an agent restart) replaces the programs instead of stacking them.
 
 mod common;
 
@@ -43,7 +44,8 @@ fn carries_traffic(mode: Mode) -> TestResult {
         &addr_b.to_string(),
     ])?;
     // Two routers on the way (node a, node b), each taking one off the container's 64.
-    assert!(out.contains("ttl=62"), "{out}");
+    // Every reply, not just one that took the stack.
+    assert_eq!(out.matches("ttl=62").count(), 5, "{out}");
     assert!(out.contains("5 packets received"), "{out}");
     let (sa, sb) = (fast_a.stats()?, fast_b.stats()?);
     // The first request may go through the stack while node a resolves node b's address.
@@ -98,6 +100,35 @@ fn carries_traffic(mode: Mode) -> TestResult {
 }
 
 #[test]
+fn the_bridge_program_serves_a_container_whose_veth_is_not_hooked_yet() -> TestResult {
+    let (a, b) = two_nodes(Mode::HostGw)?;
+    a.sync(&[(b.subnet, b.address)])?;
+    b.sync(&[(a.subnet, a.address)])?;
+    let fast_a = a.fast_path_hooking(false)?;
+    let _fast_b = b.fast_path()?;
+    let veth = a.host_veth()?;
+    let on_veth = block_in_netns(&a.ns.path(), || async move { fastpath::programs_on(&veth) })?;
+    assert!(on_veth.is_empty(), "{on_veth:?}");
+    let out = a.ctr.exec(&[
+        "busybox",
+        "ping",
+        "-c",
+        "5",
+        "-i",
+        "0.2",
+        "-W",
+        "2",
+        &b.container_address()?.to_string(),
+    ])?;
+    assert!(out.contains("5 packets received"), "{out}");
+    // Every reply, not just one that took the stack.
+    assert_eq!(out.matches("ttl=62").count(), 5, "{out}");
+    let stats = fast_a.stats()?;
+    assert!(stats.to_nodes >= 4, "{stats:?}");
+    Ok(())
+}
+
+#[test]
 fn setting_up_again_replaces_the_programs_and_forgets_removed_containers() -> TestResult {
     let (a, b) = two_nodes(Mode::HostGw)?;
     a.sync(&[(b.subnet, b.address)])?;
@@ -114,6 +145,7 @@ fn setting_up_again_replaces_the_programs_and_forgets_removed_containers() -> Te
         })?)
     };
     assert_eq!(on("wire")?, vec![TO_CONTAINERS.to_string()]);
+    assert_eq!(on("tug0")?, vec![FROM_CONTAINERS.to_string()]);
     assert_eq!(on(&veth)?, vec![FROM_CONTAINERS.to_string()]);
     let routes = again.routes()?;
     assert_eq!(routes.len(), 1, "{routes:?}");

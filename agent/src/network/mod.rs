@@ -222,9 +222,10 @@ impl NodeNetwork {
             let cfg = FastPathConfig {
                 cluster_cidr: saved.cluster_cidr,
                 subnet: saved.subnet,
+                bridge: DEFAULT_BRIDGE.into(),
                 ingress: match self.mode {
                     NetworkMode::Vxlan => Some(DEFAULT_DEVICE.to_string()),
-                    _ => uplink,
+                    _ => uplink.clone(),
                 },
             };
             match FastPath::setup(&cfg) {
@@ -232,19 +233,49 @@ impl NodeNetwork {
                     let running = tug_netplugin::Ipam::open(self.dir.join("ipam"), saved.subnet)
                         .and_then(|ipam| ipam.allocations())
                         .unwrap_or_default();
-                    let adopted = fast.adopt(&running);
-                    tracing::info!(containers = adopted, "eBPF fast path between nodes on");
-                    Some(Arc::new(fast))
+                    let veths = fast.adopt(&running);
+                    tracing::info!(containers = veths.len(), "eBPF fast path between nodes on");
+                    let fast = Arc::new(fast);
+                    // Each veth takes an RCU grace period: off the async threads.
+                    let hook = fast.clone();
+                    tokio::task::spawn_blocking(move || {
+                        for veth in veths {
+                            if let Err(e) = hook.hook_veth(&veth) {
+                                tracing::debug!(%veth, cause = %e, "veth not hooked (removed already?)");
+                            }
+                        }
+                    });
+                    Some(fast)
                 }
                 Err(e) => {
                     tracing::warn!(cause = %e, "no eBPF fast path: traffic between nodes takes the bridge and IP forwarding");
+                    self.remove_fast_path(uplink.as_deref());
                     None
                 }
             }
         } else {
+            self.remove_fast_path(uplink.as_deref());
             None
         };
         *self.fast_path.lock().unwrap_or_else(|p| p.into_inner()) = loaded;
+    }
+
+    /// Take tug's programs off the bridge and the ingress device (left by an earlier run with
+    /// the fast path on): the one on the ingress routes by a map nothing updates any more. The
+    /// programs on container veths need no map and go with their containers.
+    fn remove_fast_path(&self, uplink: Option<&str>) {
+        let ingress = match self.mode {
+            NetworkMode::Vxlan => Some(DEFAULT_DEVICE),
+            _ => uplink,
+        };
+        for interface in [Some(DEFAULT_BRIDGE), ingress].into_iter().flatten() {
+            match tug_netplugin::fastpath::remove_from(interface) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(interface, programs = n, "fast-path programs removed"),
+                // No tcx on this kernel, or no such device: nothing of ours is there.
+                Err(e) => tracing::debug!(interface, cause = %e, "fast-path programs not removed"),
+            }
+        }
     }
 
     fn lock_published(&self) -> std::sync::MutexGuard<'_, Option<BTreeSet<String>>> {
@@ -480,10 +511,22 @@ impl NodeNetwork {
             }
             None => {
                 let attachment = tug_netplugin::add(&net).await?;
-                if let Some(fast) = self.fast_path()
-                    && let Err(e) = fast.attach(&attachment.host_veth, attachment.address)
-                {
-                    tracing::warn!(container = %req.id, cause = %e, "container left on the normal path");
+                if let Some(fast) = self.fast_path() {
+                    match fast.attach(&attachment.host_veth, attachment.address) {
+                        Ok(()) => {
+                            // The bridge's program serves the container now; the one on its
+                            // veth, which takes an RCU grace period, follows off its start path.
+                            let (id, veth) = (req.id.clone(), attachment.host_veth.clone());
+                            tokio::task::spawn_blocking(move || {
+                                if let Err(e) = fast.hook_veth(&veth) {
+                                    tracing::debug!(container = %id, cause = %e, "container's veth not hooked (removed already?)");
+                                }
+                            });
+                        }
+                        Err(e) => {
+                            tracing::warn!(container = %req.id, cause = %e, "container left on the normal path");
+                        }
+                    }
                 }
                 attachment.address
             }

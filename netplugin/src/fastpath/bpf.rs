@@ -87,8 +87,10 @@ impl Attr {
     /// Run command `cmd`; a non-negative result is returned.
     fn call(&mut self, cmd: u32) -> io::Result<i64> {
         // SAFETY: `bpf(2)` reads and writes at most `ATTR_SIZE` bytes of the buffer, which lives
-        // for the call. Every pointer stored into it by this module's callers points at memory
-        // that outlives the call and is as large as the length stored beside it.
+        // for the call. Every pointer this module stores into it points at memory that outlives
+        // the call and is as large as the kernel will access: a length stored beside it (log,
+        // instructions, ids, info), a NUL-terminated string (license), or a map key or value
+        // whose size `Map::check` compared with the map's.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -112,6 +114,31 @@ impl Attr {
     }
 }
 
+/// A map and the sizes of its keys and values, which every access is checked against (the
+/// kernel reads and writes that many bytes behind the pointers it is given).
+#[derive(Debug)]
+pub(crate) struct Map {
+    fd: OwnedFd,
+    key_size: usize,
+    value_size: usize,
+}
+
+impl Map {
+    pub(crate) fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    fn check(&self, key: &[u8], value: Option<usize>) -> io::Result<()> {
+        if key.len() != self.key_size || value.is_some_and(|v| v != self.value_size) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "key or value size does not match the map",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Create a map.
 pub(crate) fn map_create(
     map_type: u32,
@@ -119,20 +146,26 @@ pub(crate) fn map_create(
     value_size: u32,
     max_entries: u32,
     name: &str,
-) -> io::Result<OwnedFd> {
-    Attr::new()
+) -> io::Result<Map> {
+    let fd = Attr::new()
         .u32(0, map_type)
         .u32(4, key_size)
         .u32(8, value_size)
         .u32(12, max_entries)
         .name(28, name)
-        .call_fd(BPF_MAP_CREATE)
+        .call_fd(BPF_MAP_CREATE)?;
+    Ok(Map {
+        fd,
+        key_size: key_size as usize,
+        value_size: value_size as usize,
+    })
 }
 
 /// Set `key` to `value` (both exactly the map's sizes).
-pub(crate) fn map_update(map: &OwnedFd, key: &[u8], value: &[u8]) -> io::Result<()> {
+pub(crate) fn map_update(map: &Map, key: &[u8], value: &[u8]) -> io::Result<()> {
+    map.check(key, Some(value.len()))?;
     Attr::new()
-        .u32(0, fd_u32(map))
+        .u32(0, fd_u32(&map.fd))
         .ptr(8, key.as_ptr())
         .ptr(16, value.as_ptr())
         .call(BPF_MAP_UPDATE_ELEM)
@@ -140,9 +173,10 @@ pub(crate) fn map_update(map: &OwnedFd, key: &[u8], value: &[u8]) -> io::Result<
 }
 
 /// Remove `key`; whether it was there.
-pub(crate) fn map_delete(map: &OwnedFd, key: &[u8]) -> io::Result<bool> {
+pub(crate) fn map_delete(map: &Map, key: &[u8]) -> io::Result<bool> {
+    map.check(key, None)?;
     match Attr::new()
-        .u32(0, fd_u32(map))
+        .u32(0, fd_u32(&map.fd))
         .ptr(8, key.as_ptr())
         .call(BPF_MAP_DELETE_ELEM)
     {
@@ -153,9 +187,10 @@ pub(crate) fn map_delete(map: &OwnedFd, key: &[u8]) -> io::Result<bool> {
 }
 
 /// Read `key` into `value`; whether it was there.
-pub(crate) fn map_lookup(map: &OwnedFd, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+pub(crate) fn map_lookup(map: &Map, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+    map.check(key, Some(value.len()))?;
     match Attr::new()
-        .u32(0, fd_u32(map))
+        .u32(0, fd_u32(&map.fd))
         .ptr(8, key.as_ptr())
         .ptr(16, value.as_mut_ptr())
         .call(BPF_MAP_LOOKUP_ELEM)
@@ -167,12 +202,13 @@ pub(crate) fn map_lookup(map: &OwnedFd, key: &[u8], value: &mut [u8]) -> io::Res
 }
 
 /// Every key of a map whose keys are `N` bytes.
-pub(crate) fn map_keys<const N: usize>(map: &OwnedFd) -> io::Result<Vec<[u8; N]>> {
+pub(crate) fn map_keys<const N: usize>(map: &Map) -> io::Result<Vec<[u8; N]>> {
+    map.check(&[0u8; N], None)?;
     let mut keys: Vec<[u8; N]> = Vec::new();
     let mut next = [0u8; N];
     loop {
         let mut attr = Attr::new();
-        attr.u32(0, fd_u32(map)).ptr(16, next.as_mut_ptr());
+        attr.u32(0, fd_u32(&map.fd)).ptr(16, next.as_mut_ptr());
         if let Some(last) = keys.last() {
             attr.ptr(8, last.as_ptr());
         }

@@ -10,9 +10,12 @@
 //! programs are unsure about, still takes the normal path, so masquerade, published ports and
 //! ICMP errors are unchanged.
 //!
-//! [`FastPath::setup`] loads both programs and attaches the receiving one; [`FastPath::attach`]
-//! puts the sending one on a container's host veth and records the container's address in the
-//! route map; [`FastPath::detach`] forgets the address (the program goes with the veth). The
+//! [`FastPath::setup`] loads both programs, attaches the receiving one, and the sending one to
+//! the bridge, where every container's routed packets arrive; [`FastPath::attach`] records a
+//! container's address in the route map (microseconds); [`FastPath::hook_veth`] also puts the
+//! sending program on the container's host veth, which skips the bridge too but costs an RCU
+//! grace period, so the agent runs it after the container started; [`FastPath::detach`]
+//! forgets the address (the veth's program goes with the veth). The
 //! programs and maps live in the kernel as long as something uses them: a new agent loads new
 //! ones and replaces the old ones on every hook (programs are recognised by their `tug_` names).
 
@@ -47,6 +50,8 @@ pub struct FastPathConfig {
     pub cluster_cidr: Subnet,
     /// This node's container subnet.
     pub subnet: Subnet,
+    /// The node bridge: containers' packets for other nodes arrive at its ingress.
+    pub bridge: String,
     /// Where traffic from other nodes' containers arrives: the uplink in host-gw mode, the VXLAN
     /// device in vxlan mode; `None` for a node without one (nothing arrives from other nodes).
     pub ingress: Option<String>,
@@ -65,8 +70,8 @@ pub struct FastPathStats {
 #[derive(Debug)]
 pub struct FastPath {
     from_containers: OwnedFd,
-    routes: OwnedFd,
-    stats: OwnedFd,
+    routes: bpf::Map,
+    stats: bpf::Map,
     subnet: Subnet,
 }
 
@@ -81,12 +86,13 @@ impl FastPath {
             .map_err(Error::bpf("create the fast path's statistics map"))?;
         let from_containers = load(
             FROM_CONTAINERS,
-            programs::from_containers(cfg.cluster_cidr, cfg.subnet, &stats),
+            programs::from_containers(cfg.cluster_cidr, cfg.subnet, stats.fd()),
         )?;
         let to_containers = load(
             TO_CONTAINERS,
-            programs::to_containers(cfg.cluster_cidr, cfg.subnet, &routes, &stats),
+            programs::to_containers(cfg.cluster_cidr, cfg.subnet, routes.fd(), stats.fd()),
         )?;
+        replace_on(&from_containers, &cfg.bridge)?;
         if let Some(name) = &cfg.ingress {
             replace_on(&to_containers, name)?;
         }
@@ -99,8 +105,8 @@ impl FastPath {
         })
     }
 
-    /// Put the sending program on a container's host veth (replacing an older tug program) and
-    /// record that `address` lives behind it.
+    /// Record that `address` lives behind `host_veth` (a map update: no program is attached per
+    /// container, so adding one costs microseconds).
     pub fn attach(&self, host_veth: &str, address: Ipv4Addr) -> Result<()> {
         if !self.subnet.contains(address) {
             return Err(Error::FastPath {
@@ -108,25 +114,34 @@ impl FastPath {
                 reason: format!("the address is outside the node subnet {}", self.subnet),
             });
         }
-        let index = replace_on(&self.from_containers, host_veth)?;
+        let index = if_index(host_veth)?;
         bpf::map_update(&self.routes, &address.octets(), &index.to_ne_bytes()).map_err(Error::bpf(
             format!("record {address} in the fast path's route map"),
         ))
     }
 
-    /// Attach every container of `allocations` (IPAM's `id -> address`) whose host veth exists:
-    /// after an agent restart, containers that kept running get the new programs and their
-    /// routes. Returns how many; failures are logged and skipped (those containers keep the
-    /// normal path).
-    pub fn adopt(&self, allocations: &std::collections::BTreeMap<String, Ipv4Addr>) -> usize {
-        let mut adopted = 0;
+    /// Put the sending program on a container's host veth too (replacing an older tug program
+    /// there), so the container's packets skip the bridge as well. The program on the bridge
+    /// already serves the container; this only makes its path shorter. It takes a kernel RCU
+    /// grace period (about 10 ms, nearly all of it waiting), so callers run it off the
+    /// container's start path.
+    pub fn hook_veth(&self, host_veth: &str) -> Result<()> {
+        replace_on(&self.from_containers, host_veth).map(drop)
+    }
+
+    /// Record every container of `allocations` (IPAM's `id -> address`) whose host veth exists:
+    /// after an agent restart, containers that kept running get their routes (their veths are
+    /// for [`FastPath::hook_veth`], off the async threads). Returns their veths; failures are
+    /// logged and skipped (those containers keep the normal path).
+    pub fn adopt(&self, allocations: &std::collections::BTreeMap<String, Ipv4Addr>) -> Vec<String> {
+        let mut adopted = Vec::new();
         for (id, address) in allocations {
             let veth = crate::container::host_veth_name(id);
             if nix::net::if_::if_nametoindex(veth.as_str()).is_err() {
                 continue;
             }
             match self.attach(&veth, *address) {
-                Ok(()) => adopted += 1,
+                Ok(()) => adopted.push(veth),
                 Err(e) => {
                     tracing::warn!(container = %id, cause = %e, "container left on the normal path")
                 }

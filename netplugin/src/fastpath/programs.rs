@@ -1,6 +1,7 @@
 //! The two fast-path programs, both tcx ingress classifiers.
 //!
-//! * [`from_containers`] runs on each container's host-side veth. A packet from a local
+//! * [`from_containers`] runs on the bridge and on each container's host-side veth (whichever
+//!   sees the packet first; the veth's skips the bridge). A packet from a local
 //!   container to a container on another node is looked up in the node's FIB
 //!   (`bpf_fib_lookup`: the host-gw route or the VXLAN route and its neighbour), gets the next
 //!   hop's MAC addresses and a decremented TTL, and is handed straight to the uplink or VXLAN
@@ -164,7 +165,8 @@ fn pass(asm: &mut Asm) {
     asm.label("pass").mov_imm(Reg::R0, TCX_NEXT).exit();
 }
 
-/// The program on a container's host veth: local container -> container on another node.
+/// The program on the bridge and containers' host veths: local container -> container on
+/// another node.
 pub(crate) fn from_containers(
     cluster: Subnet,
     local: Subnet,

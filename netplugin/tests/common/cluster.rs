@@ -111,11 +111,17 @@ impl Node {
         Ok(self.attachment.as_ref().ok_or("node not set up")?.address)
     }
 
-    /// The eBPF fast path set up on this node, with its container attached.
+    /// The eBPF fast path set up on this node, with its container attached and its veth hooked.
     pub fn fast_path(&self) -> TestResult<FastPath> {
+        self.fast_path_hooking(true)
+    }
+
+    /// The fast path with the container attached; its veth hooked only if `hook`.
+    pub fn fast_path_hooking(&self, hook: bool) -> TestResult<FastPath> {
         let cfg = FastPathConfig {
             cluster_cidr: subnet(CLUSTER)?,
             subnet: self.subnet,
+            bridge: "tug0".into(),
             ingress: Some(match self.mode {
                 Mode::HostGw => "wire".into(),
                 Mode::Vxlan => DEFAULT_DEVICE.into(),
@@ -126,6 +132,9 @@ impl Node {
         Ok(block_in_netns(&self.ns.path(), || async move {
             let fast = FastPath::setup(&cfg)?;
             fast.attach(&veth, address)?;
+            if hook {
+                fast.hook_veth(&veth)?;
+            }
             Ok(fast)
         })?)
     }
