@@ -268,7 +268,21 @@ fn scenario(bed: &mut Cluster, images: &TestImages, mode: &str, cni: bool) -> Te
     assert!(from_c.contains(&format!("web-{}", a.id)), "{from_c}");
     let from_self = http_get(bed.agent_host(a.node), published)?;
     assert!(from_self.contains(&format!("web-{}", a.id)), "{from_self}");
-
+    // From a container on another node at A's bridge address (inside the cluster CIDR: the
+    // answer must still pass A's reverse DNAT, not the fast path).
+    let bridge_a = nets[a.node].1.replacen(".0/24", ".1", 1);
+    let via_bridge = exec(
+        bed,
+        &b.id,
+        &[
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            &format!("http://{bridge_a}:{HOST_PORT}/"),
+        ],
+    )?;
+    assert_eq!(via_bridge.trim(), format!("web-{}", a.id), "via {bridge_a}");
     // Egress: a host outside the cluster CIDR sees the node's address.
     let outside = bed.client_host();
     let listener = outside

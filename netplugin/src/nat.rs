@@ -8,7 +8,8 @@
 //!
 //! Chains (all created here, jumped to once from the built-in chains):
 //! - `nat TUG-POSTROUTING` (from POSTROUTING): masquerade traffic from the node subnet to
-//!   anywhere outside the cluster CIDR, so it leaves with the node's address.
+//!   anywhere outside the cluster CIDR, so it leaves with the node's address, and published-port
+//!   traffic from inside the cluster, so its answers pass the node's conntrack again.
 //! - `nat TUG-HOSTPORTS` (from PREROUTING and OUTPUT, for local destination addresses): one DNAT
 //!   rule per published port, commented `tug:<container id>` so it is found again by id.
 //! - `filter TUG-FORWARD` (from FORWARD): accept traffic from the cluster CIDR, and to it only
@@ -112,6 +113,32 @@ pub fn setup_nat(subnet: Subnet, cluster_cidr: Subnet) -> Result<()> {
         "comment",
         "--comment",
         "tug: masquerade traffic leaving the cluster",
+        "-j",
+        "MASQUERADE",
+    ])?;
+    // A published port reached by a client inside the cluster CIDR (at the bridge's address, at
+    // the VTEP's in vxlan mode, or a container at its own node's address): without this the
+    // answer would go straight back to the client as cluster traffic, past the reverse DNAT
+    // (the eBPF fast path carries it; on one bridge it is never routed at all). Masqueraded,
+    // the answer comes back to the node, where conntrack undoes both translations. Clients
+    // outside the cluster keep their address.
+    iptables(&[
+        "-t",
+        "nat",
+        "-A",
+        POSTROUTING_CHAIN,
+        "-s",
+        &cidr,
+        "-d",
+        &src,
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "DNAT",
+        "-m",
+        "comment",
+        "--comment",
+        "tug: masquerade published ports reached from inside the cluster",
         "-j",
         "MASQUERADE",
     ])?;

@@ -46,7 +46,14 @@ fn masquerade_is_set_up_once_and_follows_the_subnet() -> TestResult {
         nat::setup_nat(subnet("10.88.3.0/24").map_err(|_| bad())?, cidr)
     })?;
     let text = rules(&ns)?;
-    assert_eq!(text.matches("-j MASQUERADE").count(), 1, "{text}");
+    // Traffic leaving the cluster, and published ports reached from inside it.
+    assert_eq!(text.matches("-j MASQUERADE").count(), 2, "{text}");
+    assert!(
+        text.contains(
+            "-A TUG-POSTROUTING -s 10.88.0.0/16 -d 10.88.3.0/24 -m conntrack --ctstate DNAT"
+        ),
+        "{text}"
+    );
     assert_eq!(
         text.matches("-A POSTROUTING -j TUG-POSTROUTING").count(),
         1,
@@ -63,8 +70,10 @@ fn masquerade_is_set_up_once_and_follows_the_subnet() -> TestResult {
         nat::setup_nat(subnet("10.88.4.0/24").map_err(|_| bad())?, cidr)
     })?;
     let text = rules(&ns)?;
-    assert_eq!(text.matches("-j MASQUERADE").count(), 1, "{text}");
+    assert_eq!(text.matches("-j MASQUERADE").count(), 2, "{text}");
     assert!(text.contains("-s 10.88.4.0/24"), "{text}");
+    assert!(text.contains("-d 10.88.4.0/24"), "{text}");
+    assert!(!text.contains("10.88.3.0/24"), "{text}");
 
     inside(&ns, nat::teardown_nat)?;
     let text = rules(&ns)?;

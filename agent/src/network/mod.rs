@@ -222,7 +222,6 @@ impl NodeNetwork {
             let cfg = FastPathConfig {
                 cluster_cidr: saved.cluster_cidr,
                 subnet: saved.subnet,
-                bridge: DEFAULT_BRIDGE.into(),
                 ingress: match self.mode {
                     NetworkMode::Vxlan => Some(DEFAULT_DEVICE.to_string()),
                     _ => uplink.clone(),
@@ -514,8 +513,8 @@ impl NodeNetwork {
                 if let Some(fast) = self.fast_path() {
                     match fast.attach(&attachment.host_veth, attachment.address) {
                         Ok(()) => {
-                            // The bridge's program serves the container now; the one on its
-                            // veth, which takes an RCU grace period, follows off its start path.
+                            // The program on its veth takes an RCU grace period: off the start
+                            // path (the first packets take the normal path).
                             let (id, veth) = (req.id.clone(), attachment.host_veth.clone());
                             tokio::task::spawn_blocking(move || {
                                 if let Err(e) = fast.hook_veth(&veth) {

@@ -343,8 +343,10 @@ impl Asm {
 mod tests {
     use super::*;
 
+    type TestResult = Result<(), AsmError>;
+
     #[test]
-    fn encodings_match_the_kernel_layout() {
+    fn encodings_match_the_kernel_layout() -> TestResult {
         let mut asm = Asm::new();
         asm.mov_imm(Reg::R0, -1)
             .load(Size::W, Reg::R2, Reg::R1, 76)
@@ -353,12 +355,7 @@ mod tests {
             .load_map_fd(Reg::R1, 7)
             .call(23)
             .exit();
-        let bytes: Vec<[u8; 8]> = asm
-            .finish()
-            .expect("no jumps")
-            .into_iter()
-            .map(Insn::to_bytes)
-            .collect();
+        let bytes: Vec<[u8; 8]> = asm.finish()?.into_iter().map(Insn::to_bytes).collect();
         // BPF_ALU64|BPF_MOV|BPF_K r0, -1
         assert_eq!(bytes[0], [0xb7, 0x00, 0, 0, 0xff, 0xff, 0xff, 0xff]);
         // BPF_LDX|BPF_MEM|BPF_W r2 = *(u32 *)(r1 + 76)
@@ -372,10 +369,11 @@ mod tests {
         assert_eq!(bytes[5], [0; 8]);
         assert_eq!(bytes[6], [0x85, 0, 0, 0, 23, 0, 0, 0]);
         assert_eq!(bytes[7], [0x95, 0, 0, 0, 0, 0, 0, 0]);
+        Ok(())
     }
 
     #[test]
-    fn jumps_resolve_forwards_and_backwards() {
+    fn jumps_resolve_forwards_and_backwards() -> TestResult {
         let mut asm = Asm::new();
         asm.label("top")
             .jump32_imm(Cond::Ne, Reg::R1, 8, "out")
@@ -383,11 +381,12 @@ mod tests {
             .jump_imm(Cond::Eq, Reg::R0, 0, "top")
             .label("out")
             .exit();
-        let insns = asm.finish().expect("labels are placed");
+        let insns = asm.finish()?;
         // From 0 over the jump itself, the two-slot load and the goto: 3 ahead.
         assert_eq!(insns[0].off, 3);
         assert_eq!(insns[0].code, 0x56);
         assert_eq!(insns[3].off, -4);
+        Ok(())
     }
 
     #[test]

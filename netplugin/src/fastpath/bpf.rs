@@ -298,18 +298,27 @@ pub(crate) fn tcx_detach(prog: &OwnedFd, ifindex: u32, attach_type: u32) -> io::
 
 /// The ids of the programs on a tcx hook, first to run first.
 pub(crate) fn tcx_programs(ifindex: u32, attach_type: u32) -> io::Result<Vec<u32>> {
-    let mut ids = vec![0u32; 64];
-    let mut attr = Attr::new();
-    attr.u32(0, ifindex)
-        .u32(4, attach_type)
-        .ptr(16, ids.as_mut_ptr())
-        .u32(24, 64);
-    attr.call(BPF_PROG_QUERY)?;
-    let count = usize::try_from(attr.read_u32(24))
-        .unwrap_or(0)
-        .min(ids.len());
-    ids.truncate(count);
-    Ok(ids)
+    let mut room: u32 = 64;
+    loop {
+        let mut ids = vec![0u32; room as usize];
+        let mut attr = Attr::new();
+        attr.u32(0, ifindex)
+            .u32(4, attach_type)
+            .ptr(16, ids.as_mut_ptr())
+            .u32(24, room);
+        match attr.call(BPF_PROG_QUERY) {
+            Ok(_) => {
+                let count = usize::try_from(attr.read_u32(24)).unwrap_or(0);
+                ids.truncate(count.min(ids.len()));
+                return Ok(ids);
+            }
+            // More programs than room: the kernel said how many there are.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && attr.read_u32(24) > room => {
+                room = attr.read_u32(24);
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// A descriptor of program `id` and its name; `None` if it no longer exists.

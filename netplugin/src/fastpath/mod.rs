@@ -10,14 +10,23 @@
 //! programs are unsure about, still takes the normal path, so masquerade, published ports and
 //! ICMP errors are unchanged.
 //!
-//! [`FastPath::setup`] loads both programs, attaches the receiving one, and the sending one to
-//! the bridge, where every container's routed packets arrive; [`FastPath::attach`] records a
-//! container's address in the route map (microseconds); [`FastPath::hook_veth`] also puts the
-//! sending program on the container's host veth, which skips the bridge too but costs an RCU
-//! grace period, so the agent runs it after the container started; [`FastPath::detach`]
-//! forgets the address (the veth's program goes with the veth). The
+//! [`FastPath::setup`] loads both programs and attaches the receiving one; [`FastPath::attach`]
+//! records a container's address in the route map (microseconds); [`FastPath::hook_veth`] puts
+//! the sending program on the container's host veth, which costs an RCU grace period, so the
+//! agent runs it after the container started (its first packets take the normal path);
+//! [`FastPath::detach`] forgets the address (the veth's program goes with the veth).
+//!
+//! The sending program sits on the veth, not on the bridge: with `br_netfilter` loaded, a
+//! packet reaching the bridge device has been through the IPv4 PREROUTING hooks already, and
+//! the answer of a published port reached from inside the cluster would arrive there with its
+//! destination translated back but its source not yet: redirected then, it would skip the
+//! reverse DNAT. On the veth every packet is as the container sent it. The
 //! programs and maps live in the kernel as long as something uses them: a new agent loads new
 //! ones and replaces the old ones on every hook (programs are recognised by their `tug_` names).
+
+// The programs compare addresses as their wire bytes loaded little-endian (`programs::wire`).
+#[cfg(target_endian = "big")]
+compile_error!("tug's eBPF fast path is written for little-endian machines");
 
 mod asm;
 mod bpf;
@@ -50,8 +59,6 @@ pub struct FastPathConfig {
     pub cluster_cidr: Subnet,
     /// This node's container subnet.
     pub subnet: Subnet,
-    /// The node bridge: containers' packets for other nodes arrive at its ingress.
-    pub bridge: String,
     /// Where traffic from other nodes' containers arrives: the uplink in host-gw mode, the VXLAN
     /// device in vxlan mode; `None` for a node without one (nothing arrives from other nodes).
     pub ingress: Option<String>,
@@ -92,7 +99,6 @@ impl FastPath {
             TO_CONTAINERS,
             programs::to_containers(cfg.cluster_cidr, cfg.subnet, routes.fd(), stats.fd()),
         )?;
-        replace_on(&from_containers, &cfg.bridge)?;
         if let Some(name) = &cfg.ingress {
             replace_on(&to_containers, name)?;
         }
@@ -120,11 +126,10 @@ impl FastPath {
         ))
     }
 
-    /// Put the sending program on a container's host veth too (replacing an older tug program
-    /// there), so the container's packets skip the bridge as well. The program on the bridge
-    /// already serves the container; this only makes its path shorter. It takes a kernel RCU
-    /// grace period (about 10 ms, nearly all of it waiting), so callers run it off the
-    /// container's start path.
+    /// Put the sending program on a container's host veth (replacing an older tug program
+    /// there). It takes a kernel RCU grace period (about 10 ms, nearly all of it waiting), so
+    /// callers run it off the container's start path; until then the container's packets take
+    /// the normal path.
     pub fn hook_veth(&self, host_veth: &str) -> Result<()> {
         replace_on(&self.from_containers, host_veth).map(drop)
     }

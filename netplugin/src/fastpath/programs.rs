@@ -1,11 +1,11 @@
 //! The two fast-path programs, both tcx ingress classifiers.
 //!
-//! * [`from_containers`] runs on the bridge and on each container's host-side veth (whichever
-//!   sees the packet first; the veth's skips the bridge). A packet from a local
+//! * [`from_containers`] runs on each container's host-side veth. A packet from a local
 //!   container to a container on another node is looked up in the node's FIB
-//!   (`bpf_fib_lookup`: the host-gw route or the VXLAN route and its neighbour), gets the next
-//!   hop's MAC addresses and a decremented TTL, and is handed straight to the uplink or VXLAN
-//!   device (`bpf_redirect`), skipping the bridge, netfilter and IP forwarding.
+//!   (`bpf_fib_lookup`: the host-gw route or the VXLAN route), gets a decremented TTL, and is
+//!   handed straight to the uplink or VXLAN device through the neighbour table
+//!   (`bpf_redirect_neigh`, which writes the next hop's MAC and keeps the entry confirmed),
+//!   skipping the bridge, netfilter and IP forwarding.
 //! * [`to_containers`] runs on the uplink (host-gw) or the VXLAN device (vxlan). A packet from
 //!   the cluster to a local container is looked up in the route map (address -> host veth) and
 //!   put straight into the container's namespace (`bpf_redirect_peer`): no bridge, no forwarding
@@ -13,7 +13,7 @@
 //!   behind `0a:58` (see [`crate::container::container_mac`]), so nothing else needs storing.
 //!
 //! Anything else (other protocols, IP options, TTL about to expire, traffic to or from outside
-//! the cluster CIDR, an unresolved neighbour, a packet too big for the next hop) goes on through
+//! the cluster CIDR, a packet too big for the next hop) goes on through
 //! the normal stack unchanged: masquerade, published ports and ICMP errors keep working there.
 //! Traffic that needs NAT never matches: tug only translates traffic leaving the cluster CIDR
 //! (masquerade, whose replies come back to the node's address) and traffic to the node's address
@@ -26,6 +26,8 @@ use super::asm::{Alu, Asm, AsmError, Cond, Insn, Reg, Size};
 use crate::subnet::Subnet;
 
 // `struct __sk_buff` offsets.
+const SKB_PKT_TYPE: i16 = 4;
+const SKB_VLAN_PRESENT: i16 = 20;
 const SKB_INGRESS_IFINDEX: i16 = 36;
 const SKB_DATA: i16 = 76;
 const SKB_DATA_END: i16 = 80;
@@ -54,16 +56,21 @@ const FIB_IFINDEX: i16 = FIB + 8;
 const FIB_TOS: i16 = FIB + 12;
 const FIB_SRC: i16 = FIB + 16;
 const FIB_DST: i16 = FIB + 32;
-const FIB_SMAC: i16 = FIB + 52;
-const FIB_DMAC: i16 = FIB + 58;
 const AF_INET: i32 = 2;
 /// A key on the stack below the FIB parameters.
 const KEY: i16 = -68;
+// `struct bpf_redir_neigh` (20 bytes) below the key: family, then the next hop's address.
+const NEIGH: i16 = -88;
+const NEIGH_SIZE: i32 = 20;
+/// `BPF_FIB_LKUP_RET_NO_NEIGH`: the route is there, the next hop's MAC is not known yet.
+const FIB_NO_NEIGH: i32 = 7;
+/// `PACKET_HOST`: addressed to this interface's MAC.
+const PACKET_HOST: i32 = 0;
 
 // Helpers (`enum bpf_func_id`).
 const MAP_LOOKUP_ELEM: i32 = 1;
-const REDIRECT: i32 = 23;
 const FIB_LOOKUP: i32 = 69;
+const REDIRECT_NEIGH: i32 = 152;
 const REDIRECT_PEER: i32 = 155;
 
 /// `TCX_NEXT`: let the next program, or the stack, have the packet.
@@ -165,8 +172,7 @@ fn pass(asm: &mut Asm) {
     asm.label("pass").mov_imm(Reg::R0, TCX_NEXT).exit();
 }
 
-/// The program on the bridge and containers' host veths: local container -> container on
-/// another node.
+/// The program on containers' host veths: local container -> container on another node.
 pub(crate) fn from_containers(
     cluster: Subnet,
     local: Subnet,
@@ -174,6 +180,11 @@ pub(crate) fn from_containers(
 ) -> Result<Vec<Insn>, AsmError> {
     let mut asm = Asm::new();
     ipv4_prologue(&mut asm);
+    // Only what the container sent to its gateway (the bridge's MAC) to be routed.
+    asm.load(Size::H, Reg::R4, Reg::R2, 0)
+        .jump32_imm(Cond::Ne, Reg::R4, MAC_PREFIX_WIRE, "pass")
+        .load(Size::W, Reg::R4, Reg::R2, 2)
+        .jump32_imm(Cond::Ne, Reg::R4, wire(local.gateway()), "pass");
     require(&mut asm, Reg::R8, cluster, true, "pass");
     require(&mut asm, Reg::R8, local, false, "pass");
     require(&mut asm, Reg::R7, local, true, "pass");
@@ -195,26 +206,29 @@ pub(crate) fn from_containers(
         .mov_imm(Reg::R3, FIB_SIZE)
         .mov_imm(Reg::R4, 0)
         .call(FIB_LOOKUP)
-        // Anything but BPF_FIB_LKUP_RET_SUCCESS (no route, no neighbour yet, too big, not
-        // forwarded) is the stack's to handle.
-        .jump_imm(Cond::Ne, Reg::R0, 0, "pass");
+        // A route with its next hop resolved or not (the kernel resolves it on the way out);
+        // anything else (no route, too big, not forwarded) is the stack's to handle.
+        .jump_imm(Cond::Eq, Reg::R0, 0, "routed")
+        .jump_imm(Cond::Ne, Reg::R0, FIB_NO_NEIGH, "pass")
+        .label("routed");
     count(&mut asm, stats, STAT_TO_NODES, "counted");
     packet_pointers(&mut asm);
-    // Stack accesses must be aligned to their size: dmac sits at an odd multiple of 2.
-    asm.load(Size::H, Reg::R4, Reg::R10, FIB_DMAC)
-        .store(Size::H, Reg::R2, 0, Reg::R4)
-        .load(Size::H, Reg::R4, Reg::R10, FIB_DMAC + 2)
-        .store(Size::H, Reg::R2, 2, Reg::R4)
-        .load(Size::H, Reg::R4, Reg::R10, FIB_DMAC + 4)
-        .store(Size::H, Reg::R2, 4, Reg::R4)
-        .load(Size::W, Reg::R4, Reg::R10, FIB_SMAC)
-        .store(Size::W, Reg::R2, 6, Reg::R4)
-        .load(Size::H, Reg::R4, Reg::R10, FIB_SMAC + 4)
-        .store(Size::H, Reg::R2, 10, Reg::R4);
     decrement_ttl(&mut asm);
-    asm.load(Size::W, Reg::R1, Reg::R10, FIB_IFINDEX)
-        .mov_imm(Reg::R2, 0)
-        .call(REDIRECT)
+    // The next hop (the lookup left the route's gateway in the destination, or the packet's
+    // destination on a direct route) for `bpf_redirect_neigh`, which writes the Ethernet
+    // header through the neighbour table, keeping its entries confirmed and resolving new ones.
+    asm.store_imm(Size::W, Reg::R10, NEIGH, AF_INET)
+        .load(Size::W, Reg::R4, Reg::R10, FIB_DST)
+        .store(Size::W, Reg::R10, NEIGH + 4, Reg::R4)
+        .store_imm(Size::W, Reg::R10, NEIGH + 8, 0)
+        .store_imm(Size::W, Reg::R10, NEIGH + 12, 0)
+        .store_imm(Size::W, Reg::R10, NEIGH + 16, 0)
+        .load(Size::W, Reg::R1, Reg::R10, FIB_IFINDEX)
+        .mov(Reg::R2, Reg::R10)
+        .alu64_imm(Alu::Add, Reg::R2, i32::from(NEIGH))
+        .mov_imm(Reg::R3, NEIGH_SIZE)
+        .mov_imm(Reg::R4, 0)
+        .call(REDIRECT_NEIGH)
         .exit();
     pass(&mut asm);
     asm.finish()
@@ -229,6 +243,11 @@ pub(crate) fn to_containers(
 ) -> Result<Vec<Insn>, AsmError> {
     let mut asm = Asm::new();
     ipv4_prologue(&mut asm);
+    // Addressed to this node (not seen in promiscuous mode), and not for a VLAN device on top.
+    asm.load(Size::W, Reg::R4, Reg::R6, SKB_PKT_TYPE)
+        .jump32_imm(Cond::Ne, Reg::R4, PACKET_HOST, "pass")
+        .load(Size::W, Reg::R4, Reg::R6, SKB_VLAN_PRESENT)
+        .jump32_imm(Cond::Ne, Reg::R4, 0, "pass");
     require(&mut asm, Reg::R8, local, true, "pass");
     require(&mut asm, Reg::R7, cluster, true, "pass");
     asm.store(Size::W, Reg::R10, KEY, Reg::R8)
@@ -258,13 +277,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn addresses_and_masks_are_compared_in_wire_order() {
-        let subnet: Subnet = "10.88.0.0/16".parse().expect("valid");
+    fn addresses_and_masks_are_compared_in_wire_order() -> Result<(), Box<dyn std::error::Error>> {
+        let subnet: Subnet = "10.88.0.0/16".parse()?;
         let (mask, network) = matcher(subnet);
         assert_eq!(mask.to_le_bytes(), [255, 255, 0, 0]);
         assert_eq!(network.to_le_bytes(), [10, 88, 0, 0]);
-        assert_eq!(wire("10.88.3.7".parse().expect("valid")) & mask, network);
-        let host: Subnet = "10.88.3.0/24".parse().expect("valid");
+        assert_eq!(wire("10.88.3.7".parse()?) & mask, network);
+        let host: Subnet = "10.88.3.0/24".parse()?;
         assert_eq!(matcher(host).0.to_le_bytes(), [255, 255, 255, 0]);
+        Ok(())
     }
 }

@@ -5,6 +5,7 @@
 use std::net::Ipv4Addr;
 
 use tug_netplugin::fastpath::{FastPath, FastPathConfig};
+use tug_netplugin::nat::{self, PortMapping, Protocol};
 use tug_netplugin::netns::block_in_netns;
 use tug_netplugin::vxlan::{DEFAULT_DEVICE, DEFAULT_PORT, DEFAULT_VNI};
 use tug_netplugin::{
@@ -121,7 +122,6 @@ impl Node {
         let cfg = FastPathConfig {
             cluster_cidr: subnet(CLUSTER)?,
             subnet: self.subnet,
-            bridge: "tug0".into(),
             ingress: Some(match self.mode {
                 Mode::HostGw => "wire".into(),
                 Mode::Vxlan => DEFAULT_DEVICE.into(),
@@ -137,6 +137,24 @@ impl Node {
             }
             Ok(fast)
         })?)
+    }
+
+    /// The agent's NAT rules on this node, and `container_port` of its container published as
+    /// `host_port`.
+    pub fn publish(&self, host_port: u16, container_port: u16) -> TestResult {
+        let (subnet, cluster) = (self.subnet, subnet(CLUSTER)?);
+        let id = format!("{}-ctr", self.ns.name());
+        let address = self.container_address()?;
+        let ports = [PortMapping {
+            host_port,
+            container_port,
+            protocol: Protocol::Tcp,
+        }];
+        block_in_netns(&self.ns.path(), || async move {
+            nat::setup_nat(subnet, cluster)?;
+            nat::publish(&id, address, &ports)
+        })?;
+        Ok(())
     }
 
     /// The container's host-side veth.
