@@ -234,17 +234,7 @@ impl NodeNetwork {
                         .unwrap_or_default();
                     let veths = fast.adopt(&running);
                     tracing::info!(containers = veths.len(), "eBPF fast path between nodes on");
-                    let fast = Arc::new(fast);
-                    // Each veth takes an RCU grace period: off the async threads.
-                    let hook = fast.clone();
-                    tokio::task::spawn_blocking(move || {
-                        for veth in veths {
-                            if let Err(e) = hook.hook_veth(&veth) {
-                                tracing::debug!(%veth, cause = %e, "veth not hooked (removed already?)");
-                            }
-                        }
-                    });
-                    Some(fast)
+                    Some((Arc::new(fast), veths))
                 }
                 Err(e) => {
                     tracing::warn!(cause = %e, "no eBPF fast path: traffic between nodes takes the bridge and IP forwarding");
@@ -256,7 +246,30 @@ impl NodeNetwork {
             self.remove_fast_path(uplink.as_deref());
             None
         };
-        *self.fast_path.lock().unwrap_or_else(|p| p.into_inner()) = loaded;
+        let (fast, veths) = loaded.map_or((None, Vec::new()), |(f, v)| (Some(f), v));
+        *self.fast_path.lock().unwrap_or_else(|p| p.into_inner()) = fast;
+        self.hook_veths(veths);
+    }
+
+    /// Put the fast path's program on these container veths, off the async threads (each takes
+    /// an RCU grace period). A veth is skipped once another fast path has replaced the current
+    /// one (its own setup hooks the veths again), so an older program never replaces a newer.
+    fn hook_veths(&self, veths: Vec<String>) {
+        let (Some(fast), false) = (self.fast_path(), veths.is_empty()) else {
+            return;
+        };
+        let slot = self.fast_path.clone();
+        tokio::task::spawn_blocking(move || {
+            for veth in veths {
+                let current = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                if !current.is_some_and(|c| Arc::ptr_eq(&c, &fast)) {
+                    return;
+                }
+                if let Err(e) = fast.hook_veth(&veth) {
+                    tracing::debug!(%veth, cause = %e, "veth not hooked (removed already?)");
+                }
+            }
+        });
     }
 
     /// Take tug's programs off the bridge and the ingress device (left by an earlier run with
@@ -512,16 +525,8 @@ impl NodeNetwork {
                 let attachment = tug_netplugin::add(&net).await?;
                 if let Some(fast) = self.fast_path() {
                     match fast.attach(&attachment.host_veth, attachment.address) {
-                        Ok(()) => {
-                            // The program on its veth takes an RCU grace period: off the start
-                            // path (the first packets take the normal path).
-                            let (id, veth) = (req.id.clone(), attachment.host_veth.clone());
-                            tokio::task::spawn_blocking(move || {
-                                if let Err(e) = fast.hook_veth(&veth) {
-                                    tracing::debug!(container = %id, cause = %e, "container's veth not hooked (removed already?)");
-                                }
-                            });
-                        }
+                        // Its first packets take the normal path until the veth is hooked.
+                        Ok(()) => self.hook_veths(vec![attachment.host_veth.clone()]),
                         Err(e) => {
                             tracing::warn!(container = %req.id, cause = %e, "container left on the normal path");
                         }
