@@ -233,9 +233,9 @@ pub struct NodeFlags {
     /// Where the CNI plugin binaries are.
     #[arg(long, default_value = "/usr/lib/cni")]
     pub cni_bin_dir: PathBuf,
-    /// The eBPF fast path for traffic between containers on different nodes (`on`: used when
-    /// the kernel has tcx hooks, Linux 6.6+, else the normal path with a warning; `off`: always
-    /// the bridge and IP forwarding). Not used with --cni-conf-dir.
+    /// The eBPF fast path for traffic between containers on different nodes (`on`: used where
+    /// the kernel can, Linux 5.10+, else the normal path with a warning; `off`: always the
+    /// bridge and IP forwarding). Not used with --cni-conf-dir.
     #[arg(long, default_value = "on")]
     pub fast_path: String,
 }

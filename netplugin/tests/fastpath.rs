@@ -1,7 +1,7 @@
 //! The eBPF fast path between two "nodes" (see `common::cluster`), in both cross-host modes:
 //! containers still reach each other (ICMP and a TCP transfer, checked end to end), the
 //! programs' counters show the packets took the fast path both ways (and the normal path out
-//! of a container whose veth is not hooked yet), TTLs are decremented as by a router, a
+//! of a container whose veth has no program), TTLs are decremented as by a router, a
 //! published port reached from inside the cluster still answers through conntrack, and loading
 //! again (an agent restart) replaces the programs instead of stacking them.
 
@@ -81,14 +81,18 @@ fn carries_traffic(mode: Mode) -> TestResult {
 }
 
 #[test]
-fn a_container_whose_veth_is_not_hooked_yet_takes_the_normal_path() -> TestResult {
+fn a_container_without_the_program_on_its_veth_takes_the_normal_path() -> TestResult {
     let (a, b) = two_nodes(Mode::HostGw)?;
     a.sync(&[(b.subnet, b.address)])?;
     b.sync(&[(a.subnet, a.address)])?;
-    let fast_a = a.fast_path_hooking(false)?;
+    let fast_a = a.fast_path()?;
     let fast_b = b.fast_path()?;
     let veth = a.host_veth()?;
-    let on_veth = block_in_netns(&a.ns.path(), || async move { fastpath::programs_on(&veth) })?;
+    let on_veth = block_in_netns(&a.ns.path(), || async move {
+        assert!(fastpath::remove_from(&veth).await?);
+        assert!(!fastpath::remove_from(&veth).await?);
+        fastpath::programs_on(&veth).await
+    })?;
     assert!(on_veth.is_empty(), "{on_veth:?}");
     let out = a.ctr.exec(&[
         "busybox",
@@ -143,7 +147,7 @@ fn setting_up_again_replaces_the_programs_and_forgets_removed_containers() -> Te
     let on = |interface: &str| -> TestResult<Vec<String>> {
         let interface = interface.to_string();
         Ok(block_in_netns(&a.ns.path(), || async move {
-            fastpath::programs_on(&interface)
+            fastpath::programs_on(&interface).await
         })?)
     };
     assert_eq!(on("wire")?, vec![TO_CONTAINERS.to_string()]);
@@ -168,8 +172,10 @@ fn setting_up_again_replaces_the_programs_and_forgets_removed_containers() -> Te
         "container b -> container a without a route entry"
     );
 
-    let removed = block_in_netns(&a.ns.path(), || async { fastpath::remove_from("wire") })?;
-    assert_eq!(removed, 1);
+    let removed = block_in_netns(&a.ns.path(), || async {
+        fastpath::remove_from("wire").await
+    })?;
+    assert!(removed);
     assert!(on("wire")?.is_empty());
     Ok(())
 }
@@ -180,8 +186,10 @@ fn an_address_outside_the_node_subnet_is_refused() -> TestResult {
     let fast = a.fast_path()?;
     let veth = a.host_veth()?;
     let foreign: std::net::Ipv4Addr = "10.88.2.9".parse()?;
-    let Err(err) = block_in_netns(&a.ns.path(), || async move { fast.attach(&veth, foreign) })
-    else {
+    let Err(err) = block_in_netns(
+        &a.ns.path(),
+        || async move { fast.attach(&veth, foreign).await },
+    ) else {
         return Err("10.88.2.9 is node b's, yet it was recorded".into());
     };
     assert!(

@@ -217,77 +217,46 @@ impl NodeNetwork {
     /// Load the fast path for `saved` (replacing an earlier one, on this node's hooks too) and
     /// attach the containers already running. Without it, traffic takes the normal path: a
     /// failure is logged, not returned.
-    fn set_up_fast_path(&self, saved: Saved, uplink: Option<String>) {
+    async fn set_up_fast_path(&self, saved: Saved, uplink: Option<String>) {
+        let ingress = match self.mode {
+            NetworkMode::Vxlan => Some(DEFAULT_DEVICE.to_string()),
+            _ => uplink,
+        };
         let loaded = if self.fast_path_wanted && self.cni_settings.is_none() {
             let cfg = FastPathConfig {
                 cluster_cidr: saved.cluster_cidr,
                 subnet: saved.subnet,
-                ingress: match self.mode {
-                    NetworkMode::Vxlan => Some(DEFAULT_DEVICE.to_string()),
-                    _ => uplink.clone(),
-                },
+                ingress: ingress.clone(),
             };
-            match FastPath::setup(&cfg) {
+            match FastPath::setup(&cfg).await {
                 Ok(fast) => {
                     let running = tug_netplugin::Ipam::open(self.dir.join("ipam"), saved.subnet)
                         .and_then(|ipam| ipam.allocations())
                         .unwrap_or_default();
-                    let veths = fast.adopt(&running);
-                    tracing::info!(containers = veths.len(), "eBPF fast path between nodes on");
-                    Some((Arc::new(fast), veths))
+                    let adopted = fast.adopt(&running).await;
+                    tracing::info!(containers = adopted, "eBPF fast path between nodes on");
+                    Some(Arc::new(fast))
                 }
                 Err(e) => {
                     tracing::warn!(cause = %e, "no eBPF fast path: traffic between nodes takes the bridge and IP forwarding");
-                    self.remove_fast_path(uplink.as_deref());
                     None
                 }
             }
         } else {
-            self.remove_fast_path(uplink.as_deref());
             None
         };
-        let (fast, veths) = loaded.map_or((None, Vec::new()), |(f, v)| (Some(f), v));
-        *self.fast_path.lock().unwrap_or_else(|p| p.into_inner()) = fast;
-        self.hook_veths(veths);
-    }
-
-    /// Put the fast path's program on these container veths, off the async threads (each takes
-    /// an RCU grace period). A veth is skipped once another fast path has replaced the current
-    /// one (its own setup hooks the veths again), so an older program never replaces a newer.
-    fn hook_veths(&self, veths: Vec<String>) {
-        let (Some(fast), false) = (self.fast_path(), veths.is_empty()) else {
-            return;
-        };
-        let slot = self.fast_path.clone();
-        tokio::task::spawn_blocking(move || {
-            for veth in veths {
-                let current = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                if !current.is_some_and(|c| Arc::ptr_eq(&c, &fast)) {
-                    return;
-                }
-                if let Err(e) = fast.hook_veth(&veth) {
-                    tracing::debug!(%veth, cause = %e, "veth not hooked (removed already?)");
-                }
-            }
-        });
-    }
-
-    /// Take tug's programs off the bridge and the ingress device (left by an earlier run with
-    /// the fast path on): the one on the ingress routes by a map nothing updates any more. The
-    /// programs on container veths need no map and go with their containers.
-    fn remove_fast_path(&self, uplink: Option<&str>) {
-        let ingress = match self.mode {
-            NetworkMode::Vxlan => Some(DEFAULT_DEVICE),
-            _ => uplink,
-        };
-        for interface in [Some(DEFAULT_BRIDGE), ingress].into_iter().flatten() {
-            match tug_netplugin::fastpath::remove_from(interface) {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(interface, programs = n, "fast-path programs removed"),
-                // No tcx on this kernel, or no such device: nothing of ours is there.
-                Err(e) => tracing::debug!(interface, cause = %e, "fast-path programs not removed"),
+        if loaded.is_none()
+            && let Some(interface) = ingress
+        {
+            // Left by an earlier run with the fast path on, it would route by a map nothing
+            // updates any more. The programs on container veths need no map.
+            match tug_netplugin::fastpath::remove_from(&interface).await {
+                Ok(false) => {}
+                Ok(true) => tracing::info!(%interface, "fast-path program removed"),
+                Err(e) => tracing::debug!(%interface, cause = %e, "fast-path program not removed"),
             }
         }
+        *self.fast_path.lock().unwrap_or_else(|p| p.into_inner()) = loaded;
     }
 
     fn lock_published(&self) -> std::sync::MutexGuard<'_, Option<BTreeSet<String>>> {
@@ -351,7 +320,7 @@ impl NodeNetwork {
         tokio::task::spawn_blocking(move || nat::setup_nat(subnet, cidr))
             .await
             .map_err(|e| NetworkError::Internal(e.to_string()))??;
-        self.set_up_fast_path(saved, uplink.clone());
+        self.set_up_fast_path(saved, uplink.clone()).await;
         if let Some(settings) = &self.cni_settings {
             let loaded = CniNetwork::load(
                 &settings.conf_dir,
@@ -523,14 +492,10 @@ impl NodeNetwork {
             }
             None => {
                 let attachment = tug_netplugin::add(&net).await?;
-                if let Some(fast) = self.fast_path() {
-                    match fast.attach(&attachment.host_veth, attachment.address) {
-                        // Its first packets take the normal path until the veth is hooked.
-                        Ok(()) => self.hook_veths(vec![attachment.host_veth.clone()]),
-                        Err(e) => {
-                            tracing::warn!(container = %req.id, cause = %e, "container left on the normal path");
-                        }
-                    }
+                if let Some(fast) = self.fast_path()
+                    && let Err(e) = fast.attach(&attachment.host_veth, attachment.address).await
+                {
+                    tracing::warn!(container = %req.id, cause = %e, "container left on the normal path");
                 }
                 attachment.address
             }

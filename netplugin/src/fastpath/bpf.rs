@@ -1,6 +1,5 @@
-//! The `bpf(2)` commands the fast path needs: create maps and change their entries, load
-//! programs (with the verifier's log on failure), and attach programs to an interface's tcx
-//! ingress hook (Linux 6.6+), listing and detaching what is there.
+//! The `bpf(2)` commands the fast path needs: create maps and change their entries, and load
+//! programs (with the verifier's log on failure). Attaching is tc's business ([`super::tc`]).
 //!
 //! Each command's `union bpf_attr` is laid out by byte offset from `include/uapi/linux/bpf.h`;
 //! the kernel zero-checks the bytes after the fields a command uses, so the whole buffer starts
@@ -20,32 +19,19 @@ const BPF_MAP_UPDATE_ELEM: u32 = 2;
 const BPF_MAP_DELETE_ELEM: u32 = 3;
 const BPF_MAP_GET_NEXT_KEY: u32 = 4;
 const BPF_PROG_LOAD: u32 = 5;
-const BPF_PROG_ATTACH: u32 = 8;
-const BPF_PROG_DETACH: u32 = 9;
-const BPF_PROG_GET_FD_BY_ID: u32 = 13;
-const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
-const BPF_PROG_QUERY: u32 = 16;
 
 /// `BPF_MAP_TYPE_HASH`.
 pub(crate) const MAP_HASH: u32 = 1;
 /// `BPF_MAP_TYPE_ARRAY`.
 pub(crate) const MAP_ARRAY: u32 = 2;
-/// `BPF_PROG_TYPE_SCHED_CLS`: tc and tcx programs.
+/// `BPF_PROG_TYPE_SCHED_CLS`: tc classifier programs.
 const PROG_SCHED_CLS: u32 = 3;
-/// `BPF_TCX_INGRESS`.
-pub(crate) const TCX_INGRESS: u32 = 46;
-/// `BPF_F_BEFORE`: attach in front of the programs already there.
-const F_BEFORE: u32 = 1 << 3;
 
 /// The size of `union bpf_attr` the commands here fill (the kernel accepts any size up to its
 /// own, with the rest zero).
 const ATTR_SIZE: usize = 128;
 /// The verifier log kept when a load fails.
 const LOG_SIZE: usize = 64 * 1024;
-/// `struct bpf_prog_info` up to and including `name`.
-const PROG_INFO_SIZE: usize = 80;
-const PROG_INFO_ID: usize = 4;
-const PROG_INFO_NAME: usize = 64;
 /// The kernel's limit on object names, including the terminating zero.
 pub(crate) const NAME_LEN: usize = 16;
 
@@ -78,18 +64,12 @@ impl Attr {
         self
     }
 
-    fn read_u32(&self, off: usize) -> u32 {
-        let mut b = [0u8; 4];
-        b.copy_from_slice(&self.0[off..off + 4]);
-        u32::from_ne_bytes(b)
-    }
-
     /// Run command `cmd`; a non-negative result is returned.
     fn call(&mut self, cmd: u32) -> io::Result<i64> {
         // SAFETY: `bpf(2)` reads and writes at most `ATTR_SIZE` bytes of the buffer, which lives
         // for the call. Every pointer this module stores into it points at memory that outlives
         // the call and is as large as the kernel will access: a length stored beside it (log,
-        // instructions, ids, info), a NUL-terminated string (license), or a map key or value
+        // instructions), a NUL-terminated string (license), or a map key or value
         // whose size `Map::check` compared with the map's.
         let rc = unsafe {
             libc::syscall(
@@ -268,91 +248,6 @@ pub(crate) fn prog_load(name: &str, insns: &[Insn], license: &CStr) -> Result<Ow
             })
         }
     }
-}
-
-/// Attach `prog` to the tcx hook `attach_type` of interface `ifindex` (in the calling thread's
-/// network namespace), in front of what is there.
-pub(crate) fn tcx_attach(prog: &OwnedFd, ifindex: u32, attach_type: u32) -> io::Result<()> {
-    Attr::new()
-        .u32(0, ifindex)
-        .u32(4, fd_u32(prog))
-        .u32(8, attach_type)
-        .u32(12, F_BEFORE)
-        .call(BPF_PROG_ATTACH)
-        .map(drop)
-}
-
-/// Detach `prog` from the tcx hook; whether it was attached.
-pub(crate) fn tcx_detach(prog: &OwnedFd, ifindex: u32, attach_type: u32) -> io::Result<bool> {
-    match Attr::new()
-        .u32(0, ifindex)
-        .u32(4, fd_u32(prog))
-        .u32(8, attach_type)
-        .call(BPF_PROG_DETACH)
-    {
-        Ok(_) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
-/// The ids of the programs on a tcx hook, first to run first.
-pub(crate) fn tcx_programs(ifindex: u32, attach_type: u32) -> io::Result<Vec<u32>> {
-    let mut room: u32 = 64;
-    loop {
-        let mut ids = vec![0u32; room as usize];
-        let mut attr = Attr::new();
-        attr.u32(0, ifindex)
-            .u32(4, attach_type)
-            .ptr(16, ids.as_mut_ptr())
-            .u32(24, room);
-        match attr.call(BPF_PROG_QUERY) {
-            Ok(_) => {
-                let count = usize::try_from(attr.read_u32(24)).unwrap_or(0);
-                ids.truncate(count.min(ids.len()));
-                return Ok(ids);
-            }
-            // More programs than room: the kernel said how many there are.
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && attr.read_u32(24) > room => {
-                room = attr.read_u32(24);
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// A descriptor of program `id` and its name; `None` if it no longer exists.
-pub(crate) fn program_by_id(id: u32) -> io::Result<Option<(OwnedFd, String)>> {
-    let fd = match Attr::new().u32(0, id).call_fd(BPF_PROG_GET_FD_BY_ID) {
-        Ok(fd) => fd,
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let (_, name) = prog_info(&fd)?;
-    Ok(Some((fd, name)))
-}
-
-/// The kernel's id of a loaded program.
-pub(crate) fn program_id(fd: &OwnedFd) -> io::Result<u32> {
-    prog_info(fd).map(|(id, _)| id)
-}
-
-/// `(id, name)` from `struct bpf_prog_info`.
-fn prog_info(fd: &OwnedFd) -> io::Result<(u32, String)> {
-    let mut info = [0u8; PROG_INFO_SIZE];
-    Attr::new()
-        .u32(0, fd_u32(fd))
-        .u32(4, PROG_INFO_SIZE as u32)
-        .ptr(8, info.as_mut_ptr())
-        .call(BPF_OBJ_GET_INFO_BY_FD)?;
-    let mut id = [0u8; 4];
-    id.copy_from_slice(&info[PROG_INFO_ID..PROG_INFO_ID + 4]);
-    let name = &info[PROG_INFO_NAME..PROG_INFO_NAME + NAME_LEN];
-    let end = name.iter().position(|b| *b == 0).unwrap_or(NAME_LEN);
-    Ok((
-        u32::from_ne_bytes(id),
-        String::from_utf8_lossy(&name[..end]).into_owned(),
-    ))
 }
 
 fn fd_u32(fd: &OwnedFd) -> u32 {

@@ -1,28 +1,26 @@
-//! The eBPF fast path between containers on different nodes (Linux 6.6+, tcx hooks).
+//! The eBPF fast path between containers on different nodes (tc `bpf` filters, Linux 5.10+).
 //!
 //! Without it, a packet from a container to one on another node crosses the host veth's
 //! backlog queue, the bridge, netfilter and IP forwarding on the way out, and IP forwarding,
 //! netfilter, the bridge and the container veth's backlog again on the way in. With it (see
 //! [`programs`] for exactly which packets qualify), the sending node's program on the
-//! container's host veth hands the packet straight to the uplink or VXLAN device with the
-//! next hop's MACs, and the receiving node's program on that device puts it straight into the
+//! container's host veth hands the packet straight to the uplink or VXLAN device through the
+//! neighbour table, and the receiving node's program on that device puts it straight into the
 //! destination container's namespace. Traffic to or from outside the cluster, and anything the
 //! programs are unsure about, still takes the normal path, so masquerade, published ports and
 //! ICMP errors are unchanged.
 //!
 //! [`FastPath::setup`] loads both programs and attaches the receiving one; [`FastPath::attach`]
-//! records a container's address in the route map (microseconds); [`FastPath::hook_veth`] puts
-//! the sending program on the container's host veth, which costs an RCU grace period, so the
-//! agent runs it after the container started (its first packets take the normal path);
-//! [`FastPath::detach`] forgets the address (the veth's program goes with the veth).
+//! puts the sending one on a container's host veth and records the container's address in the
+//! route map; [`FastPath::detach`] forgets the address (the veth's filter goes with the veth).
+//! Programs are attached as tc filters ([`tc`]) at tug's own priority, which a new agent's
+//! programs replace in place.
 //!
 //! The sending program sits on the veth, not on the bridge: with `br_netfilter` loaded, a
 //! packet reaching the bridge device has been through the IPv4 PREROUTING hooks already, and
 //! the answer of a published port reached from inside the cluster would arrive there with its
 //! destination translated back but its source not yet: redirected then, it would skip the
-//! reverse DNAT. On the veth every packet is as the container sent it. The
-//! programs and maps live in the kernel as long as something uses them: a new agent loads new
-//! ones and replaces the old ones on every hook (programs are recognised by their `tug_` names).
+//! reverse DNAT. On the veth every packet is as the container sent it.
 
 // The programs compare addresses as their wire bytes loaded little-endian (`programs::wire`).
 #[cfg(target_endian = "big")]
@@ -31,20 +29,20 @@ compile_error!("tug's eBPF fast path is written for little-endian machines");
 mod asm;
 mod bpf;
 mod programs;
+mod tc;
 
 use std::ffi::CStr;
 use std::net::Ipv4Addr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use crate::error::{Error, Result};
+use crate::netlink::Netlink;
 use crate::subnet::Subnet;
 
 /// The name of the program on container veths.
 pub const FROM_CONTAINERS: &str = "tug_from_ctr";
 /// The name of the program on the uplink or VXLAN device.
 pub const TO_CONTAINERS: &str = "tug_to_ctr";
-/// The prefix every tug program's name has.
-const PREFIX: &str = "tug_";
 /// The license the programs declare to the kernel (some helpers are GPL-only). The programs
 /// are tug's own, generated in [`programs`]; tug itself is Apache-2.0, and "Dual MIT/GPL" is a
 /// license string the kernel accepts as GPL-compatible for code that is offered under both.
@@ -83,10 +81,9 @@ pub struct FastPath {
 }
 
 impl FastPath {
-    /// Load the programs and attach the receiving one to `cfg.ingress`, replacing tug programs
-    /// already there. Works in the calling thread's network namespace. Fails on kernels without
-    /// tcx (before 6.6): the caller then goes on without a fast path.
-    pub fn setup(cfg: &FastPathConfig) -> Result<FastPath> {
+    /// Load the programs and attach the receiving one to `cfg.ingress` (replacing tug's program
+    /// there). Works in the calling thread's network namespace; needs a tokio runtime.
+    pub async fn setup(cfg: &FastPathConfig) -> Result<FastPath> {
         let routes = bpf::map_create(bpf::MAP_HASH, 4, 4, MAX_CONTAINERS, "tug_routes")
             .map_err(Error::bpf("create the fast path's route map"))?;
         let stats = bpf::map_create(bpf::MAP_ARRAY, 4, 8, programs::STATS, "tug_stats")
@@ -100,7 +97,9 @@ impl FastPath {
             programs::to_containers(cfg.cluster_cidr, cfg.subnet, routes.fd(), stats.fd()),
         )?;
         if let Some(name) = &cfg.ingress {
-            replace_on(&to_containers, name)?;
+            let nl = Netlink::open()?;
+            let index = if_index(name)?;
+            tc::attach(&nl, index, name, fd_u32(&to_containers), TO_CONTAINERS).await?;
         }
         tracing::info!(ingress = ?cfg.ingress, "eBPF fast path loaded");
         Ok(FastPath {
@@ -111,9 +110,14 @@ impl FastPath {
         })
     }
 
-    /// Record that `address` lives behind `host_veth` (a map update: no program is attached per
-    /// container, so adding one costs microseconds).
-    pub fn attach(&self, host_veth: &str, address: Ipv4Addr) -> Result<()> {
+    /// Put the sending program on a container's host veth (replacing tug's program there) and
+    /// record that `address` lives behind it.
+    pub async fn attach(&self, host_veth: &str, address: Ipv4Addr) -> Result<()> {
+        let nl = Netlink::open()?;
+        self.attach_with(&nl, host_veth, address).await
+    }
+
+    async fn attach_with(&self, nl: &Netlink, host_veth: &str, address: Ipv4Addr) -> Result<()> {
         if !self.subnet.contains(address) {
             return Err(Error::FastPath {
                 what: format!("route {address} to {host_veth:?}"),
@@ -121,32 +125,39 @@ impl FastPath {
             });
         }
         let index = if_index(host_veth)?;
+        tc::attach(
+            nl,
+            index,
+            host_veth,
+            fd_u32(&self.from_containers),
+            FROM_CONTAINERS,
+        )
+        .await?;
         bpf::map_update(&self.routes, &address.octets(), &index.to_ne_bytes()).map_err(Error::bpf(
             format!("record {address} in the fast path's route map"),
         ))
     }
 
-    /// Put the sending program on a container's host veth (replacing an older tug program
-    /// there). It takes a kernel RCU grace period (about 10 ms, nearly all of it waiting), so
-    /// callers run it off the container's start path; until then the container's packets take
-    /// the normal path.
-    pub fn hook_veth(&self, host_veth: &str) -> Result<()> {
-        replace_on(&self.from_containers, host_veth).map(drop)
-    }
-
-    /// Record every container of `allocations` (IPAM's `id -> address`) whose host veth exists:
-    /// after an agent restart, containers that kept running get their routes (their veths are
-    /// for [`FastPath::hook_veth`], off the async threads). Returns their veths; failures are
-    /// logged and skipped (those containers keep the normal path).
-    pub fn adopt(&self, allocations: &std::collections::BTreeMap<String, Ipv4Addr>) -> Vec<String> {
-        let mut adopted = Vec::new();
+    /// Attach every container of `allocations` (IPAM's `id -> address`) whose host veth exists:
+    /// after an agent restart, containers that kept running get the new programs and their
+    /// routes. Returns how many; failures are logged and skipped (those containers keep the
+    /// normal path).
+    pub async fn adopt(&self, allocations: &std::collections::BTreeMap<String, Ipv4Addr>) -> usize {
+        let nl = match Netlink::open() {
+            Ok(nl) => nl,
+            Err(e) => {
+                tracing::warn!(cause = %e, "running containers left on the normal path");
+                return 0;
+            }
+        };
+        let mut adopted = 0;
         for (id, address) in allocations {
             let veth = crate::container::host_veth_name(id);
             if nix::net::if_::if_nametoindex(veth.as_str()).is_err() {
                 continue;
             }
-            match self.attach(&veth, *address) {
-                Ok(()) => adopted.push(veth),
+            match self.attach_with(&nl, &veth, *address).await {
+                Ok(()) => adopted += 1,
                 Err(e) => {
                     tracing::warn!(container = %id, cause = %e, "container left on the normal path")
                 }
@@ -155,7 +166,7 @@ impl FastPath {
         adopted
     }
 
-    /// Forget `address` (its veth, and the program on it, go when the container's network is
+    /// Forget `address` (its veth, and the filter on it, go when the container's network is
     /// deleted). Whether it was recorded.
     pub fn detach(&self, address: Ipv4Addr) -> Result<bool> {
         bpf::map_delete(&self.routes, &address.octets()).map_err(Error::bpf(format!(
@@ -192,27 +203,16 @@ impl FastPath {
     }
 }
 
-/// The names of the tug programs on `interface`'s ingress hook.
-pub fn programs_on(interface: &str) -> Result<Vec<String>> {
-    let index = if_index(interface)?;
-    let mut names = Vec::new();
-    for id in bpf::tcx_programs(index, bpf::TCX_INGRESS)
-        .map_err(Error::bpf(format!("list the programs on {interface:?}")))?
-    {
-        if let Some((_, name)) = bpf::program_by_id(id)
-            .map_err(Error::bpf(format!("look up program {id} on {interface:?}")))?
-            .filter(|(_, name)| name.starts_with(PREFIX))
-        {
-            names.push(name);
-        }
-    }
-    Ok(names)
+/// The names of tug's programs on `interface`'s ingress.
+pub async fn programs_on(interface: &str) -> Result<Vec<String>> {
+    let nl = Netlink::open()?;
+    tc::names(&nl, if_index(interface)?, interface).await
 }
 
-/// Remove every tug program from `interface`'s ingress hook; how many there were.
-pub fn remove_from(interface: &str) -> Result<usize> {
-    let index = if_index(interface)?;
-    detach_tug_programs(index, interface, None)
+/// Take tug's program off `interface`'s ingress; whether there was one.
+pub async fn remove_from(interface: &str) -> Result<bool> {
+    let nl = Netlink::open()?;
+    tc::detach(&nl, if_index(interface)?, interface).await
 }
 
 fn load(name: &str, insns: std::result::Result<Vec<asm::Insn>, asm::AsmError>) -> Result<OwnedFd> {
@@ -227,54 +227,9 @@ fn load(name: &str, insns: std::result::Result<Vec<asm::Insn>, asm::AsmError>) -
     })
 }
 
-/// Attach `prog` to `interface`'s ingress, then detach the tug programs that were there before
-/// (so the hook is never without one). Returns the interface's index.
-fn replace_on(prog: &OwnedFd, interface: &str) -> Result<u32> {
-    let index = if_index(interface)?;
-    bpf::tcx_attach(prog, index, bpf::TCX_INGRESS).map_err(|e| {
-        let hint = if e.raw_os_error() == Some(nix::libc::EINVAL) {
-            " (tcx hooks need Linux 6.6 or later)"
-        } else {
-            ""
-        };
-        Error::Bpf {
-            what: format!("attach the fast path to {interface:?}{hint}"),
-            source: e,
-        }
-    })?;
-    detach_tug_programs(index, interface, Some(prog))?;
-    Ok(index)
-}
-
-/// Detach the tug programs on `index`'s ingress except `keep`.
-fn detach_tug_programs(index: u32, interface: &str, keep: Option<&OwnedFd>) -> Result<usize> {
-    let keep_id = match keep {
-        Some(fd) => Some(prog_id(fd)?),
-        None => None,
-    };
-    let mut removed = 0;
-    let ids = bpf::tcx_programs(index, bpf::TCX_INGRESS)
-        .map_err(Error::bpf(format!("list the programs on {interface:?}")))?;
-    for id in ids.into_iter().filter(|id| Some(*id) != keep_id) {
-        let Some((fd, name)) = bpf::program_by_id(id)
-            .map_err(Error::bpf(format!("look up program {id} on {interface:?}")))?
-        else {
-            continue;
-        };
-        if !name.starts_with(PREFIX) {
-            continue;
-        }
-        if bpf::tcx_detach(&fd, index, bpf::TCX_INGRESS)
-            .map_err(Error::bpf(format!("detach {name} from {interface:?}")))?
-        {
-            removed += 1;
-        }
-    }
-    Ok(removed)
-}
-
-fn prog_id(fd: &OwnedFd) -> Result<u32> {
-    bpf::program_id(fd).map_err(Error::bpf("read a program's id"))
+fn fd_u32(fd: &OwnedFd) -> u32 {
+    // Descriptors are never negative.
+    u32::try_from(fd.as_raw_fd()).unwrap_or(u32::MAX)
 }
 
 fn if_index(interface: &str) -> Result<u32> {

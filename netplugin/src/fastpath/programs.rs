@@ -1,4 +1,4 @@
-//! The two fast-path programs, both tcx ingress classifiers.
+//! The two fast-path programs, both tc ingress classifiers in direct-action mode.
 //!
 //! * [`from_containers`] runs on each container's host-side veth. A packet from a local
 //!   container to a container on another node is looked up in the node's FIB
@@ -73,8 +73,8 @@ const FIB_LOOKUP: i32 = 69;
 const REDIRECT_NEIGH: i32 = 152;
 const REDIRECT_PEER: i32 = 155;
 
-/// `TCX_NEXT`: let the next program, or the stack, have the packet.
-const TCX_NEXT: i32 = -1;
+/// `TC_ACT_UNSPEC`: let the next filter, or the stack, have the packet.
+const TC_ACT_UNSPEC: i32 = -1;
 
 /// The two bytes in front of the address in a container's or gateway's MAC, as stored by a
 /// little-endian 16-bit write.
@@ -169,7 +169,7 @@ fn decrement_ttl(asm: &mut Asm) {
 }
 
 fn pass(asm: &mut Asm) {
-    asm.label("pass").mov_imm(Reg::R0, TCX_NEXT).exit();
+    asm.label("pass").mov_imm(Reg::R0, TC_ACT_UNSPEC).exit();
 }
 
 /// The program on containers' host veths: local container -> container on another node.

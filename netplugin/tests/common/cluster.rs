@@ -112,13 +112,8 @@ impl Node {
         Ok(self.attachment.as_ref().ok_or("node not set up")?.address)
     }
 
-    /// The eBPF fast path set up on this node, with its container attached and its veth hooked.
+    /// The eBPF fast path set up on this node, with its container attached.
     pub fn fast_path(&self) -> TestResult<FastPath> {
-        self.fast_path_hooking(true)
-    }
-
-    /// The fast path with the container attached; its veth hooked only if `hook`.
-    pub fn fast_path_hooking(&self, hook: bool) -> TestResult<FastPath> {
         let cfg = FastPathConfig {
             cluster_cidr: subnet(CLUSTER)?,
             subnet: self.subnet,
@@ -130,11 +125,8 @@ impl Node {
         let attachment = self.attachment.as_ref().ok_or("node not set up")?;
         let (veth, address) = (attachment.host_veth.clone(), attachment.address);
         Ok(block_in_netns(&self.ns.path(), || async move {
-            let fast = FastPath::setup(&cfg)?;
-            fast.attach(&veth, address)?;
-            if hook {
-                fast.hook_veth(&veth)?;
-            }
+            let fast = FastPath::setup(&cfg).await?;
+            fast.attach(&veth, address).await?;
             Ok(fast)
         })?)
     }
