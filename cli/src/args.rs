@@ -234,7 +234,7 @@ pub struct NodeFlags {
     #[arg(long, default_value = "/usr/lib/cni")]
     pub cni_bin_dir: PathBuf,
     /// The eBPF fast path for traffic between containers on different nodes (`on`: used where
-    /// the kernel can, Linux 5.10+, else the normal path with a warning; `off`: always the
+    /// the kernel can, Linux 5.11+, else the normal path with a warning; `off`: always the
     /// bridge and IP forwarding). Not used with --cni-conf-dir.
     #[arg(long, default_value = "on")]
     pub fast_path: String,

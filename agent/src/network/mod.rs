@@ -245,15 +245,25 @@ impl NodeNetwork {
         } else {
             None
         };
-        if loaded.is_none()
-            && let Some(interface) = ingress
-        {
-            // Left by an earlier run with the fast path on, it would route by a map nothing
-            // updates any more. The programs on container veths need no map.
-            match tug_netplugin::fastpath::remove_from(&interface).await {
-                Ok(false) => {}
-                Ok(true) => tracing::info!(%interface, "fast-path program removed"),
-                Err(e) => tracing::debug!(%interface, cause = %e, "fast-path program not removed"),
+        if loaded.is_none() {
+            // Left by an earlier run with the fast path on: the one on the ingress device would
+            // route by a map nothing updates any more, those on running containers' veths would
+            // keep their traffic off the normal path.
+            let running = tug_netplugin::Ipam::open(self.dir.join("ipam"), saved.subnet)
+                .and_then(|ipam| ipam.allocations())
+                .unwrap_or_default();
+            let veths = running
+                .keys()
+                .map(|id| tug_netplugin::container::host_veth_name(id));
+            for interface in ingress.into_iter().chain(veths) {
+                match tug_netplugin::fastpath::remove_from(&interface).await {
+                    Ok(false) => {}
+                    Ok(true) => tracing::info!(%interface, "fast-path program removed"),
+                    // No such interface (a container gone meanwhile): nothing of ours is there.
+                    Err(e) => {
+                        tracing::debug!(%interface, cause = %e, "fast-path program not removed")
+                    }
+                }
             }
         }
         *self.fast_path.lock().unwrap_or_else(|p| p.into_inner()) = loaded;

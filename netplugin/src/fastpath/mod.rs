@@ -1,4 +1,5 @@
-//! The eBPF fast path between containers on different nodes (tc `bpf` filters, Linux 5.10+).
+//! The eBPF fast path between containers on different nodes (tc `bpf` filters, Linux 5.11+:
+//! earlier kernels charge BPF maps to a small locked-memory limit and lack nothing else).
 //!
 //! Without it, a packet from a container to one on another node crosses the host veth's
 //! backlog queue, the bridge, netfilter and IP forwarding on the way out, and IP forwarding,

@@ -62,8 +62,6 @@ const KEY: i16 = -68;
 // `struct bpf_redir_neigh` (20 bytes) below the key: family, then the next hop's address.
 const NEIGH: i16 = -88;
 const NEIGH_SIZE: i32 = 20;
-/// `BPF_FIB_LKUP_RET_NO_NEIGH`: the route is there, the next hop's MAC is not known yet.
-const FIB_NO_NEIGH: i32 = 7;
 /// `PACKET_HOST`: addressed to this interface's MAC.
 const PACKET_HOST: i32 = 0;
 
@@ -206,17 +204,16 @@ pub(crate) fn from_containers(
         .mov_imm(Reg::R3, FIB_SIZE)
         .mov_imm(Reg::R4, 0)
         .call(FIB_LOOKUP)
-        // A route with its next hop resolved or not (the kernel resolves it on the way out);
-        // anything else (no route, too big, not forwarded) is the stack's to handle.
-        .jump_imm(Cond::Eq, Reg::R0, 0, "routed")
-        .jump_imm(Cond::Ne, Reg::R0, FIB_NO_NEIGH, "pass")
-        .label("routed");
+        // Anything but BPF_FIB_LKUP_RET_SUCCESS (no route, a next hop not resolved yet, too
+        // big for the next hop, not forwarded) is the stack's to handle: it resolves the next
+        // hop, or answers with the ICMP error.
+        .jump_imm(Cond::Ne, Reg::R0, 0, "pass");
     count(&mut asm, stats, STAT_TO_NODES, "counted");
     packet_pointers(&mut asm);
     decrement_ttl(&mut asm);
     // The next hop (the lookup left the route's gateway in the destination, or the packet's
     // destination on a direct route) for `bpf_redirect_neigh`, which writes the Ethernet
-    // header through the neighbour table, keeping its entries confirmed and resolving new ones.
+    // header through the neighbour table and keeps the entry confirmed.
     asm.store_imm(Size::W, Reg::R10, NEIGH, AF_INET)
         .load(Size::W, Reg::R4, Reg::R10, FIB_DST)
         .store(Size::W, Reg::R10, NEIGH + 4, Reg::R4)

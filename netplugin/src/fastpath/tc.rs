@@ -4,7 +4,8 @@
 //! Not tcx (`BPF_PROG_ATTACH`, Linux 6.6+): each tcx attach waits out an RCU grace period
 //! (13.5 ms on the test machine) and so does removing a device that carries one, while adding a
 //! clsact qdisc and a filter is a few netlink messages, and removing the veth costs nothing
-//! more. It also works on older kernels (Debian 12's 6.1). A filter at tug's priority is
+//! more (from Linux 5.16; before, the first filter on a new qdisc and the last one leaving ran
+//! an `rcu_barrier`). It also works on older kernels (Debian 12's 6.1). A filter at tug's priority is
 //! replaced in place, so loading the programs again swaps them without a gap and never stacks
 //! them; filters of other software at other priorities are left alone.
 
