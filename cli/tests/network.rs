@@ -60,6 +60,71 @@ const CNI_CONF: &str = r#"{
   }]
 }"#;
 
+#[test]
+fn an_agent_restarted_with_the_fast_path_off_takes_its_programs_off() -> TestResult {
+    let images = TestImages::get()?;
+    let mut bed = Cluster::start_with(Path::new(TUG), "2s", &["--network-mode", "host-gw"])?;
+    let result = fast_path_off(&mut bed, images);
+    if result.is_err() {
+        bed.dump_logs();
+    }
+    let _ = bed.ok(&["delete", "service", "web"]);
+    result
+}
+
+/// The tc filters of tug on node `node`'s interfaces, as `(interface, program)`.
+fn tug_filters(bed: &Cluster, node: usize) -> TestResult<Vec<(String, String)>> {
+    let host = bed.agent_host(node);
+    let links = host.run(&["ip", "-o", "link", "show"])?;
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&links.stdout).lines() {
+        let Some(name) = line.split(": ").nth(1).and_then(|n| n.split('@').next()) else {
+            continue;
+        };
+        let out = host.run(&["tc", "filter", "show", "dev", name, "ingress"])?;
+        for program in ["tug_from_ctr", "tug_to_ctr"] {
+            if String::from_utf8_lossy(&out.stdout).contains(program) {
+                found.push((name.to_string(), program.to_string()));
+            }
+        }
+    }
+    Ok(found)
+}
+
+fn fast_path_off(bed: &mut Cluster, images: &TestImages) -> TestResult {
+    wait_ready(bed)?;
+    let web = apply_web(bed, images)?;
+    let (a, b) = (&web[0], &web[1]);
+    let body = fetch(bed, b, &a.address.to_string())?;
+    assert_eq!(body.trim(), format!("web-{}", a.id));
+    assert_fast_path(bed, b.node, a.node, false)?;
+    let on = tug_filters(bed, a.node)?;
+    assert!(on.iter().any(|(_, p)| p == "tug_to_ctr"), "{on:?}");
+    assert!(
+        on.iter()
+            .any(|(i, p)| i.starts_with("tv") && p == "tug_from_ctr"),
+        "{on:?}"
+    );
+
+    // Restarted with --fast-path off: its programs come off the uplink and off the veth of the
+    // container that kept running, and traffic takes the normal path.
+    if let Some(mut agent) = bed.agents[a.node].take() {
+        agent.stop(Duration::from_secs(10))?;
+    }
+    bed.agents[a.node] = Some(bed.spawn_agent_with(a.node, &["--fast-path", "off"])?);
+    wait("the restarted agent without a fast path", || {
+        Ok(
+            fast_path_packets(bed, a.node, "to_nodes").is_ok_and(|n| n.is_none())
+                && replicas(bed)?.iter().any(|r| r.id == a.id),
+        )
+    })?;
+    let left = tug_filters(bed, a.node)?;
+    assert!(left.is_empty(), "{left:?}");
+    let body = fetch(bed, b, &a.address.to_string())?;
+    assert_eq!(body.trim(), format!("web-{}", a.id));
+    Ok(())
+}
+
 fn run(mode: &str, cni: bool) -> TestResult {
     let images = TestImages::get()?;
     let conf = tempfile::tempdir()?;
@@ -195,23 +260,15 @@ fn assert_fast_path(bed: &Cluster, from: usize, to: usize, cni: bool) -> TestRes
     Ok(())
 }
 
-fn scenario(bed: &mut Cluster, images: &TestImages, mode: &str, cni: bool) -> TestResult {
+fn wait_ready(bed: &Cluster) -> TestResult {
     wait("three ready nodes", || {
         let out = bed.ok(&["get", "nodes", "-o", "json"])?;
         Ok(out.matches("\"state\": 1").count() == AGENTS)
-    })?;
-    // Three nodes, three different subnets of the cluster CIDR.
-    let nets = subnets(bed)?;
-    let mut distinct: Vec<&String> = nets.iter().map(|(_, s)| s).collect();
-    distinct.sort();
-    distinct.dedup();
-    assert_eq!(distinct.len(), AGENTS, "{nets:?}");
-    assert!(
-        nets.iter()
-            .all(|(_, s)| s.starts_with("10.88.") && s.ends_with("/24")),
-        "{nets:?}"
-    );
+    })
+}
 
+/// Service `web` (busybox httpd, hostPort) with one replica per node, once they run.
+fn apply_web(bed: &Cluster, images: &TestImages) -> TestResult<Vec<Replica>> {
     let image = images.oci.reference(&bed.registry);
     let manifest = bed.base_dir().join("web.yaml");
     std::fs::write(
@@ -225,7 +282,24 @@ fn scenario(bed: &mut Cluster, images: &TestImages, mode: &str, cni: bool) -> Te
         let r = replicas(bed)?;
         Ok(r.len() == AGENTS && r.iter().map(|r| r.node).eq(0..AGENTS))
     })?;
-    let web = replicas(bed)?;
+    replicas(bed)
+}
+
+fn scenario(bed: &mut Cluster, images: &TestImages, mode: &str, cni: bool) -> TestResult {
+    wait_ready(bed)?;
+    // Three nodes, three different subnets of the cluster CIDR.
+    let nets = subnets(bed)?;
+    let mut distinct: Vec<&String> = nets.iter().map(|(_, s)| s).collect();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), AGENTS, "{nets:?}");
+    assert!(
+        nets.iter()
+            .all(|(_, s)| s.starts_with("10.88.") && s.ends_with("/24")),
+        "{nets:?}"
+    );
+
+    let web = apply_web(bed, images)?;
     for r in &web {
         let (_, subnet) = &nets[r.node];
         let prefix = subnet.rsplit_once(".0/").map(|(p, _)| p).unwrap_or("");

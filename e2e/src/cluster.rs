@@ -146,6 +146,11 @@ impl Cluster {
     }
 
     pub fn spawn_agent(&self, i: usize) -> Result<ChildGuard> {
+        self.spawn_agent_with(i, &[])
+    }
+
+    /// [`Cluster::spawn_agent`] with `extra` arguments after the cluster's own.
+    pub fn spawn_agent_with(&self, i: usize, extra: &[&str]) -> Result<ChildGuard> {
         let log = self.log(&format!("a{i}"))?;
         let host = self.agent_host(i);
         // Not `ip netns exec`: that remounts /sys, hiding the cgroup hierarchies.
@@ -160,6 +165,7 @@ impl Cluster {
             .args(["--listen", &format!("{}:7441", host.addr())])
             .args(["--cpus", "4", "--memory", "4Gi"])
             .args(&self.agent_args)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
