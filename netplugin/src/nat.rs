@@ -99,49 +99,28 @@ pub fn setup_nat(subnet: Subnet, cluster_cidr: Subnet) -> Result<()> {
     // changed subnet leaves no stale rule.
     iptables(&["-t", "nat", "-F", POSTROUTING_CHAIN])?;
     let (src, cidr) = (subnet.to_string(), cluster_cidr.to_string());
-    iptables(&[
-        "-t",
-        "nat",
-        "-A",
-        POSTROUTING_CHAIN,
-        "-s",
-        &src,
-        "!",
-        "-d",
-        &cidr,
-        "-m",
-        "comment",
-        "--comment",
+    masquerade(
+        &["-s", &src, "!", "-d", &cidr],
         "tug: masquerade traffic leaving the cluster",
-        "-j",
-        "MASQUERADE",
-    ])?;
-    // A published port reached by a client inside the cluster CIDR (at the bridge's address, at
-    // the VTEP's in vxlan mode, or a container at its own node's address): without this the
-    // answer would go straight back to the client as cluster traffic, past the reverse DNAT
-    // (the eBPF fast path carries it; on one bridge it is never routed at all). Masqueraded,
-    // the answer comes back to the node, where conntrack undoes both translations. Clients
-    // outside the cluster keep their address.
-    iptables(&[
-        "-t",
-        "nat",
-        "-A",
-        POSTROUTING_CHAIN,
-        "-s",
-        &cidr,
-        "-d",
-        &src,
-        "-m",
-        "conntrack",
-        "--ctstate",
-        "DNAT",
-        "-m",
-        "comment",
-        "--comment",
+    )?;
+    // A published port reached by a client inside the cluster CIDR (at the bridge's address, or
+    // at the VTEP's in vxlan mode): without this the answer would go straight back to the
+    // client as cluster traffic, which the eBPF fast path carries past the reverse DNAT.
+    // Masqueraded, the answer comes back to the node, where conntrack undoes both
+    // translations. Clients outside the cluster keep their address.
+    masquerade(
+        &[
+            "-s",
+            &cidr,
+            "-d",
+            &src,
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "DNAT",
+        ],
         "tug: masquerade published ports reached from inside the cluster",
-        "-j",
-        "MASQUERADE",
-    ])?;
+    )?;
     iptables(&["-t", "filter", "-F", FORWARD_CHAIN])?;
     // From containers anywhere; to containers only what answers them or what a published port
     // sent there (DNAT): a host that routes to the node does not reach unpublished ports.
@@ -171,6 +150,14 @@ pub fn setup_nat(subnet: Subnet, cluster_cidr: Subnet) -> Result<()> {
     ])?;
     tracing::debug!(%subnet, %cluster_cidr, "NAT rules set up");
     Ok(())
+}
+
+/// Append a masquerade rule for `matches` to [`POSTROUTING_CHAIN`].
+fn masquerade(matches: &[&str], comment: &str) -> Result<()> {
+    let mut args = vec!["-t", "nat", "-A", POSTROUTING_CHAIN];
+    args.extend_from_slice(matches);
+    args.extend(["-m", "comment", "--comment", comment, "-j", "MASQUERADE"]);
+    iptables(&args).map(drop)
 }
 
 /// Remove every rule and chain [`setup_nat`] and [`publish`] made.

@@ -27,23 +27,11 @@ fn vxlan_traffic_between_containers_takes_the_fast_path() -> TestResult {
 }
 
 fn carries_traffic(mode: Mode) -> TestResult {
-    let (a, b) = two_nodes(mode)?;
-    a.sync(&[(b.subnet, b.address)])?;
-    b.sync(&[(a.subnet, a.address)])?;
+    let (a, b) = peered(mode)?;
     let (fast_a, fast_b) = (a.fast_path()?, b.fast_path()?);
     let (addr_a, addr_b) = (a.container_address()?, b.container_address()?);
 
-    let out = a.ctr.exec(&[
-        "busybox",
-        "ping",
-        "-c",
-        "5",
-        "-i",
-        "0.2",
-        "-W",
-        "2",
-        &addr_b.to_string(),
-    ])?;
+    let out = five_pings(&a, addr_b)?;
     // Two routers on the way (node a, node b), each taking one off the container's 64.
     // Every reply, not just one that took the stack.
     assert_eq!(out.matches("ttl=62").count(), 5, "{out}");
@@ -82,9 +70,7 @@ fn carries_traffic(mode: Mode) -> TestResult {
 
 #[test]
 fn a_container_without_the_program_on_its_veth_takes_the_normal_path() -> TestResult {
-    let (a, b) = two_nodes(Mode::HostGw)?;
-    a.sync(&[(b.subnet, b.address)])?;
-    b.sync(&[(a.subnet, a.address)])?;
+    let (a, b) = peered(Mode::HostGw)?;
     let fast_a = a.fast_path()?;
     let fast_b = b.fast_path()?;
     let veth = a.host_veth()?;
@@ -94,17 +80,7 @@ fn a_container_without_the_program_on_its_veth_takes_the_normal_path() -> TestRe
         fastpath::programs_on(&veth).await
     })?;
     assert!(on_veth.is_empty(), "{on_veth:?}");
-    let out = a.ctr.exec(&[
-        "busybox",
-        "ping",
-        "-c",
-        "5",
-        "-i",
-        "0.2",
-        "-W",
-        "2",
-        &b.container_address()?.to_string(),
-    ])?;
+    let out = five_pings(&a, b.container_address()?)?;
     assert!(out.contains("5 packets received"), "{out}");
     assert_eq!(out.matches("ttl=62").count(), 5, "{out}");
     // Out through node a's stack; in on both nodes through the fast path (a's address is in
@@ -120,9 +96,7 @@ fn a_container_without_the_program_on_its_veth_takes_the_normal_path() -> TestRe
 fn a_published_port_reached_at_the_bridge_address_from_another_node_answers() -> TestResult {
     // The answer goes to a container on another node, inside the cluster CIDR: it must still
     // pass node a's reverse DNAT instead of the fast path.
-    let (a, b) = two_nodes(Mode::HostGw)?;
-    a.sync(&[(b.subnet, b.address)])?;
-    b.sync(&[(a.subnet, a.address)])?;
+    let (a, b) = peered(Mode::HostGw)?;
     let (_fast_a, _fast_b) = (a.fast_path()?, b.fast_path()?);
     a.publish(18080, 8080)?;
     let dir = tempfile::tempdir()?;
@@ -136,9 +110,7 @@ fn a_published_port_reached_at_the_bridge_address_from_another_node_answers() ->
 
 #[test]
 fn setting_up_again_replaces_the_programs_and_forgets_removed_containers() -> TestResult {
-    let (a, b) = two_nodes(Mode::HostGw)?;
-    a.sync(&[(b.subnet, b.address)])?;
-    b.sync(&[(a.subnet, a.address)])?;
+    let (a, b) = peered(Mode::HostGw)?;
     let first = a.fast_path()?;
     let _fast_b = b.fast_path()?;
     let (veth, addr_a) = (a.host_veth()?, a.container_address()?);
@@ -198,6 +170,29 @@ fn an_address_outside_the_node_subnet_is_refused() -> TestResult {
         "{err}"
     );
     Ok(())
+}
+
+/// Two nodes (see `two_nodes`) with routes or VXLAN peers to each other.
+fn peered(mode: Mode) -> TestResult<(Node, Node)> {
+    let (a, b) = two_nodes(mode)?;
+    a.sync(&[(b.subnet, b.address)])?;
+    b.sync(&[(a.subnet, a.address)])?;
+    Ok((a, b))
+}
+
+/// Five pings from `from`'s container to `to`; busybox ping's output.
+fn five_pings(from: &Node, to: impl std::fmt::Display) -> TestResult<String> {
+    from.ctr.exec(&[
+        "busybox",
+        "ping",
+        "-c",
+        "5",
+        "-i",
+        "0.2",
+        "-W",
+        "2",
+        &to.to_string(),
+    ])
 }
 
 /// `url` fetched from inside `ns` with busybox wget, tried `attempts` times 100 ms apart (the

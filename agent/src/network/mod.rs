@@ -214,6 +214,14 @@ impl NodeNetwork {
             .clone()
     }
 
+    /// The containers holding an address in `subnet` (IPAM's `id -> address`); none if the file
+    /// cannot be read.
+    fn allocations(&self, subnet: Subnet) -> std::collections::BTreeMap<String, Ipv4Addr> {
+        tug_netplugin::Ipam::open(self.dir.join("ipam"), subnet)
+            .and_then(|ipam| ipam.allocations())
+            .unwrap_or_default()
+    }
+
     /// Load the fast path for `saved` (replacing an earlier one, on this node's hooks too) and
     /// attach the containers already running. Without it, traffic takes the normal path: a
     /// failure is logged, not returned.
@@ -230,10 +238,7 @@ impl NodeNetwork {
             };
             match FastPath::setup(&cfg).await {
                 Ok(fast) => {
-                    let running = tug_netplugin::Ipam::open(self.dir.join("ipam"), saved.subnet)
-                        .and_then(|ipam| ipam.allocations())
-                        .unwrap_or_default();
-                    let adopted = fast.adopt(&running).await;
+                    let adopted = fast.adopt(&self.allocations(saved.subnet)).await;
                     tracing::info!(containers = adopted, "eBPF fast path between nodes on");
                     Some(Arc::new(fast))
                 }
@@ -249,9 +254,7 @@ impl NodeNetwork {
             // Left by an earlier run with the fast path on: the one on the ingress device would
             // route by a map nothing updates any more, those on running containers' veths would
             // keep their traffic off the normal path.
-            let running = tug_netplugin::Ipam::open(self.dir.join("ipam"), saved.subnet)
-                .and_then(|ipam| ipam.allocations())
-                .unwrap_or_default();
+            let running = self.allocations(saved.subnet);
             let veths = running
                 .keys()
                 .map(|id| tug_netplugin::container::host_veth_name(id));
