@@ -176,7 +176,8 @@ impl NodeHandle {
         self.status.borrow().clone()
     }
 
-    /// Status updates as they happen.
+    /// Status updates: woken on a change of role, leader, term or membership (the indices
+    /// read are current, but their changes alone do not wake).
     pub fn status_updates(&self) -> watch::Receiver<NodeStatus> {
         self.status.clone()
     }

@@ -5,10 +5,15 @@
 //! 1. send `messages` (they may leave before the local write);
 //! 2. install a snapshot (storage, then state machine);
 //! 3. on the leader, apply committed entries (commands to the state machine, conf changes to
-//!    raft + storage): its clients are answered before its own sync;
-//! 4. append `entries` and persist the hard state: one fdatasync;
+//!    raft + storage): its clients are answered before its own sync; then, if anything was
+//!    handed over in 1 or 3 and there is a local write, yield once, so the transport's and
+//!    the clients' tasks put it on the wire before the sync blocks this worker (otherwise
+//!    the followers' fsyncs would start one local fsync later);
+//! 4. append `entries` and persist the hard state: one fdatasync (a commit-only change is
+//!    written with the next append, see `storage`);
 //! 5. only now send `persisted_messages` (votes, append acks); a follower applies committed
-//!    entries after this, so its acknowledgement does not wait for them;
+//!    entries after this (yielding first, so they are on the wire), so its acknowledgement does
+//!    not wait for them;
 //! 6. `advance`; the LightReady's commit index, messages and committed entries likewise;
 //!    then `advance_apply_to(applied)`.
 //!
@@ -325,7 +330,12 @@ impl Node {
     /// Runs until `shutdown` resolves, every handle is dropped, or a fatal error. Pending
     /// requests fail with `Stopped` when it returns.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
-        let result = self.run_loop(shutdown).await;
+        let mut result = self.run_loop(shutdown).await;
+        if let Err(e) = self.raw.mut_store().flush_pending()
+            && result.is_ok()
+        {
+            result = Err(e.into());
+        }
         // A snapshot file half written by a thread of a stopped node could race the next
         // node opened on the same directory.
         if let Some(w) = self.snapshot_writer.take() {
@@ -362,7 +372,7 @@ impl Node {
                 () = sleep_until(self.commit_notify_at) => self.notify_commit(),
             }
             self.drain_queued();
-            self.on_ready()?;
+            self.on_ready().await?;
             self.schedule_commit_notify();
             self.maybe_snapshot()?;
             self.check_caught_up();
@@ -557,7 +567,7 @@ impl Node {
     }
 
     /// One Ready cycle, in the order of the module docs.
-    fn on_ready(&mut self) -> Result<(), NodeError> {
+    async fn on_ready(&mut self) -> Result<(), NodeError> {
         if !self.raw.has_ready() {
             return Ok(());
         }
@@ -566,8 +576,12 @@ impl Node {
         if let Some(ss) = ready.ss() {
             self.on_role_change(ss.raft_state, ss.leader_id);
         }
+        // Work handed to other tasks (peer streams, waiting clients) that should run before
+        // this worker blocks in the local sync.
+        let mut handed_over = false;
         if !ready.messages().is_empty() {
             self.transport.send(ready.take_messages());
+            handed_over = true;
         }
         if !ready.snapshot().is_empty() {
             self.install_snapshot(ready.snapshot().clone())?;
@@ -576,8 +590,9 @@ impl Node {
         // persists and acknowledges first, since its acknowledgement is what the leader's
         // clients wait for, and applies afterwards (both before `advance`).
         let mut committed = ready.take_committed_entries();
-        if self.role == StateRole::Leader {
+        if self.role == StateRole::Leader && !committed.is_empty() {
             self.apply_entries(std::mem::take(&mut committed))?;
+            handed_over = true;
         }
         for rs in ready.take_read_states() {
             match decode_ctx(&rs.request_ctx) {
@@ -587,9 +602,16 @@ impl Node {
                 _ => {}
             }
         }
+        if handed_over && !ready.entries().is_empty() {
+            tokio::task::yield_now().await;
+        }
         self.raw.mut_store().persist(ready.entries(), ready.hs())?;
         if !ready.persisted_messages().is_empty() {
             self.transport.send(ready.take_persisted_messages());
+            // Likewise the acknowledgements leave before this follower applies.
+            if !committed.is_empty() {
+                tokio::task::yield_now().await;
+            }
         }
         self.apply_entries(committed)?;
 
@@ -964,13 +986,13 @@ impl Node {
             voters: sorted(&conf.voters),
             learners: sorted(&conf.learners),
         };
+        // An index-only change is stored without waking the watchers (see `status`): every
+        // write moves the indices, and waking them each Ready cycle cost each write a few
+        // needless task wake-ups on every replica.
         self.status.send_if_modified(|current| {
-            if *current == status {
-                false
-            } else {
-                *current = status;
-                true
-            }
+            let wake = current.role_differs(&status);
+            *current = status;
+            wake
         });
     }
 }

@@ -1,4 +1,7 @@
 //! What a node reports about itself after every Ready cycle.
+//!
+//! Watchers are woken when the role, leader, term or membership changes (what they wait for);
+//! the indices are kept current for whoever reads the status, without waking anyone.
 
 /// The node's Raft role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -49,5 +52,16 @@ impl NodeStatus {
     /// Whether this node is (still) a member of the group.
     pub fn is_member(&self) -> bool {
         self.voters.contains(&self.id) || self.learners.contains(&self.id)
+    }
+
+    /// Whether `other` differs in what status watchers wait for: role, leader, term or
+    /// membership. The indices move with every write; a change of them alone wakes no one.
+    pub fn role_differs(&self, other: &NodeStatus) -> bool {
+        self.id != other.id
+            || self.role != other.role
+            || self.leader_id != other.leader_id
+            || self.term != other.term
+            || self.voters != other.voters
+            || self.learners != other.learners
     }
 }

@@ -388,7 +388,10 @@ impl DiskStorage {
                 self.log.push_commit(hs.commit);
             }
         }
-        self.flush_log(!entries.is_empty())?;
+        // A commit-only change stays pending until the next append writes (and syncs) it.
+        if !entries.is_empty() {
+            self.flush_log(true)?;
+        }
 
         if let Some(first) = entries.first() {
             let keep = (first.index - self.first()) as usize;
@@ -408,6 +411,11 @@ impl DiskStorage {
                 .map_err(StorageError::io("rotate the log in", &self.dir))?;
         }
         Ok(())
+    }
+
+    /// Writes a pending commit-only record (at shutdown: a restart then replays that far).
+    pub fn flush_pending(&mut self) -> Result<(), StorageError> {
+        self.flush_log(true)
     }
 
     /// Persists the hard state (term and vote durably; see the module docs for the commit).

@@ -348,6 +348,37 @@ fn everything_survives_a_restart() -> TestResult {
 }
 
 #[test]
+fn a_commit_only_change_is_written_with_the_next_append_or_at_shutdown() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut s = storage_with(tmp.path(), &ents_3_4_5())?;
+    let seg = last_segment(tmp.path())?;
+    let before = data_len(&seg)?;
+    let hs = s.initial_state()?.hard_state;
+    assert!(hs.commit < 4);
+    s.persist(&[], Some(&HardState { commit: 5, ..hs }))?;
+    // No write of its own: a crash now restarts from the older commit, which raft recovers.
+    assert_eq!(data_len(&seg)?, before);
+    drop(s);
+    assert_eq!(
+        open(tmp.path())?.initial_state()?.hard_state.commit,
+        hs.commit
+    );
+
+    let mut s = open(tmp.path())?;
+    s.set_commit(4);
+    s.append(&[new_entry(6, 5)])?;
+    drop(s);
+    assert_eq!(open(tmp.path())?.initial_state()?.hard_state.commit, 4);
+
+    let mut s = open(tmp.path())?;
+    s.set_commit(6);
+    s.flush_pending()?;
+    drop(s);
+    assert_eq!(open(tmp.path())?.initial_state()?.hard_state.commit, 6);
+    Ok(())
+}
+
+#[test]
 fn an_overwritten_suffix_stays_overwritten_after_restart() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let mut s = storage_with(tmp.path(), &ents_3_4_5())?;
