@@ -86,6 +86,19 @@ fn bad_usage_is_a_usage_error() {
 }
 
 #[test]
+fn a_controller_needs_at_least_one_worker_thread() {
+    let out = tug(&["controller", "--id", "1", "--worker-threads", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "invalid value '0' for '--worker-threads <WORKER_THREADS>': 0 is not in 1..=1024"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn data_dir_comes_from_the_environment() {
     // The global flags also read TUG_*; a bad value there is reported like a bad flag.
     let out = match Command::new(env!("CARGO_BIN_EXE_tug"))

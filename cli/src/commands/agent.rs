@@ -12,7 +12,7 @@ use crate::args::{AgentArgs, GlobalArgs};
 
 pub fn run(global: &GlobalArgs, args: AgentArgs) -> anyhow::Result<()> {
     let cfg = config(global, &args)?;
-    super::server_runtime()?.block_on(async {
+    super::server_runtime(None)?.block_on(async {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;

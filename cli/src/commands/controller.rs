@@ -55,7 +55,11 @@ pub fn run(global: &GlobalArgs, args: ControllerArgs) -> anyhow::Result<()> {
     };
     let metrics_listen = metrics_listen(&args.listen, args.metrics_listen.as_deref());
     let explicit = args.metrics_listen.is_some();
-    super::server_runtime()?.block_on(async {
+    let workers = args.worker_threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+        usize::from,
+    );
+    super::server_runtime(Some(workers))?.block_on(async {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -18,10 +18,15 @@ use tug_api::v1::NodeAvailability;
 
 use crate::args::{Cli, ClusterCommand, Command, RolloutCommand, TopCommand};
 
-/// The multi-threaded async runtime of the long-running roles (controller, agent, up).
-fn server_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+/// The multi-threaded async runtime of the long-running roles (controller, agent, up), with
+/// `workers` threads (default: one per CPU).
+fn server_runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     use anyhow::Context as _;
-    tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    builder
         .enable_all()
         .build()
         .context("cannot start the async runtime")

@@ -38,7 +38,7 @@ pub fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
         &args.listen,
         Some(args.metrics_listen.as_deref().unwrap_or(UP_METRICS)),
     );
-    super::server_runtime()?.block_on(async {
+    super::server_runtime(None)?.block_on(async {
         let metrics = super::controller::metrics_endpoint(
             metrics_listen.as_deref(),
             &args.listen,

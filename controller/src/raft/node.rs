@@ -10,7 +10,9 @@
 //!    the clients' tasks put it on the wire before the sync blocks this worker (otherwise
 //!    the followers' fsyncs would start one local fsync later);
 //! 4. append `entries` and persist the hard state: one fdatasync (a commit-only change is
-//!    written with the next append, see `storage`);
+//!    written with the next append, see `storage`). The leader's sync runs on tokio's blocking
+//!    pool while the loop awaits it, so its worker keeps serving clients and peers; a
+//!    follower, whose acknowledgement waits for the sync, syncs in place;
 //! 5. only now send `persisted_messages` (votes, append acks); a follower applies committed
 //!    entries after this (yielding first, so they are on the wire), so its acknowledgement does
 //!    not wait for them;
@@ -605,7 +607,17 @@ impl Node {
         if handed_over && !ready.entries().is_empty() {
             tokio::task::yield_now().await;
         }
-        self.raw.mut_store().persist(ready.entries(), ready.hs())?;
+        // The leader's sync runs off this worker, which serves clients and peers meanwhile
+        // (a follower's acknowledgement waits for it: it syncs here, without a thread hop).
+        let sync = self
+            .raw
+            .mut_store()
+            .persist_unsynced(ready.entries(), ready.hs())?;
+        match sync {
+            Some(sync) if self.role == StateRole::Leader => sync.run_off_worker().await?,
+            Some(sync) => sync.run()?,
+            None => {}
+        }
         if !ready.persisted_messages().is_empty() {
             self.transport.send(ready.take_persisted_messages());
             // Likewise the acknowledgements leave before this follower applies.

@@ -69,6 +69,35 @@ impl StorageError {
     }
 }
 
+/// The fdatasync of a batch [`DiskStorage::persist_unsynced`] wrote.
+#[derive(Debug)]
+#[must_use = "the entries are not durable until the sync has run"]
+pub struct PendingSync {
+    file: Arc<fs::File>,
+    dir: PathBuf,
+}
+
+impl PendingSync {
+    /// Syncs on this thread.
+    pub fn run(self) -> Result<(), StorageError> {
+        self.file
+            .sync_data()
+            .map_err(StorageError::io("sync the log in", &self.dir))
+    }
+
+    /// Syncs on tokio's blocking pool, leaving the calling worker free meanwhile.
+    pub async fn run_off_worker(self) -> Result<(), StorageError> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || self.run())
+            .await
+            .unwrap_or_else(|e| {
+                Err(StorageError::io("sync the log in", &dir)(io::Error::other(
+                    e,
+                )))
+            })
+    }
+}
+
 /// Tuning for [`DiskStorage::open`].
 #[derive(Debug, Clone)]
 pub struct StorageOptions {
@@ -359,6 +388,20 @@ impl DiskStorage {
         entries: &[Entry],
         hard_state: Option<&HardState>,
     ) -> Result<(), StorageError> {
+        match self.persist_unsynced(entries, hard_state)? {
+            Some(sync) => sync.run(),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Self::persist`] without the log's fdatasync, which it hands back: the caller runs it
+    /// (on a thread that may block) before anything that counts on the entries being durable:
+    /// acknowledgements, raft's `advance`. Term and vote changes are still synced here.
+    pub fn persist_unsynced(
+        &mut self,
+        entries: &[Entry],
+        hard_state: Option<&HardState>,
+    ) -> Result<Option<PendingSync>, StorageError> {
         if let Some(first) = entries.first() {
             if first.index < self.first() {
                 return Err(StorageError::OverwriteCompacted {
@@ -389,8 +432,13 @@ impl DiskStorage {
             }
         }
         // A commit-only change stays pending until the next append writes (and syncs) it.
+        let mut sync = None;
         if !entries.is_empty() {
-            self.flush_log(true)?;
+            self.flush_log(false)?;
+            sync = Some(PendingSync {
+                file: self.log.active_file(),
+                dir: self.dir.join(LOG_DIR),
+            });
         }
 
         if let Some(first) = entries.first() {
@@ -409,8 +457,10 @@ impl DiskStorage {
             self.log
                 .rotate(commit)
                 .map_err(StorageError::io("rotate the log in", &self.dir))?;
+            // (The rotation synced the old segment, pending batch included.)
+            sync = None;
         }
-        Ok(())
+        Ok(sync)
     }
 
     /// Writes a pending commit-only record (at shutdown: a restart then replays that far).

@@ -31,6 +31,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use nix::fcntl::{FallocateFlags, fallocate};
 
@@ -94,7 +95,8 @@ struct Segment {
 pub(super) struct SegmentLog {
     dir: PathBuf,
     segments: Vec<Segment>,
-    active: File,
+    /// Shared with a sync running off the Raft loop (see [`SegmentLog::active_file`]).
+    active: Arc<File>,
     active_len: u64,
     max_bytes: u64,
     /// Records encoded but not yet written.
@@ -169,7 +171,7 @@ impl SegmentLog {
             end = HEADER as u64;
         }
         let last = found.last().map(|s| s.path.clone()).unwrap_or_default();
-        let active = OpenOptions::new().write(true).open(&last)?;
+        let active = Arc::new(OpenOptions::new().write(true).open(&last)?);
         preallocate(&active, max_bytes);
         let active_len = end;
         Ok(Opened {
@@ -248,6 +250,11 @@ impl SegmentLog {
         Ok(())
     }
 
+    /// The active segment, for an fdatasync of what [`Self::flush`] wrote without one.
+    pub(super) fn active_file(&self) -> Arc<File> {
+        Arc::clone(&self.active)
+    }
+
     pub(super) fn over_size(&self) -> bool {
         self.active_len >= self.max_bytes
     }
@@ -261,7 +268,7 @@ impl SegmentLog {
         self.active.sync_all()?;
         let seq = self.segments.last().map_or(1, |s| s.seq + 1);
         let seg = create_segment(&self.dir, seq, self.max_bytes)?;
-        self.active = OpenOptions::new().write(true).open(&seg.path)?;
+        self.active = Arc::new(OpenOptions::new().write(true).open(&seg.path)?);
         self.active_len = HEADER as u64;
         self.segments.push(seg);
         if commit > 0 {
