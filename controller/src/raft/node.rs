@@ -333,10 +333,9 @@ impl Node {
     /// requests fail with `Stopped` when it returns.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
         let mut result = self.run_loop(shutdown).await;
-        if let Err(e) = self.raw.mut_store().flush_pending()
-            && result.is_ok()
-        {
-            result = Err(e.into());
+        // (After a fatal error the log is left as the failed write left it.)
+        if result.is_ok() {
+            result = self.raw.mut_store().flush_pending().map_err(NodeError::from);
         }
         // A snapshot file half written by a thread of a stopped node could race the next
         // node opened on the same directory.
