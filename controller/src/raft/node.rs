@@ -335,7 +335,11 @@ impl Node {
         let mut result = self.run_loop(shutdown).await;
         // (After a fatal error the log is left as the failed write left it.)
         if result.is_ok() {
-            result = self.raw.mut_store().flush_pending().map_err(NodeError::from);
+            result = self
+                .raw
+                .mut_store()
+                .flush_pending()
+                .map_err(NodeError::from);
         }
         // A snapshot file half written by a thread of a stopped node could race the next
         // node opened on the same directory.
