@@ -7,8 +7,8 @@
 //! 3. on the leader, apply committed entries (commands to the state machine, conf changes to
 //!    raft + storage): its clients are answered before its own sync; then, if anything was
 //!    handed over in 1 or 3 and there is a local write, yield once, so the transport's and
-//!    the clients' tasks put it on the wire before the sync blocks this worker (otherwise
-//!    the followers' fsyncs would start one local fsync later);
+//!    the clients' tasks put it on the wire before the local write and sync (otherwise the
+//!    followers' fsyncs would start that much later);
 //! 4. append `entries` and persist the hard state: one fdatasync (a commit-only change is
 //!    written with the next append, see `storage`). The leader's sync runs on tokio's blocking
 //!    pool while the loop awaits it, so its worker keeps serving clients and peers; a
@@ -582,7 +582,7 @@ impl Node {
             self.on_role_change(ss.raft_state, ss.leader_id);
         }
         // Work handed to other tasks (peer streams, waiting clients) that should run before
-        // this worker blocks in the local sync.
+        // the local write (step 3 of the module docs).
         let mut handed_over = false;
         if !ready.messages().is_empty() {
             self.transport.send(ready.take_messages());
@@ -1001,9 +1001,7 @@ impl Node {
             voters: sorted(&conf.voters),
             learners: sorted(&conf.learners),
         };
-        // An index-only change is stored without waking the watchers (see `status`): every
-        // write moves the indices, and waking them each Ready cycle cost each write a few
-        // needless task wake-ups on every replica.
+        // Index-only changes wake no one (see `status`).
         self.status.send_if_modified(|current| {
             let wake = current.role_differs(&status);
             *current = status;

@@ -74,7 +74,7 @@ impl StorageError {
 #[must_use = "the entries are not durable until the sync has run"]
 pub struct PendingSync {
     file: Arc<fs::File>,
-    dir: PathBuf,
+    dir: Arc<Path>,
 }
 
 impl PendingSync {
@@ -82,19 +82,26 @@ impl PendingSync {
     pub fn run(self) -> Result<(), StorageError> {
         self.file
             .sync_data()
-            .map_err(StorageError::io("sync the log in", &self.dir))
+            .map_err(|e| log_error("sync the log in", &self.dir, e))
     }
 
     /// Syncs on tokio's blocking pool, leaving the calling worker free meanwhile.
     pub async fn run_off_worker(self) -> Result<(), StorageError> {
-        let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || self.run())
-            .await
-            .unwrap_or_else(|e| {
-                Err(StorageError::io("sync the log in", &dir)(io::Error::other(
-                    e,
-                )))
-            })
+        let dir = Arc::clone(&self.dir);
+        match tokio::task::spawn_blocking(move || self.run()).await {
+            Ok(synced) => synced,
+            Err(e) => Err(log_error("sync the log in", &dir, io::Error::other(e))),
+        }
+    }
+}
+
+/// An I/O error on the log directory, built only when it happens (the log is written on
+/// every Ready cycle).
+fn log_error(op: &'static str, dir: &Path, source: io::Error) -> StorageError {
+    StorageError::Io {
+        op,
+        path: dir.to_path_buf(),
+        source,
     }
 }
 
@@ -437,7 +444,7 @@ impl DiskStorage {
             self.flush_log(false)?;
             sync = Some(PendingSync {
                 file: self.log.active_file(),
-                dir: self.dir.join(LOG_DIR),
+                dir: Arc::clone(self.log.dir()),
             });
         }
 
@@ -631,10 +638,9 @@ impl DiskStorage {
     }
 
     fn flush_log(&mut self, sync: bool) -> Result<(), StorageError> {
-        let dir = self.dir.join(LOG_DIR);
         self.log
             .flush(sync)
-            .map_err(StorageError::io("write the log in", &dir))
+            .map_err(|e| log_error("write the log in", self.log.dir(), e))
     }
 
     fn write_state(&mut self) -> Result<(), StorageError> {

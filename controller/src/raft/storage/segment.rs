@@ -93,7 +93,8 @@ struct Segment {
 /// The segment files and the writer on the last (active) one.
 #[derive(Debug)]
 pub(super) struct SegmentLog {
-    dir: PathBuf,
+    /// Shared with error reports of a sync running off the Raft loop.
+    dir: Arc<Path>,
     segments: Vec<Segment>,
     /// Shared with a sync running off the Raft loop (see [`SegmentLog::active_file`]).
     active: Arc<File>,
@@ -176,7 +177,7 @@ impl SegmentLog {
         let active_len = end;
         Ok(Opened {
             log: SegmentLog {
-                dir: dir.to_path_buf(),
+                dir: Arc::from(dir),
                 segments: found,
                 active,
                 active_len,
@@ -253,6 +254,11 @@ impl SegmentLog {
     /// The active segment, for an fdatasync of what [`Self::flush`] wrote without one.
     pub(super) fn active_file(&self) -> Arc<File> {
         Arc::clone(&self.active)
+    }
+
+    /// The directory of the segments.
+    pub(super) fn dir(&self) -> &Arc<Path> {
+        &self.dir
     }
 
     pub(super) fn over_size(&self) -> bool {
