@@ -82,7 +82,7 @@ fn tug_filters(bed: &Cluster, node: usize) -> TestResult<Vec<(String, String)>> 
             continue;
         };
         let out = host.run(&["tc", "filter", "show", "dev", name, "ingress"])?;
-        for program in ["tug_from_ctr", "tug_to_ctr"] {
+        for program in ["tug_from_ctr", "tug_to_ctr", "tug_vxlan_in"] {
             if String::from_utf8_lossy(&out.stdout).contains(program) {
                 found.push((name.to_string(), program.to_string()));
             }
@@ -97,7 +97,7 @@ fn fast_path_off(bed: &mut Cluster, images: &TestImages) -> TestResult {
     let (a, b) = (&web[0], &web[1]);
     let body = fetch(bed, b, &a.address.to_string())?;
     assert_eq!(body.trim(), format!("web-{}", a.id));
-    assert_fast_path(bed, b.node, a.node, false)?;
+    assert_fast_path(bed, b.node, a.node, "host-gw", false)?;
     let on = tug_filters(bed, a.node)?;
     assert!(on.iter().any(|(_, p)| p == "tug_to_ctr"), "{on:?}");
     assert!(
@@ -222,6 +222,16 @@ fn http_get(host: &tug_e2e::net::Host, to: SocketAddr) -> TestResult<String> {
 /// `tug_agent_fast_path_packets_total` of node `node` in `direction`, from its agent's
 /// `/metrics`; `None` when the agent has no fast path.
 fn fast_path_packets(bed: &Cluster, node: usize, direction: &str) -> TestResult<Option<f64>> {
+    agent_counter(
+        bed,
+        node,
+        "tug_agent_fast_path_packets_total",
+        &format!("direction=\"{direction}\""),
+    )
+}
+
+/// The sample of counter `name` with `label` from node `node`'s agent's `/metrics`.
+fn agent_counter(bed: &Cluster, node: usize, name: &str, label: &str) -> TestResult<Option<f64>> {
     let host = bed.agent_host(node);
     let mut stream = host.connect(
         SocketAddr::from((host.addr(), 7443)),
@@ -231,17 +241,31 @@ fn fast_path_packets(bed: &Cluster, node: usize, direction: &str) -> TestResult<
     stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
     let mut text = String::new();
     stream.read_to_string(&mut text)?;
-    let label = format!("direction=\"{direction}\"");
+    let prefix = format!("{name}{{");
     Ok(text
         .lines()
-        .find(|l| l.starts_with("tug_agent_fast_path_packets_total{") && l.contains(&label))
+        .find(|l| l.starts_with(&prefix) && l.contains(label))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok()))
 }
 
 /// With the built-in plugin, traffic from node `from`'s containers to node `to`'s took the
-/// eBPF fast path on both ends; with CNI plugins there is none.
-fn assert_fast_path(bed: &Cluster, from: usize, to: usize, cni: bool) -> TestResult {
+/// eBPF fast path on both ends (in vxlan mode encapsulated and decapsulated by its programs);
+/// with CNI plugins there is none.
+fn assert_fast_path(bed: &Cluster, from: usize, to: usize, mode: &str, cni: bool) -> TestResult {
+    if mode == "vxlan" && !cni {
+        let name = "tug_agent_fast_path_vxlan_packets_total";
+        let sent = agent_counter(bed, from, name, "operation=\"encapsulated\"")?;
+        let delivered = agent_counter(bed, to, name, "operation=\"decapsulated\"")?;
+        assert!(
+            sent.is_some_and(|n| n > 0.0),
+            "a{from} encapsulated {sent:?}"
+        );
+        assert!(
+            delivered.is_some_and(|n| n > 0.0),
+            "a{to} decapsulated {delivered:?}"
+        );
+    }
     let sent = fast_path_packets(bed, from, "to_nodes")?;
     let delivered = fast_path_packets(bed, to, "to_containers")?;
     if cni {
@@ -319,7 +343,7 @@ fn scenario(bed: &mut Cluster, images: &TestImages, mode: &str, cni: bool) -> Te
         &b.id,
         &["ping", "-c", "1", "-W", "3", &a.address.to_string()],
     )?;
-    assert_fast_path(bed, b.node, a.node, cni)?;
+    assert_fast_path(bed, b.node, a.node, mode, cni)?;
     // By service name: the agent's DNS answers with the running replicas.
     for name in ["web", "web.default", "web.default.svc.tug"] {
         let body = fetch(bed, b, name)?;
@@ -395,8 +419,8 @@ fn scenario(bed: &mut Cluster, images: &TestImages, mode: &str, cni: bool) -> Te
     assert_eq!(body.trim(), format!("web-{}", a.id));
     // The restarted agent loaded the fast path anew (counters from 0) with the running
     // container in it, both ways.
-    assert_fast_path(bed, b.node, a.node, cni)?;
-    assert_fast_path(bed, a.node, b.node, cni)?;
+    assert_fast_path(bed, b.node, a.node, mode, cni)?;
+    assert_fast_path(bed, a.node, b.node, mode, cni)?;
 
     // A node removed from the cluster: the others forget how to reach its subnet.
     let gone = 2;

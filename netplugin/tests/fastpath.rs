@@ -3,7 +3,9 @@
 //! programs' counters show the packets took the fast path both ways (and the normal path out
 //! of a container whose veth has no program), TTLs are decremented as by a router, a
 //! published port reached from inside the cluster still answers through conntrack, and loading
-//! again (an agent restart) replaces the programs instead of stacking them.
+//! again (an agent restart) replaces the programs instead of stacking them. In vxlan mode the
+//! programs encapsulate and decapsulate themselves, interoperate with a node whose VXLAN device
+//! does it, and leave a peer they do not know to the device.
 
 mod common;
 
@@ -43,28 +45,98 @@ fn carries_traffic(mode: Mode) -> TestResult {
     assert!(sb.to_nodes >= 4, "node b sent {sb:?}");
     assert!(sa.to_containers >= 4, "node a delivered {sa:?}");
 
+    if mode == Mode::Vxlan {
+        // Both ways in VXLAN the programs made and took apart themselves.
+        assert!(sa.encapsulated >= 4, "node a sent {sa:?}");
+        assert!(sb.decapsulated >= 4, "node b delivered {sb:?}");
+        assert!(sb.encapsulated >= 4, "node b sent {sb:?}");
+        assert!(sa.decapsulated >= 4, "node a delivered {sa:?}");
+    }
+
     // TCP with segmentation offloads: 8 MiB fetched over HTTP arrive intact.
     let dir = tempfile::tempdir()?;
-    let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
-    std::fs::write(dir.path().join("blob"), &data)?;
     let _server = Httpd::start(&b, dir.path())?;
-    let before = fast_a.stats()?;
-    let url = format!("http://{addr_b}:8080/blob");
-    let fetched = fetch(&a.ctr, &url, 30)?;
-    let fetched = fetched.map_err(|e| format!("the HTTP server in container b: {e}"))?;
-    assert!(
-        fetched == data,
-        "{} bytes fetched, not the same 8 MiB",
-        fetched.len()
-    );
-    let after = fast_a.stats()?;
-    assert!(after.to_containers > before.to_containers, "{after:?}");
-    assert!(after.to_nodes > before.to_nodes, "{after:?}");
+    let before = (fast_a.stats()?, fast_b.stats()?);
+    let devices = match mode {
+        Mode::Vxlan => (device_packets(&a)?, device_packets(&b)?),
+        Mode::HostGw => ((0, 0), (0, 0)),
+    };
+    transfer(&a, addr_b, dir.path())?;
+    let after = (fast_a.stats()?, fast_b.stats()?);
+    assert!(after.0.to_containers > before.0.to_containers, "{after:?}");
+    assert!(after.0.to_nodes > before.0.to_nodes, "{after:?}");
+    if mode == Mode::Vxlan {
+        assert!(after.0.encapsulated > before.0.encapsulated, "{after:?}");
+        assert!(after.0.decapsulated > before.0.decapsulated, "{after:?}");
+        assert!(after.1.encapsulated > before.1.encapsulated, "{after:?}");
+        assert!(after.1.decapsulated > before.1.decapsulated, "{after:?}");
+        // Not through the VXLAN devices (a neighbour being resolved again may send one).
+        let sent = (
+            device_packets(&a)?.0 - devices.0.0,
+            device_packets(&b)?.0 - devices.1.0,
+        );
+        assert!(
+            sent.0 <= 2 && sent.1 <= 2,
+            "the VXLAN devices sent {sent:?}"
+        );
+    }
 
     // Node b's own address is outside the cluster CIDR: that traffic keeps the normal path
     // (and its masquerade), and still works.
     assert!(a.ctr.pings(b.address)?, "container a -> node b");
     assert!(b.ctr.pings(addr_a)?, "container b -> container a");
+    Ok(())
+}
+
+#[test]
+fn vxlan_packets_of_the_programs_and_of_the_device_are_interchangeable() -> TestResult {
+    // Node a's programs carry VXLAN; node b leaves it to its VXLAN device (a node without the
+    // tunnel, or before it loads it). Each end takes the other's packets.
+    let (a, b) = peered(Mode::Vxlan)?;
+    let fast_a = a.fast_path()?;
+    let fast_b = b.fast_path_with(false)?;
+    let addr_b = b.container_address()?;
+    let out = five_pings(&a, addr_b)?;
+    assert_eq!(out.matches("ttl=62").count(), 5, "{out}");
+    let (sa, sb) = (fast_a.stats()?, fast_b.stats()?);
+    assert!(sa.encapsulated >= 4, "node a sent {sa:?}");
+    assert!(sa.decapsulated >= 4, "node a delivered {sa:?}");
+    assert_eq!((sb.encapsulated, sb.decapsulated), (0, 0), "node b {sb:?}");
+    assert!(
+        device_packets(&b)?.1 >= 4,
+        "node b's VXLAN device received nothing"
+    );
+    // Segmentation offloads both ways through the device on node b.
+    let dir = tempfile::tempdir()?;
+    let _server = Httpd::start(&b, dir.path())?;
+    transfer(&a, addr_b, dir.path())
+}
+
+#[test]
+fn a_peer_missing_from_the_peer_map_is_reached_through_the_vxlan_device() -> TestResult {
+    let (a, b) = peered(Mode::Vxlan)?;
+    let (fast_a, fast_b) = (a.fast_path()?, b.fast_path()?);
+    let vtep_b = (b.subnet.network(), b.address);
+    assert_eq!(fast_a.peers()?, vec![vtep_b]);
+    fast_a.set_peers(&[])?;
+    assert!(fast_a.peers()?.is_empty());
+    let devices = device_packets(&a)?;
+    let out = five_pings(&a, b.container_address()?)?;
+    assert_eq!(out.matches("ttl=62").count(), 5, "{out}");
+    // Out of node a through its device; still taken apart by node b's program.
+    let (sa, sb) = (fast_a.stats()?, fast_b.stats()?);
+    assert_eq!(sa.encapsulated, 0, "{sa:?}");
+    assert!(sa.to_nodes >= 4, "{sa:?}");
+    assert!(
+        device_packets(&a)?.0 >= devices.0 + 4,
+        "node a's device sent nothing"
+    );
+    assert!(sb.decapsulated >= 4, "{sb:?}");
+    // Recorded again, the peer is encapsulated for by the program.
+    fast_a.set_peers(&[(b.subnet, b.address)])?;
+    let out = five_pings(&a, b.container_address()?)?;
+    assert_eq!(out.matches("ttl=62").count(), 5, "{out}");
+    assert!(fast_a.stats()?.encapsulated >= 4);
     Ok(())
 }
 
@@ -248,4 +320,36 @@ impl Drop for Httpd {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// 8 MiB written into `dir` (served by an `Httpd` in the other node's container at `to`),
+/// fetched over HTTP from `from`'s container: TCP with segmentation offloads arrives intact.
+fn transfer(from: &Node, to: std::net::Ipv4Addr, dir: &Path) -> TestResult {
+    let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(dir.join("blob"), &data)?;
+    let url = format!("http://{to}:8080/blob");
+    let fetched = fetch(&from.ctr, &url, 30)?;
+    let fetched = fetched.map_err(|e| format!("the HTTP server at {to}: {e}"))?;
+    assert!(
+        fetched == data,
+        "{} bytes fetched, not the same 8 MiB",
+        fetched.len()
+    );
+    Ok(())
+}
+
+/// `(tx, rx)` packets of node `n`'s VXLAN device.
+fn device_packets(n: &Node) -> TestResult<(u64, u64)> {
+    let out = n.ns.ip(&[
+        "-s",
+        "-j",
+        "link",
+        "show",
+        "dev",
+        tug_netplugin::vxlan::DEFAULT_DEVICE,
+    ])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let stats = &v[0]["stats64"];
+    let get = |dir: &str| stats[dir]["packets"].as_u64().ok_or("no packet count");
+    Ok((get("tx")?, get("rx")?))
 }

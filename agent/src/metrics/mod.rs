@@ -142,7 +142,7 @@ impl AgentMetrics {
             (entries.len() - up) as f64,
         );
         families.extend([cores, memory, running]);
-        families.extend(self.fast_path_family());
+        families.extend(self.fast_path_families());
         metrics_http::render(&self.registry, families)
     }
 
@@ -151,18 +151,19 @@ impl AgentMetrics {
         let _ = self.fast_path.set(slot);
     }
 
-    fn fast_path_family(&self) -> Option<Family> {
-        let fast = self
+    fn fast_path_families(&self) -> Vec<Family> {
+        let Some(fast) = self
             .fast_path
-            .get()?
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()?;
+            .get()
+            .and_then(|slot| slot.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        else {
+            return Vec::new();
+        };
         let stats = match fast.stats() {
             Ok(stats) => stats,
             Err(e) => {
                 tracing::debug!(cause = %e, "fast path counters unreadable");
-                return None;
+                return Vec::new();
             }
         };
         let mut family = Family::counter(
@@ -179,7 +180,25 @@ impl AgentMetrics {
                 value as f64,
             );
         }
-        Some(family)
+        let mut families = vec![family];
+        if fast.carries_vxlan() {
+            let mut vxlan = Family::counter(
+                "tug_agent_fast_path_vxlan_packets_total",
+                "Of those, the packets the fast path's programs put into VXLAN or took out of it \
+                 themselves (vxlan mode; the others went through the VXLAN device).",
+            );
+            for (operation, value) in [
+                ("encapsulated", stats.encapsulated),
+                ("decapsulated", stats.decapsulated),
+            ] {
+                vxlan.add(
+                    &[("node", self.node.as_str()), ("operation", operation)],
+                    value as f64,
+                );
+            }
+            families.push(vxlan);
+        }
+        families
     }
 
     /// The container of `task` exited (blocking: reads its cgroup's OOM kill count, which a

@@ -23,7 +23,7 @@ use tug_api::v1::NetworkMap;
 use tug_netplugin::cni::CniNetwork;
 use tug_netplugin::container::CONTAINER_IFNAME;
 use tug_netplugin::dns::{self, DnsTable};
-use tug_netplugin::fastpath::{FastPath, FastPathConfig};
+use tug_netplugin::fastpath::{FastPath, FastPathConfig, TunnelConfig};
 use tug_netplugin::nat::{self, PortMapping};
 use tug_netplugin::node::DEFAULT_BRIDGE;
 use tug_netplugin::vxlan::{DEFAULT_DEVICE, DEFAULT_PORT, DEFAULT_VNI};
@@ -135,6 +135,8 @@ pub struct NodeNetwork {
     fast_path_wanted: bool,
     /// The loaded fast path; `None` when off, not supported or not set up yet.
     fast_path: FastPathSlot,
+    /// The peers of the last map synced, for a fast path loaded afterwards (vxlan).
+    peers: Mutex<Vec<(Subnet, Ipv4Addr)>>,
 }
 
 impl Drop for NodeNetwork {
@@ -171,6 +173,7 @@ impl NodeNetwork {
             published: Mutex::new(None),
             fast_path_wanted: fast_path,
             fast_path: FastPathSlot::default(),
+            peers: Mutex::new(Vec::new()),
         };
         if mode == NetworkMode::None {
             return Ok(net);
@@ -226,20 +229,39 @@ impl NodeNetwork {
     /// attach the containers already running. Without it, traffic takes the normal path: a
     /// failure is logged, not returned.
     async fn set_up_fast_path(&self, saved: Saved, uplink: Option<String>) {
-        let ingress = match self.mode {
-            NetworkMode::Vxlan => Some(DEFAULT_DEVICE.to_string()),
-            _ => uplink,
+        // In vxlan mode with an uplink, the programs carry VXLAN themselves (the device stays
+        // for what they pass on); their program on the uplink goes with them.
+        let (ingress, tunnel) = match self.mode {
+            NetworkMode::Vxlan => (
+                Some(DEFAULT_DEVICE.to_string()),
+                uplink.map(|uplink| TunnelConfig {
+                    uplink,
+                    local: self.node_ip,
+                    port: DEFAULT_PORT,
+                    vni: DEFAULT_VNI,
+                }),
+            ),
+            _ => (uplink, None),
         };
         let loaded = if self.fast_path_wanted && self.cni_settings.is_none() {
             let cfg = FastPathConfig {
                 cluster_cidr: saved.cluster_cidr,
                 subnet: saved.subnet,
                 ingress: ingress.clone(),
+                tunnel: tunnel.clone(),
             };
             match FastPath::setup(&cfg).await {
                 Ok(fast) => {
                     let adopted = fast.adopt(&self.allocations(saved.subnet)).await;
-                    tracing::info!(containers = adopted, "eBPF fast path between nodes on");
+                    let peers = self.lock_peers().clone();
+                    if let Err(e) = fast.set_peers(&peers) {
+                        tracing::warn!(cause = %e, "VXLAN peers left to the VXLAN device");
+                    }
+                    tracing::info!(
+                        containers = adopted,
+                        vxlan = tunnel.is_some(),
+                        "eBPF fast path between nodes on"
+                    );
                     Some(Arc::new(fast))
                 }
                 Err(e) => {
@@ -258,7 +280,8 @@ impl NodeNetwork {
             let veths = running
                 .keys()
                 .map(|id| tug_netplugin::container::host_veth_name(id));
-            for interface in ingress.into_iter().chain(veths) {
+            let uplink = tunnel.map(|t| t.uplink);
+            for interface in ingress.into_iter().chain(uplink).chain(veths) {
                 match tug_netplugin::fastpath::remove_from(&interface).await {
                     Ok(false) => {}
                     Ok(true) => tracing::info!(%interface, "fast-path program removed"),
@@ -270,6 +293,10 @@ impl NodeNetwork {
             }
         }
         *self.fast_path.lock().unwrap_or_else(|p| p.into_inner()) = loaded;
+    }
+
+    fn lock_peers(&self) -> std::sync::MutexGuard<'_, Vec<(Subnet, Ipv4Addr)>> {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_published(&self) -> std::sync::MutexGuard<'_, Option<BTreeSet<String>>> {
@@ -683,7 +710,14 @@ impl NodeNetwork {
             NetworkMode::HostGw => tug_netplugin::sync_peer_routes(&cfg, &peers).await?,
             NetworkMode::Vxlan => {
                 let vx = self.vxlan_config(saved, None, 0);
-                tug_netplugin::sync_vxlan_peers(&vx, &peers).await?
+                let changed = tug_netplugin::sync_vxlan_peers(&vx, &peers).await?;
+                if let Some(fast) = self.fast_path()
+                    && let Err(e) = fast.set_peers(&peers)
+                {
+                    tracing::warn!(cause = %e, "VXLAN peers left to the VXLAN device");
+                }
+                *self.lock_peers() = peers.clone();
+                changed
             }
         };
         if !changed.added.is_empty() || !changed.removed.is_empty() {

@@ -17,8 +17,9 @@
 //!    Debian's CNI `bridge` + `host-local` plugins invoked the standard way (exec, env, config on
 //!    stdin) on the same kind of namespaces.
 //!
-//! Run: `e2e/bench.sh network [SECONDS] [CYCLES] [ROUNDS]` (default 5 s per iperf3 run, 100
-//! cycles, 3 rounds).
+//! Run: `e2e/bench.sh network [SECONDS] [CYCLES] [ROUNDS] [PATHS]` (default 5 s per iperf3
+//! run, 100 cycles, 3 rounds, every path; PATHS is a comma-separated subset of host-gw,
+//! host-gw-stack, vxlan, vxlan-stack, measured with the two host-to-host baselines).
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use tug_e2e::{Host, Netns, TestNet};
 use tug_netplugin::cni::CniNetwork;
-use tug_netplugin::fastpath::{FastPath, FastPathConfig};
+use tug_netplugin::fastpath::{FastPath, FastPathConfig, TunnelConfig};
 use tug_netplugin::nat;
 use tug_netplugin::netns::block_in_netns;
 use tug_netplugin::{
@@ -69,7 +70,7 @@ fn run() -> Result<()> {
         "tug network benchmark: 2 test-bed hosts, iperf3 {seconds} s per run, {rounds} rounds, \
          {cycles} setup cycles"
     );
-    let paths = [
+    let all = [
         Route::Bare,
         Route::Nodes,
         Route::Containers(Mode::HostGw, Datapath::Fast),
@@ -77,6 +78,23 @@ fn run() -> Result<()> {
         Route::Containers(Mode::Vxlan, Datapath::Fast),
         Route::Containers(Mode::Vxlan, Datapath::Stack),
     ];
+    // An optional fourth argument picks paths by name (for profiling one of them); the
+    // baseline is always measured, since every ratio is against it.
+    let paths: Vec<Route> = match args.next() {
+        None => all.to_vec(),
+        Some(names) => {
+            let mut picked = vec![Route::Bare, Route::Nodes];
+            for name in names.split(',') {
+                let route = all.iter().find(|r| r.name() == name).ok_or_else(|| {
+                    format!("unknown path {name:?} (one of {})", path_names(&all))
+                })?;
+                if !picked.contains(route) {
+                    picked.push(*route);
+                }
+            }
+            picked
+        }
+    };
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); paths.len()];
     for _ in 0..rounds {
         for (path, samples) in paths.iter().zip(samples.iter_mut()) {
@@ -96,7 +114,9 @@ fn run() -> Result<()> {
         "CPU s/GB"
     );
     let medians: Vec<Sample> = samples.iter().map(|s| Sample::median(s)).collect();
-    let (bare, nodes) = (medians[0], medians[1]);
+    let (Some(&bare), Some(&nodes)) = (medians.first(), medians.get(1)) else {
+        return Err("no baseline measured".into());
+    };
     for ((path, runs), m) in paths.iter().zip(&samples).zip(&medians) {
         let label = match path {
             Route::Bare => "host to host, bare hosts",
@@ -157,6 +177,28 @@ enum Route {
     /// Between a container on each of two tug nodes; with the eBPF fast path (the agent's
     /// default) or through the stack only (`--fast-path off`).
     Containers(Mode, Datapath),
+}
+
+impl Route {
+    /// The name that picks this path on the command line.
+    fn name(&self) -> &'static str {
+        match self {
+            Route::Bare => "bare",
+            Route::Nodes => "nodes",
+            Route::Containers(Mode::HostGw, Datapath::Fast) => "host-gw",
+            Route::Containers(Mode::HostGw, Datapath::Stack) => "host-gw-stack",
+            Route::Containers(Mode::Vxlan, Datapath::Fast) => "vxlan",
+            Route::Containers(Mode::Vxlan, Datapath::Stack) => "vxlan-stack",
+        }
+    }
+}
+
+fn path_names(routes: &[Route]) -> String {
+    routes
+        .iter()
+        .map(Route::name)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// How container traffic crosses a node.
@@ -266,6 +308,13 @@ fn set_up(
                 Mode::HostGw => "eth0".into(),
                 Mode::Vxlan => "tug.vxlan".into(),
             }),
+            // As the agent does: in vxlan mode the programs carry VXLAN themselves.
+            tunnel: (mode == Mode::Vxlan).then(|| TunnelConfig {
+                uplink: "eth0".into(),
+                local: node.host.addr(),
+                port: 4789,
+                vni: 4242,
+            }),
         };
         let (veth, address) = (attachment.host_veth.clone(), attachment.address);
         node.fast = Some(block_in_netns(&path, || async move {
@@ -289,6 +338,9 @@ fn peer(node: &mut Node<'_>, other: (Subnet, Ipv4Addr), mode: Mode) -> Result<()
         Mode::Vxlan => {
             let cfg = vxlan_cfg(node, 0)?;
             block_in_netns(&path, || sync_vxlan_peers(&cfg, &peers))?;
+            if let Some(fast) = &node.fast {
+                fast.set_peers(&peers)?;
+            }
         }
     }
     Ok(())
@@ -422,6 +474,7 @@ fn control_path(cycles: usize) -> Result<()> {
         cluster_cidr: CLUSTER.parse()?,
         subnet,
         ingress: Some("eth0".into()),
+        tunnel: None,
     };
     let fast = block_in_netns(&path, || FastPath::setup(&fast_cfg))?;
     let namespaces: Vec<Netns> = (0..cycles)

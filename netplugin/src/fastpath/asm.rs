@@ -8,8 +8,8 @@
 
 use std::collections::HashMap;
 
-/// A register. `R0` holds return values, `R1`-`R5` arguments (R5 is unused here) (clobbered by calls), `R6`-`R9` are
-/// kept across calls, `R10` is the read-only frame pointer.
+/// A register. `R0` holds return values, `R1`-`R5` arguments (clobbered by calls), `R6`-`R9`
+/// are kept across calls, `R10` is the read-only frame pointer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub(crate) enum Reg {
@@ -18,6 +18,7 @@ pub(crate) enum Reg {
     R2 = 2,
     R3 = 3,
     R4 = 4,
+    R5 = 5,
     R6 = 6,
     R7 = 7,
     R8 = 8,
@@ -54,7 +55,10 @@ impl Size {
 pub(crate) enum Alu {
     Add,
     Sub,
+    Or,
     And,
+    Rsh,
+    Xor,
     Mov,
 }
 
@@ -63,7 +67,10 @@ impl Alu {
         match self {
             Alu::Add => 0x00,
             Alu::Sub => 0x10,
+            Alu::Or => 0x40,
             Alu::And => 0x50,
+            Alu::Rsh => 0x70,
+            Alu::Xor => 0xa0,
             Alu::Mov => 0xb0,
         }
     }
@@ -104,6 +111,10 @@ const MODE_MEM: u8 = 0x60;
 const MODE_ATOMIC: u8 = 0xc0;
 const SRC_K: u8 = 0x00;
 const SRC_X: u8 = 0x08;
+const OP_END: u8 = 0xd0;
+/// `BPF_TO_BE` of a byte-swap instruction.
+const TO_BE: u8 = 0x08;
+const OP_JA: u8 = 0x00;
 const OP_CALL: u8 = 0x80;
 const OP_EXIT: u8 = 0x90;
 const ATOMIC_ADD: i32 = 0x00;
@@ -207,6 +218,30 @@ impl Asm {
         ))
     }
 
+    /// `dst op= src` on all 64 bits.
+    pub(crate) fn alu64_reg(&mut self, op: Alu, dst: Reg, src: Reg) -> &mut Asm {
+        self.push(Insn::new(CLASS_ALU64 | op.code() | SRC_X, dst, src, 0, 0))
+    }
+
+    /// `dst = htons(dst)`: the low 16 bits in network order (swapped on this little-endian
+    /// machine), the rest zero.
+    pub(crate) fn htons(&mut self, dst: Reg) -> &mut Asm {
+        self.push(Insn::new(CLASS_ALU | OP_END | TO_BE, dst, Reg::R0, 0, 16))
+    }
+
+    /// `dst = imm` with a full 64-bit immediate (a two-slot instruction).
+    pub(crate) fn load_imm64(&mut self, dst: Reg, imm: u64) -> &mut Asm {
+        let (low, high) = (imm as u32 as i32, (imm >> 32) as u32 as i32);
+        self.push(Insn::new(
+            CLASS_LD | MODE_IMM | Size::Dw.code(),
+            dst,
+            Reg::R0,
+            0,
+            low,
+        ));
+        self.push(Insn::new(0, Reg::R0, Reg::R0, 0, high))
+    }
+
     /// `dst op= imm` on the low 32 bits; the upper half becomes zero.
     pub(crate) fn alu32_imm(&mut self, op: Alu, dst: Reg, imm: i32) -> &mut Asm {
         self.push(Insn::new(
@@ -277,6 +312,11 @@ impl Asm {
     fn jump(&mut self, code: u8, dst: Reg, src: Reg, imm: i32, to: &'static str) -> &mut Asm {
         self.jumps.push((self.insns.len(), to));
         self.push(Insn::new(code, dst, src, 0, imm))
+    }
+
+    /// `goto to`.
+    pub(crate) fn goto(&mut self, to: &'static str) -> &mut Asm {
+        self.jump(CLASS_JMP | OP_JA, Reg::R0, Reg::R0, 0, to)
     }
 
     /// `if dst cond imm goto to`, comparing all 64 bits.
@@ -369,6 +409,32 @@ mod tests {
         assert_eq!(bytes[5], [0; 8]);
         assert_eq!(bytes[6], [0x85, 0, 0, 0, 23, 0, 0, 0]);
         assert_eq!(bytes[7], [0x95, 0, 0, 0, 0, 0, 0, 0]);
+        Ok(())
+    }
+
+    #[test]
+    fn swaps_wide_immediates_and_register_operations_match_the_kernel_layout() -> TestResult {
+        let mut asm = Asm::new();
+        asm.htons(Reg::R4)
+            .load_imm64(Reg::R4, 0x0e00_0000_0000_0053)
+            .alu64_reg(Alu::Add, Reg::R0, Reg::R5)
+            .alu64_imm(Alu::Rsh, Reg::R5, 16)
+            .alu64_imm(Alu::Xor, Reg::R0, 0xffff)
+            .alu64_imm(Alu::Or, Reg::R9, 0xc0);
+        let bytes: Vec<[u8; 8]> = asm.finish()?.into_iter().map(Insn::to_bytes).collect();
+        // BPF_ALU|BPF_END|BPF_TO_BE r4, 16
+        assert_eq!(bytes[0], [0xdc, 0x04, 0, 0, 16, 0, 0, 0]);
+        // BPF_LD|BPF_DW|BPF_IMM: the low half, then the high half in the second slot
+        assert_eq!(bytes[1], [0x18, 0x04, 0, 0, 0x53, 0, 0, 0]);
+        assert_eq!(bytes[2], [0, 0, 0, 0, 0, 0, 0, 0x0e]);
+        // BPF_ALU64|BPF_ADD|BPF_X r0 += r5
+        assert_eq!(bytes[3], [0x0f, 0x50, 0, 0, 0, 0, 0, 0]);
+        // BPF_ALU64|BPF_RSH|BPF_K r5 >>= 16
+        assert_eq!(bytes[4], [0x77, 0x05, 0, 0, 16, 0, 0, 0]);
+        // BPF_ALU64|BPF_XOR|BPF_K r0 ^= 0xffff
+        assert_eq!(bytes[5], [0xa7, 0x00, 0, 0, 0xff, 0xff, 0, 0]);
+        // BPF_ALU64|BPF_OR|BPF_K r9 |= 0xc0
+        assert_eq!(bytes[6], [0x47, 0x09, 0, 0, 0xc0, 0, 0, 0]);
         Ok(())
     }
 

@@ -11,7 +11,18 @@
 //! programs are unsure about, still takes the normal path, so masquerade, published ports and
 //! ICMP errors are unchanged.
 //!
-//! [`FastPath::setup`] loads both programs and attaches the receiving one; [`FastPath::attach`]
+//! In vxlan mode with a known uplink ([`TunnelConfig`]) the programs also carry VXLAN
+//! themselves: the sending program encapsulates for peers recorded with [`FastPath::set_peers`]
+//! and sends the packet out of the uplink, and a third program there ([`FROM_VXLAN`])
+//! decapsulates what arrives for a local container. Their packets are the VXLAN device's, which
+//! stays for everything else (peers not recorded, packets the programs pass on, nodes without the
+//! fast path). Where the kernel refuses a step (an older kernel without
+//! `BPF_F_ADJ_ROOM_ENCAP_L2_ETH`), the packet goes through the device instead. A decapsulated
+//! GSO packet keeps the UDP-tunnel bit of its GSO type (only bpf-next's
+//! `BPF_F_ADJ_ROOM_DECAP_L4_UDP` clears it): harmless for delivery to the container's own
+//! sockets, which is all the program does with it.
+//!
+//! [`FastPath::setup`] loads the programs and attaches the receiving ones; [`FastPath::attach`]
 //! puts the sending one on a container's host veth and records the container's address in the
 //! route map; [`FastPath::detach`] forgets the address (the veth's filter goes with the veth).
 //! Programs are attached as tc filters ([`tc`]) at tug's own priority, which a new agent's
@@ -44,12 +55,16 @@ use crate::subnet::Subnet;
 pub const FROM_CONTAINERS: &str = "tug_from_ctr";
 /// The name of the program on the uplink or VXLAN device.
 pub const TO_CONTAINERS: &str = "tug_to_ctr";
+/// The name of the program on the uplink in vxlan mode, which decapsulates.
+pub const FROM_VXLAN: &str = "tug_vxlan_in";
 /// The license the programs declare to the kernel (some helpers are GPL-only). The programs
 /// are tug's own, generated in [`programs`]; tug itself is Apache-2.0, and "Dual MIT/GPL" is a
 /// license string the kernel accepts as GPL-compatible for code that is offered under both.
 const LICENSE: &CStr = c"Dual MIT/GPL";
 /// At most this many containers per node in the route map.
 const MAX_CONTAINERS: u32 = 65536;
+/// At most this many VXLAN peers in the peer map.
+const MAX_PEERS: u32 = 65536;
 
 /// What the fast path needs of the node.
 #[derive(Debug, Clone)]
@@ -61,6 +76,23 @@ pub struct FastPathConfig {
     /// Where traffic from other nodes' containers arrives: the uplink in host-gw mode, the VXLAN
     /// device in vxlan mode; `None` for a node without one (nothing arrives from other nodes).
     pub ingress: Option<String>,
+    /// In vxlan mode with a known uplink: the programs encapsulate and decapsulate VXLAN
+    /// themselves (see [`programs`]); without it the VXLAN device does.
+    pub tunnel: Option<TunnelConfig>,
+}
+
+/// The VXLAN settings the programs need: those of the node's VXLAN device
+/// ([`crate::VxlanConfig`]).
+#[derive(Debug, Clone)]
+pub struct TunnelConfig {
+    /// The interface VXLAN packets arrive on and leave by.
+    pub uplink: String,
+    /// This node's address: the outer source, and where peers send.
+    pub local: Ipv4Addr,
+    /// The UDP port, the same on every node.
+    pub port: u16,
+    /// The VXLAN network identifier, the same on every node.
+    pub vni: u32,
 }
 
 /// Packet counts of the fast path since its programs were loaded.
@@ -70,6 +102,10 @@ pub struct FastPathStats {
     pub to_nodes: u64,
     /// Packets from other nodes put straight into a local container.
     pub to_containers: u64,
+    /// Of `to_nodes`, those encapsulated in VXLAN by the program (vxlan mode).
+    pub encapsulated: u64,
+    /// Of `to_containers`, those taken out of VXLAN by the program (vxlan mode).
+    pub decapsulated: u64,
 }
 
 /// The loaded programs and maps of one node (one network namespace).
@@ -78,6 +114,8 @@ pub struct FastPath {
     from_containers: OwnedFd,
     routes: bpf::Map,
     stats: bpf::Map,
+    /// VTEP address -> node address of the VXLAN peers, with a tunnel.
+    peers: Option<bpf::Map>,
     subnet: Subnet,
 }
 
@@ -89,26 +127,104 @@ impl FastPath {
             .map_err(Error::bpf("create the fast path's route map"))?;
         let stats = bpf::map_create(bpf::MAP_ARRAY, 4, 8, programs::STATS, "tug_stats")
             .map_err(Error::bpf("create the fast path's statistics map"))?;
+        let peers = match &cfg.tunnel {
+            Some(_) => Some(
+                bpf::map_create(bpf::MAP_HASH, 4, 4, MAX_PEERS, "tug_peers")
+                    .map_err(Error::bpf("create the fast path's VXLAN peer map"))?,
+            ),
+            None => None,
+        };
+        let tunnel = match (&cfg.tunnel, &peers) {
+            (Some(t), Some(peers)) => Some(programs::Tunnel {
+                peers: peers.fd(),
+                local: t.local,
+                uplink: if_index(&t.uplink)?,
+                port: t.port,
+                vni: t.vni,
+            }),
+            _ => None,
+        };
         let from_containers = load(
             FROM_CONTAINERS,
-            programs::from_containers(cfg.cluster_cidr, cfg.subnet, stats.fd()),
+            programs::from_containers(cfg.cluster_cidr, cfg.subnet, stats.fd(), tunnel.as_ref()),
         )?;
         let to_containers = load(
             TO_CONTAINERS,
             programs::to_containers(cfg.cluster_cidr, cfg.subnet, routes.fd(), stats.fd()),
         )?;
+        let from_vxlan = match &tunnel {
+            Some(t) => Some(load(
+                FROM_VXLAN,
+                programs::from_vxlan(cfg.cluster_cidr, cfg.subnet, t, routes.fd(), stats.fd()),
+            )?),
+            None => None,
+        };
+        let nl = Netlink::open()?;
         if let Some(name) = &cfg.ingress {
-            let nl = Netlink::open()?;
             let index = if_index(name)?;
             tc::attach(&nl, index, name, fd_u32(&to_containers), TO_CONTAINERS).await?;
         }
-        tracing::info!(ingress = ?cfg.ingress, "eBPF fast path loaded");
+        if let (Some(t), Some(prog)) = (&cfg.tunnel, &from_vxlan) {
+            tc::attach(
+                &nl,
+                if_index(&t.uplink)?,
+                &t.uplink,
+                fd_u32(prog),
+                FROM_VXLAN,
+            )
+            .await?;
+        }
+        tracing::info!(ingress = ?cfg.ingress, tunnel = ?cfg.tunnel.as_ref().map(|t| &t.uplink), "eBPF fast path loaded");
         Ok(FastPath {
             from_containers,
             routes,
             stats,
+            peers,
             subnet: cfg.subnet,
         })
+    }
+
+    /// Make the peer map hold exactly `peers` (`(subnet, node address)`, as given to
+    /// [`crate::sync_vxlan_peers`]); packets to others go through the VXLAN device. Nothing to
+    /// do without a tunnel.
+    pub fn set_peers(&self, peers: &[(Subnet, Ipv4Addr)]) -> Result<()> {
+        let Some(map) = &self.peers else {
+            return Ok(());
+        };
+        let what = "update the fast path's VXLAN peer map";
+        for (subnet, node) in peers {
+            bpf::map_update(map, &subnet.network().octets(), &node.octets())
+                .map_err(Error::bpf(what))?;
+        }
+        for key in bpf::map_keys::<4>(map).map_err(Error::bpf(what))? {
+            let vtep = Ipv4Addr::from(key);
+            if !peers.iter().any(|(subnet, _)| subnet.network() == vtep) {
+                bpf::map_delete(map, &key).map_err(Error::bpf(what))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the programs carry VXLAN themselves.
+    pub fn carries_vxlan(&self) -> bool {
+        self.peers.is_some()
+    }
+
+    /// The recorded VXLAN peers, `(VTEP address, node address)`; empty without a tunnel.
+    pub fn peers(&self) -> Result<Vec<(Ipv4Addr, Ipv4Addr)>> {
+        let Some(map) = &self.peers else {
+            return Ok(Vec::new());
+        };
+        let what = "read the fast path's VXLAN peer map";
+        let mut out = Vec::new();
+        for key in bpf::map_keys::<4>(map).map_err(Error::bpf(what))? {
+            let mut value = [0u8; 4];
+            if bpf::map_lookup(map, &key, &mut value).map_err(Error::bpf(what))? {
+                out.push((Ipv4Addr::from(key), Ipv4Addr::from(value)));
+            }
+        }
+        out.sort();
+        Ok(out)
     }
 
     /// Put the sending program on a container's host veth (replacing tug's program there) and
@@ -200,6 +316,8 @@ impl FastPath {
         Ok(FastPathStats {
             to_nodes: read(programs::STAT_TO_NODES)?,
             to_containers: read(programs::STAT_TO_CONTAINERS)?,
+            encapsulated: read(programs::STAT_ENCAPSULATED)?,
+            decapsulated: read(programs::STAT_DECAPSULATED)?,
         })
     }
 }

@@ -4,7 +4,7 @@
 
 use std::net::Ipv4Addr;
 
-use tug_netplugin::fastpath::{FastPath, FastPathConfig};
+use tug_netplugin::fastpath::{FastPath, FastPathConfig, TunnelConfig};
 use tug_netplugin::nat::{self, PortMapping, Protocol};
 use tug_netplugin::netns::block_in_netns;
 use tug_netplugin::vxlan::{DEFAULT_DEVICE, DEFAULT_PORT, DEFAULT_VNI};
@@ -27,6 +27,8 @@ pub struct Node {
     /// the container's, once set up
     attachment: Option<Attachment>,
     state: tempfile::TempDir,
+    /// the peers of the last sync, which a fast path set up afterwards records
+    peers: std::sync::Mutex<Vec<(Subnet, Ipv4Addr)>>,
 }
 
 impl Node {
@@ -39,6 +41,7 @@ impl Node {
             mode,
             attachment: None,
             state: tempfile::tempdir()?,
+            peers: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -92,6 +95,7 @@ impl Node {
 
     /// Program the peers the node's mode calls for.
     pub fn sync(&self, peers: &[(Subnet, Ipv4Addr)]) -> TestResult<RouteSync> {
+        *self.peers.lock().map_err(|_| "poisoned")? = peers.to_vec();
         match self.mode {
             Mode::HostGw => {
                 let cfg = self.subnets()?;
@@ -112,8 +116,14 @@ impl Node {
         Ok(self.attachment.as_ref().ok_or("node not set up")?.address)
     }
 
-    /// The eBPF fast path set up on this node, with its container attached.
+    /// The eBPF fast path set up on this node as the agent sets it up (in vxlan mode carrying
+    /// VXLAN itself, with the peers of the last sync), with its container attached.
     pub fn fast_path(&self) -> TestResult<FastPath> {
+        self.fast_path_with(self.mode == Mode::Vxlan)
+    }
+
+    /// The same, in vxlan mode with the VXLAN device carrying VXLAN (`tunnel` false).
+    pub fn fast_path_with(&self, tunnel: bool) -> TestResult<FastPath> {
         let cfg = FastPathConfig {
             cluster_cidr: subnet(CLUSTER)?,
             subnet: self.subnet,
@@ -121,12 +131,20 @@ impl Node {
                 Mode::HostGw => "wire".into(),
                 Mode::Vxlan => DEFAULT_DEVICE.into(),
             }),
+            tunnel: tunnel.then(|| TunnelConfig {
+                uplink: "wire".into(),
+                local: self.address,
+                port: DEFAULT_PORT,
+                vni: DEFAULT_VNI,
+            }),
         };
         let attachment = self.attachment.as_ref().ok_or("node not set up")?;
         let (veth, address) = (attachment.host_veth.clone(), attachment.address);
+        let peers = self.peers.lock().map_err(|_| "poisoned")?.clone();
         Ok(block_in_netns(&self.ns.path(), || async move {
             let fast = FastPath::setup(&cfg).await?;
             fast.attach(&veth, address).await?;
+            fast.set_peers(&peers)?;
             Ok(fast)
         })?)
     }
