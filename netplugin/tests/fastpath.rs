@@ -132,11 +132,73 @@ fn a_peer_missing_from_the_peer_map_is_reached_through_the_vxlan_device() -> Tes
         "node a's device sent nothing"
     );
     assert!(sb.decapsulated >= 4, "{sb:?}");
+    // VXLAN from a node that is not a recorded peer is left to the device (and to the node's
+    // netfilter rules).
+    fast_b.set_peers(&[])?;
+    let (before, devices) = (fast_b.stats()?, device_packets(&b)?);
+    let out = five_pings(&a, b.container_address()?)?;
+    assert_eq!(out.matches("ttl=62").count(), 5, "{out}");
+    assert_eq!(fast_b.stats()?.decapsulated, before.decapsulated);
+    assert!(
+        device_packets(&b)?.1 >= devices.1 + 4,
+        "node b's device received nothing"
+    );
     // Recorded again, the peer is encapsulated for by the program.
     fast_a.set_peers(&[(b.subnet, b.address)])?;
     let out = five_pings(&a, b.container_address()?)?;
     assert_eq!(out.matches("ttl=62").count(), 5, "{out}");
     assert!(fast_a.stats()?.encapsulated >= 4);
+    Ok(())
+}
+
+#[test]
+fn a_congestion_mark_on_the_outer_header_reaches_the_inner_one() -> TestResult {
+    // Node a's VXLAN device encapsulates (copying the inner ECN field out, as Linux does) and a
+    // rule there marks every outer header "congestion experienced", as a router could. Node b's
+    // program leaves such packets to its device, which carries the mark to the inner header.
+    let (a, b) = peered(Mode::Vxlan)?;
+    let _fast_a = a.fast_path_with(false)?;
+    let fast_b = b.fast_path()?;
+    let tos = |ns: &TestNs, chain: &str, what: &[&str], value: &str| -> TestResult {
+        let mut args = vec!["iptables", "-w", "-t", "mangle", "-A", chain];
+        args.extend_from_slice(what);
+        args.extend(["-j", "TOS", "--set-tos", value]);
+        ns.exec(&args)?;
+        Ok(())
+    };
+    // ECN-capable pings from container a (busybox ping cannot ask for it).
+    tos(&a.ctr, "OUTPUT", &["-p", "icmp"], "0x02/0x03")?;
+    tos(
+        &a.ns,
+        "POSTROUTING",
+        &["-p", "udp", "--dport", "4789"],
+        "0x03/0x03",
+    )?;
+    b.ctr.exec(&[
+        "iptables",
+        "-w",
+        "-A",
+        "INPUT",
+        "-p",
+        "icmp",
+        "-m",
+        "ecn",
+        "--ecn-ip-ect",
+        "3",
+    ])?;
+    let out = five_pings(&a, b.container_address()?)?;
+    assert_eq!(out.matches("ttl=62").count(), 5, "{out}");
+    let marked = b
+        .ctr
+        .exec(&["iptables", "-w", "-L", "INPUT", "-v", "-x", "-n"])?;
+    let count: u64 = marked
+        .lines()
+        .find(|l| l.contains("ECN"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("no ECN rule counter in {marked}"))?;
+    assert!(count >= 5, "{count} marked requests arrived: {marked}");
+    assert_eq!(fast_b.stats()?.decapsulated, 0);
     Ok(())
 }
 

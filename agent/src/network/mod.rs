@@ -710,14 +710,16 @@ impl NodeNetwork {
             NetworkMode::HostGw => tug_netplugin::sync_peer_routes(&cfg, &peers).await?,
             NetworkMode::Vxlan => {
                 let vx = self.vxlan_config(saved, None, 0);
-                let changed = tug_netplugin::sync_vxlan_peers(&vx, &peers).await?;
+                let changed = tug_netplugin::sync_vxlan_peers(&vx, &peers).await;
+                // Also after a failed sync: the programs follow the map, not a device half
+                // brought up to date.
                 if let Some(fast) = self.fast_path()
                     && let Err(e) = fast.set_peers(&peers)
                 {
                     tracing::warn!(cause = %e, "VXLAN peers left to the VXLAN device");
                 }
                 *self.lock_peers() = peers.clone();
-                changed
+                changed?
             }
         };
         if !changed.added.is_empty() || !changed.removed.is_empty() {

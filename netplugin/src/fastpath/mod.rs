@@ -14,9 +14,12 @@
 //! In vxlan mode with a known uplink ([`TunnelConfig`]) the programs also carry VXLAN
 //! themselves: the sending program encapsulates for peers recorded with [`FastPath::set_peers`]
 //! and sends the packet out of the uplink, and a third program there ([`FROM_VXLAN`])
-//! decapsulates what arrives for a local container. Their packets are the VXLAN device's, which
-//! stays for everything else (peers not recorded, packets the programs pass on, nodes without the
-//! fast path). Where the kernel refuses a step (an older kernel without
+//! decapsulates what arrives from a recorded peer node for a local container. Their packets are
+//! the VXLAN device's, which stays for everything else (peers not recorded, VXLAN from other
+//! sources, which meets the node's netfilter rules there, packets with a congestion mark on the
+//! outer header, nodes without the fast path). The outer header is not ECN-capable, and the
+//! source port comes from the flow hash in 49152-65535 (RFC 7348), where the device uses the
+//! local port range. Where the kernel refuses a step (an older kernel without
 //! `BPF_F_ADJ_ROOM_ENCAP_L2_ETH`), the packet goes through the device instead. A decapsulated
 //! GSO packet keeps the UDP-tunnel bit of its GSO type (only bpf-next's
 //! `BPF_F_ADJ_ROOM_DECAP_L4_UDP` clears it): harmless for delivery to the container's own
@@ -114,8 +117,9 @@ pub struct FastPath {
     from_containers: OwnedFd,
     routes: bpf::Map,
     stats: bpf::Map,
-    /// VTEP address -> node address of the VXLAN peers, with a tunnel.
-    peers: Option<bpf::Map>,
+    /// VTEP address -> node address of the VXLAN peers, and the set of their node addresses
+    /// (the only outer sources decapsulated), with a tunnel.
+    peers: Option<(bpf::Map, bpf::Map)>,
     subnet: Subnet,
 }
 
@@ -128,15 +132,18 @@ impl FastPath {
         let stats = bpf::map_create(bpf::MAP_ARRAY, 4, 8, programs::STATS, "tug_stats")
             .map_err(Error::bpf("create the fast path's statistics map"))?;
         let peers = match &cfg.tunnel {
-            Some(_) => Some(
+            Some(_) => Some((
                 bpf::map_create(bpf::MAP_HASH, 4, 4, MAX_PEERS, "tug_peers")
                     .map_err(Error::bpf("create the fast path's VXLAN peer map"))?,
-            ),
+                bpf::map_create(bpf::MAP_HASH, 4, 4, MAX_PEERS, "tug_peer_nodes")
+                    .map_err(Error::bpf("create the fast path's VXLAN peer node map"))?,
+            )),
             None => None,
         };
         let tunnel = match (&cfg.tunnel, &peers) {
-            (Some(t), Some(peers)) => Some(programs::Tunnel {
+            (Some(t), Some((peers, nodes))) => Some(programs::Tunnel {
                 peers: peers.fd(),
+                nodes: nodes.fd(),
                 local: t.local,
                 uplink: if_index(&t.uplink)?,
                 port: t.port,
@@ -187,22 +194,47 @@ impl FastPath {
     /// Make the peer map hold exactly `peers` (`(subnet, node address)`, as given to
     /// [`crate::sync_vxlan_peers`]); packets to others go through the VXLAN device. Nothing to
     /// do without a tunnel.
+    ///
+    /// Former peers go first and every entry is tried, so a failure leaves the maps as close to
+    /// `peers` as the kernel allowed; the first error is returned.
     pub fn set_peers(&self, peers: &[(Subnet, Ipv4Addr)]) -> Result<()> {
-        let Some(map) = &self.peers else {
+        let Some((vteps, nodes)) = &self.peers else {
             return Ok(());
         };
-        let what = "update the fast path's VXLAN peer map";
-        for (subnet, node) in peers {
-            bpf::map_update(map, &subnet.network().octets(), &node.octets())
-                .map_err(Error::bpf(what))?;
-        }
-        for key in bpf::map_keys::<4>(map).map_err(Error::bpf(what))? {
-            let vtep = Ipv4Addr::from(key);
-            if !peers.iter().any(|(subnet, _)| subnet.network() == vtep) {
-                bpf::map_delete(map, &key).map_err(Error::bpf(what))?;
+        let what = "update the fast path's VXLAN peer maps";
+        let mut first = None;
+        let mut note = |r: std::io::Result<()>| {
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        };
+        for (map, wanted) in [
+            (
+                vteps,
+                peers.iter().map(|(s, _)| s.network()).collect::<Vec<_>>(),
+            ),
+            (nodes, peers.iter().map(|(_, n)| *n).collect()),
+        ] {
+            match bpf::map_keys::<4>(map) {
+                Ok(keys) => {
+                    for key in keys {
+                        if !wanted.contains(&Ipv4Addr::from(key)) {
+                            note(bpf::map_delete(map, &key).map(drop));
+                        }
+                    }
+                }
+                Err(e) => note(Err(e)),
             }
         }
-        Ok(())
+        for (subnet, node) in peers {
+            note(bpf::map_update(
+                vteps,
+                &subnet.network().octets(),
+                &node.octets(),
+            ));
+            note(bpf::map_update(nodes, &node.octets(), &1u32.to_ne_bytes()));
+        }
+        first.map_or(Ok(()), |e| Err(Error::bpf(what)(e)))
     }
 
     /// Whether the programs carry VXLAN themselves.
@@ -212,7 +244,7 @@ impl FastPath {
 
     /// The recorded VXLAN peers, `(VTEP address, node address)`; empty without a tunnel.
     pub fn peers(&self) -> Result<Vec<(Ipv4Addr, Ipv4Addr)>> {
-        let Some(map) = &self.peers else {
+        let Some((map, _)) = &self.peers else {
             return Ok(Vec::new());
         };
         let what = "read the fast path's VXLAN peer map";

@@ -55,6 +55,9 @@ const IP_SRC: i16 = 26;
 const IP_DST: i16 = 30;
 const HEADERS: i32 = 34;
 const IP_FRAG: i16 = 20;
+/// The ECN field of the TOS byte, and its "congestion experienced" value.
+const ECN_MASK: i32 = 0x03;
+const ECN_CE: i32 = 0x03;
 const UDP_PROTOCOL: i32 = 17;
 /// `htons(IP_MF | IP_OFFSET)` read little-endian: set in any fragment.
 const IP_FRAGMENT_WIRE: i32 = 0xff3f;
@@ -74,7 +77,8 @@ const VXLAN_HEADERS: i32 = HEADERS + VXLAN_OVERHEAD;
 /// The VXLAN flags word: only the I flag (a valid VNI), reserved bits zero.
 const VXLAN_FLAGS_WIRE: i32 = 0x08;
 /// The outer header's length and TTL/protocol words as read little-endian: version 4 and 5
-/// words; TTL 64 and UDP.
+/// words, TOS 0; TTL 64 and UDP. The outer header is not ECN-capable (RFC 6040's compatibility
+/// mode): the underlay drops rather than marks, and no mark can get lost at decapsulation.
 const OUTER_VERSION_IHL_WIRE: i32 = 0x0045;
 const OUTER_TTL_UDP_WIRE: i32 = 0x1140;
 /// The longest frame that still fits in an IPv4 packet once encapsulated.
@@ -157,6 +161,8 @@ pub(crate) const STATS: u32 = 4;
 pub(crate) struct Tunnel<'a> {
     /// Peer VTEP address -> peer node address (both wire order).
     pub peers: &'a OwnedFd,
+    /// The peer nodes' addresses (the keys; the values are unused).
+    pub nodes: &'a OwnedFd,
     /// This node's address: the outer source, and the destination `from_vxlan` takes.
     pub local: std::net::Ipv4Addr,
     /// The uplink's interface index (the outer packet's route is looked up out of it).
@@ -504,8 +510,11 @@ pub(crate) fn from_vxlan(
     stats: &OwnedFd,
 ) -> Result<Vec<Insn>, AsmError> {
     let mut asm = Asm::new();
-    asm.mov(Reg::R6, Reg::R1);
-    // Every header up to the inner IPv4 one in the linear part; pulled in if it is not.
+    // Every header up to the inner IPv4 one in the linear part; pulled in if it is not (but
+    // not for packets too short to be VXLAN, such as bare TCP acknowledgements).
+    asm.mov(Reg::R6, Reg::R1)
+        .load(Size::W, Reg::R4, Reg::R6, SKB_LEN)
+        .jump_imm(Cond::Lt, Reg::R4, VXLAN_HEADERS, "pass");
     vxlan_pointers(&mut asm, "pull");
     asm.goto("linear")
         .label("pull")
@@ -526,6 +535,11 @@ pub(crate) fn from_vxlan(
         .load(Size::H, Reg::R4, Reg::R2, IP_FRAG)
         .alu32_imm(Alu::And, Reg::R4, IP_FRAGMENT_WIRE)
         .jump32_imm(Cond::Ne, Reg::R4, 0, "pass")
+        // A congestion mark on the outer header is the device's to carry over to the inner one
+        // (or to drop the packet, for an inner header that is not ECN-capable: RFC 6040).
+        .load(Size::B, Reg::R4, Reg::R2, IP_TOS)
+        .alu32_imm(Alu::And, Reg::R4, ECN_MASK)
+        .jump32_imm(Cond::Eq, Reg::R4, ECN_CE, "pass")
         .load(Size::W, Reg::R4, Reg::R2, IP_DST)
         .jump32_imm(Cond::Ne, Reg::R4, wire(tunnel.local), "pass")
         .load(Size::H, Reg::R4, Reg::R2, UDP_DEST)
@@ -535,8 +549,18 @@ pub(crate) fn from_vxlan(
         .jump32_imm(Cond::Ne, Reg::R4, VXLAN_FLAGS_WIRE, "pass")
         .load(Size::W, Reg::R4, Reg::R2, VXLAN_VNI)
         .jump32_imm(Cond::Ne, Reg::R4, tunnel.vni_wire(), "pass")
-        // Inner: what `ipv4_prologue` checks, from the cluster to a local container.
-        .load(Size::H, Reg::R4, Reg::R2, INNER + ETH_PROTO)
+        // From a recorded peer node: anything else is the VXLAN device's, behind the node's
+        // netfilter rules.
+        .load(Size::W, Reg::R4, Reg::R2, IP_SRC)
+        .store(Size::W, Reg::R10, KEY, Reg::R4)
+        .load_map_fd(Reg::R1, tunnel.nodes.as_raw_fd())
+        .mov(Reg::R2, Reg::R10)
+        .alu64_imm(Alu::Add, Reg::R2, i32::from(KEY))
+        .call(MAP_LOOKUP_ELEM)
+        .jump_imm(Cond::Eq, Reg::R0, 0, "pass");
+    vxlan_pointers(&mut asm, "pass");
+    // Inner: what `ipv4_prologue` checks, from the cluster to a local container.
+    asm.load(Size::H, Reg::R4, Reg::R2, INNER + ETH_PROTO)
         .jump32_imm(Cond::Ne, Reg::R4, ETH_P_IP_WIRE, "pass")
         .load(Size::B, Reg::R4, Reg::R2, INNER_IP)
         .jump32_imm(Cond::Ne, Reg::R4, IPV4_NO_OPTIONS, "pass")
