@@ -62,9 +62,19 @@ const CNI_CONF: &str = r#"{
 
 #[test]
 fn an_agent_restarted_with_the_fast_path_off_takes_its_programs_off() -> TestResult {
+    restarted_with_the_fast_path_off("host-gw")
+}
+
+/// The same in vxlan mode, where a program also sits on the uplink to decapsulate.
+#[test]
+fn a_vxlan_agent_restarted_with_the_fast_path_off_takes_its_programs_off() -> TestResult {
+    restarted_with_the_fast_path_off("vxlan")
+}
+
+fn restarted_with_the_fast_path_off(mode: &str) -> TestResult {
     let images = TestImages::get()?;
-    let mut bed = Cluster::start_with(Path::new(TUG), "2s", &["--network-mode", "host-gw"])?;
-    let result = fast_path_off(&mut bed, images);
+    let mut bed = Cluster::start_with(Path::new(TUG), "2s", &["--network-mode", mode])?;
+    let result = fast_path_off(&mut bed, images, mode);
     if result.is_err() {
         bed.dump_logs();
     }
@@ -91,15 +101,22 @@ fn tug_filters(bed: &Cluster, node: usize) -> TestResult<Vec<(String, String)>> 
     Ok(found)
 }
 
-fn fast_path_off(bed: &mut Cluster, images: &TestImages) -> TestResult {
+fn fast_path_off(bed: &mut Cluster, images: &TestImages, mode: &str) -> TestResult {
     wait_ready(bed)?;
     let web = apply_web(bed, images)?;
     let (a, b) = (&web[0], &web[1]);
     let body = fetch(bed, b, &a.address.to_string())?;
     assert_eq!(body.trim(), format!("web-{}", a.id));
-    assert_fast_path(bed, b.node, a.node, "host-gw", false)?;
+    assert_fast_path(bed, b.node, a.node, mode, false)?;
     let on = tug_filters(bed, a.node)?;
     assert!(on.iter().any(|(_, p)| p == "tug_to_ctr"), "{on:?}");
+    if mode == "vxlan" {
+        assert!(
+            on.iter()
+                .any(|(i, p)| !i.starts_with("tv") && i != "tug.vxlan" && p == "tug_vxlan_in"),
+            "{on:?}"
+        );
+    }
     assert!(
         on.iter()
             .any(|(i, p)| i.starts_with("tv") && p == "tug_from_ctr"),

@@ -17,11 +17,12 @@
 //!   IPv4, UDP and VXLAN headers itself (`bpf_skb_adjust_room`, which marks GSO packets as UDP
 //!   tunnel packets so a NIC or the stack segments them correctly) and sends the packet out of
 //!   the uplink, skipping the VXLAN device and a second pass through IP output and netfilter.
-//!   [`from_vxlan`] on the uplink takes VXLAN packets for a local container off the wire the
-//!   same way: it strips the outer headers and puts the inner packet into the container's
-//!   namespace, skipping outer IP input, the UDP socket lookup, the VXLAN device and its GRO
-//!   queue. The packets are the kernel VXLAN device's (same port, VNI, VTEP MACs), so a node
-//!   without the fast path, or a packet it passes on, is handled by the device as before.
+//!   [`from_vxlan`] on the uplink takes VXLAN packets from a recorded peer node for a local
+//!   container off the wire the same way: it strips the outer headers and puts the inner
+//!   packet into the container's namespace, skipping outer IP input, the UDP socket lookup, the
+//!   VXLAN device and its GRO queue. The packets are the kernel VXLAN device's (same port, VNI,
+//!   VTEP MACs), so a node without the fast path, or a packet the programs pass on (VXLAN from
+//!   elsewhere, an outer congestion mark), is handled by the device as before.
 //!
 //! Anything else (other protocols, IP options, TTL about to expire, traffic to or from outside
 //! the cluster CIDR, a packet too big for the next hop) goes on through
