@@ -4,7 +4,8 @@
 //! - each node gets its own subnet from the controller; each replica an address in it;
 //! - a busybox `httpd` replica on host A is fetched with `wget` from a container on host B by
 //!   address and by service name (three spellings), and pinged;
-//! - its hostPort answers from another host's root namespace at A's address, and from A itself;
+//! - its hostPort answers from another host's root namespace at A's address, from A itself, and
+//!   from the replica itself (hairpin);
 //! - egress to a host outside the cluster CIDR arrives from A's node address (masquerade);
 //! - an agent restart keeps every container's address (and the container answers, through the
 //!   restarted agent's fast path);
@@ -398,6 +399,18 @@ fn scenario(bed: &mut Cluster, images: &TestImages, mode: &str, cni: bool) -> Te
         ],
     )?;
     assert_eq!(via_bridge.trim(), format!("web-{}", a.id), "via {bridge_a}");
+    // Hairpin: A's container reaches its own published port at its node's address (the
+    // built-in plugin's bridge ports; CNI's bridge plugin leaves hairpin mode to its config).
+    if !cni {
+        let node_a = bed.agent_host(a.node).addr();
+        let url = format!("http://{node_a}:{HOST_PORT}/");
+        let own = exec(bed, &a.id, &["wget", "-q", "-O", "-", &url])?;
+        assert_eq!(
+            own.trim(),
+            format!("web-{}", a.id),
+            "{url} from its own container"
+        );
+    }
     // Egress: a host outside the cluster CIDR sees the node's address.
     let outside = bed.client_host();
     let listener = outside

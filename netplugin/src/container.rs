@@ -18,7 +18,7 @@ use std::path::PathBuf;
 
 use nix::errno::Errno;
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
-use rtnetlink::{LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
+use rtnetlink::{LinkBridgePort, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
@@ -169,6 +169,18 @@ async fn wire(
         }
     }
     drop(netns);
+    // Hairpin: a container reaching its own published port at the node's address gets the
+    // translated request back out of the port it came in on (the bridge, `br_netfilter`
+    // translating there, would drop it); `crate::nat` masquerades it so the answer returns
+    // through conntrack. The kernel takes port settings only on an existing port.
+    nl.handle
+        .link()
+        .set_port(LinkBridgePort::new(0).name(host_veth).hairpin(true).build())
+        .execute()
+        .await
+        .map_err(Error::netlink(format!(
+            "set hairpin mode on bridge port {host_veth:?}"
+        )))?;
 
     let prefix = net.subnet.prefix();
     let gateway = net.subnet.gateway();

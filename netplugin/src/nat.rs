@@ -107,7 +107,9 @@ pub fn setup_nat(subnet: Subnet, cluster_cidr: Subnet) -> Result<()> {
     // at the VTEP's in vxlan mode): without this the answer would go straight back to the
     // client as cluster traffic, which the eBPF fast path carries past the reverse DNAT.
     // Masqueraded, the answer comes back to the node, where conntrack undoes both
-    // translations. Clients outside the cluster keep their address.
+    // translations. The same holds for a container reaching its own published port at the
+    // node's address (hairpin; its bridge port sends the request back, see
+    // `crate::container`). Clients outside the cluster keep their address.
     masquerade(
         &[
             "-s",

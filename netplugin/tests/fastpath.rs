@@ -243,6 +243,22 @@ fn a_published_port_reached_at_the_bridge_address_from_another_node_answers() ->
 }
 
 #[test]
+fn a_container_reaches_its_own_published_port_at_its_node_address() -> TestResult {
+    // Hairpin: the translated request leaves the bridge by the port it came in on, masqueraded
+    // so that the answer comes back through conntrack.
+    let (a, b) = peered(Mode::HostGw)?;
+    let (_fast_a, _fast_b) = (a.fast_path()?, b.fast_path()?);
+    a.publish(18080, 8080)?;
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("index.html"), "hairpin\n")?;
+    let _server = Httpd::start(&a, dir.path())?;
+    let url = format!("http://{}:18080/index.html", a.address);
+    let body = fetch(&a.ctr, &url, 5)?.map_err(|e| format!("{url} from its own container: {e}"))?;
+    assert_eq!(String::from_utf8_lossy(&body), "hairpin\n");
+    Ok(())
+}
+
+#[test]
 fn setting_up_again_replaces_the_programs_and_forgets_removed_containers() -> TestResult {
     let (a, b) = peered(Mode::HostGw)?;
     let first = a.fast_path()?;
