@@ -232,14 +232,7 @@ fn a_published_port_reached_at_the_bridge_address_from_another_node_answers() ->
     // pass node a's reverse DNAT instead of the fast path.
     let (a, b) = peered(Mode::HostGw)?;
     let (_fast_a, _fast_b) = (a.fast_path()?, b.fast_path()?);
-    a.publish(18080, 8080)?;
-    let dir = tempfile::tempdir()?;
-    std::fs::write(dir.path().join("index.html"), "published\n")?;
-    let _server = Httpd::start(&a, dir.path())?;
-    let url = format!("http://{}:18080/index.html", a.subnet.gateway());
-    let body = fetch(&b.ctr, &url, 20)?.map_err(|e| format!("{url} from container b: {e}"))?;
-    assert_eq!(String::from_utf8_lossy(&body), "published\n");
-    Ok(())
+    fetch_published(&a, &b.ctr, a.subnet.gateway())
 }
 
 #[test]
@@ -248,13 +241,20 @@ fn a_container_reaches_its_own_published_port_at_its_node_address() -> TestResul
     // so that the answer comes back through conntrack.
     let (a, b) = peered(Mode::HostGw)?;
     let (_fast_a, _fast_b) = (a.fast_path()?, b.fast_path()?);
-    a.publish(18080, 8080)?;
+    fetch_published(&a, &a.ctr, a.address)
+}
+
+/// Node `server`'s container serves a page on port 8080, published as 18080; `client` fetches
+/// it at `host`.
+fn fetch_published(server: &Node, client: &TestNs, host: std::net::Ipv4Addr) -> TestResult {
+    server.publish(18080, 8080)?;
     let dir = tempfile::tempdir()?;
-    std::fs::write(dir.path().join("index.html"), "hairpin\n")?;
-    let _server = Httpd::start(&a, dir.path())?;
-    let url = format!("http://{}:18080/index.html", a.address);
-    let body = fetch(&a.ctr, &url, 5)?.map_err(|e| format!("{url} from its own container: {e}"))?;
-    assert_eq!(String::from_utf8_lossy(&body), "hairpin\n");
+    std::fs::write(dir.path().join("index.html"), "published\n")?;
+    let _server = Httpd::start(server, dir.path())?;
+    let url = format!("http://{host}:18080/index.html");
+    let body =
+        fetch(client, &url, 20)?.map_err(|e| format!("{url} from {}: {e}", client.name()))?;
+    assert_eq!(String::from_utf8_lossy(&body), "published\n");
     Ok(())
 }
 
