@@ -268,6 +268,8 @@ pub async fn check(net: &ContainerNet) -> Result<()> {
                     veth: host_veth.clone(),
                     bridge: net.bridge.clone(),
                 });
+            } else if link.hairpin != Some(true) {
+                drift.push(DriftItem::HairpinOff(host_veth.clone()));
             }
         }
     }
@@ -335,6 +337,9 @@ pub enum DriftItem {
     HostVethDown(String),
     /// The host end is not a port of the bridge.
     HostVethOffBridge { veth: String, bridge: String },
+    /// The host end's bridge port is not in hairpin mode (the container cannot reach its own
+    /// published port at the node's address).
+    HairpinOff(String),
     /// The container's namespace file no longer opens.
     NetnsGone(PathBuf),
     /// `lo` is down (or missing) inside.
@@ -358,6 +363,7 @@ impl fmt::Display for DriftItem {
             DriftItem::HostVethOffBridge { veth, bridge } => {
                 write!(f, "host veth {veth} is not attached to bridge {bridge}")
             }
+            DriftItem::HairpinOff(v) => write!(f, "bridge port {v} is not in hairpin mode"),
             DriftItem::NetnsGone(p) => write!(f, "network namespace {} is gone", p.display()),
             DriftItem::LoopbackDown => write!(f, "lo is down"),
             DriftItem::Eth0Missing => write!(f, "eth0 is missing"),

@@ -9,7 +9,9 @@ use nix::errno::Errno;
 use rtnetlink::Handle;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
-use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::link::{
+    InfoBridgePort, InfoKind, InfoPortData, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
 use tokio::task::JoinHandle;
 
@@ -232,6 +234,8 @@ pub(crate) struct Link {
     pub(crate) kind: Option<InfoKind>,
     pub(crate) controller: Option<u32>,
     pub(crate) mac: Option<Vec<u8>>,
+    /// As a bridge port: whether it is in hairpin mode.
+    pub(crate) hairpin: Option<bool>,
 }
 
 impl From<LinkMessage> for Link {
@@ -243,6 +247,7 @@ impl From<LinkMessage> for Link {
             kind: None,
             controller: None,
             mac: None,
+            hairpin: None,
         };
         for attr in msg.attributes {
             match attr {
@@ -251,8 +256,16 @@ impl From<LinkMessage> for Link {
                 LinkAttribute::Address(mac) => link.mac = Some(mac),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
-                        if let LinkInfo::Kind(kind) = info {
-                            link.kind = Some(kind);
+                        match info {
+                            LinkInfo::Kind(kind) => link.kind = Some(kind),
+                            LinkInfo::PortData(InfoPortData::BridgePort(port)) => {
+                                for item in port {
+                                    if let InfoBridgePort::HairpinMode(on) = item {
+                                        link.hairpin = Some(on);
+                                    }
+                                }
+                            }
+                            _ => {}
                         }
                     }
                 }

@@ -188,6 +188,27 @@ fn check_reports_drift() -> TestResult {
         other => panic!("expected drift, got {other:?}"),
     }
 
+    let veth = att.host_veth.as_str();
+    node.ns.ip(&[
+        "link",
+        "set",
+        "dev",
+        veth,
+        "type",
+        "bridge_slave",
+        "hairpin",
+        "off",
+    ])?;
+    match block_in_netns(&node.ns.path(), || check(&net)) {
+        Err(Error::Drift { drift, .. }) => {
+            assert!(
+                drift.0.contains(&DriftItem::HairpinOff(veth.to_string())),
+                "{drift:?}"
+            );
+        }
+        other => panic!("expected drift, got {other:?}"),
+    }
+
     node.ns.ip(&["link", "del", &att.host_veth])?;
     match block_in_netns(&node.ns.path(), || check(&net)) {
         Err(err @ Error::Drift { .. }) => {
