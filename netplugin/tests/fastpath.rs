@@ -113,6 +113,75 @@ fn vxlan_packets_of_the_programs_and_of_the_device_are_interchangeable() -> Test
 }
 
 #[test]
+fn a_container_that_forwards_decapsulated_traffic_passes_it_on_intact() -> TestResult {
+    // A container running containers of its own (Docker inside) forwards what the program put
+    // into it. Decapsulated GSO packets keep their UDP-tunnel offload mark (see the module docs
+    // of `fastpath`): forwarded onto a link with a smaller MTU, the stack must still measure
+    // their segments right (and ask the sender for smaller ones), and the bytes arrive intact.
+    let (a, b) = peered(Mode::Vxlan)?;
+    let (_fast_a, fast_b) = (a.fast_path()?, b.fast_path()?);
+    let inner = TestNs::new("inner")?;
+    // The inner end's larger MTU makes the fetch's SYN ask for segments that do not fit
+    // container b's end: the first ones take an ICMP "fragmentation needed" back to a.
+    let mut pair: Vec<&str> = "link add fwd0 mtu 1280 type veth peer name fwd1 mtu 1450 netns"
+        .split(' ')
+        .collect();
+    pair.push(inner.name());
+    b.ctr.ip(&pair)?;
+    b.ctr.ip(&["addr", "add", "10.99.0.1/24", "dev", "fwd0"])?;
+    b.ctr.ip(&["link", "set", "fwd0", "up"])?;
+    inner.ip(&["addr", "add", "10.99.0.2/24", "dev", "fwd1"])?;
+    inner.ip(&["link", "set", "fwd1", "up"])?;
+    inner.ip(&["link", "set", "lo", "up"])?;
+    inner.ip(&["route", "add", "default", "via", "10.99.0.1"])?;
+    b.ctr.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+    let masquerade = "iptables -w -t nat -A POSTROUTING -s 10.99.0.0/24 -o eth0 -j MASQUERADE";
+    b.ctr.exec(&masquerade.split(' ').collect::<Vec<_>>())?;
+    // The inner namespace fetches 8 MiB from container a: the bulk arrives at node b in VXLAN,
+    // is decapsulated into container b, and forwarded on.
+    let dir = tempfile::tempdir()?;
+    let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(dir.path().join("blob"), &data)?;
+    let _server = Httpd::start(&a, dir.path())?;
+    let before = fast_b.stats()?;
+    let url = format!("http://{}:8080/blob", a.container_address()?);
+    let fetched = fetch(&inner, &url, 30)?.map_err(|e| format!("{url} from behind b: {e}"))?;
+    assert!(
+        fetched == data,
+        "{} bytes fetched, not the same 8 MiB",
+        fetched.len()
+    );
+    let after = fast_b.stats()?;
+    assert!(
+        after.decapsulated > before.decapsulated + 100,
+        "{before:?} {after:?}"
+    );
+    // The stack did measure them against the smaller link and asked for smaller ones.
+    let asked = snmp(&b.ctr, "Icmp", "OutDestUnreachs")?;
+    assert!(asked >= 1, "container b sent no ICMP fragmentation needed");
+    Ok(())
+}
+
+/// Counter `field` of protocol `proto` in `ns`'s `/proc/net/snmp`.
+fn snmp(ns: &TestNs, proto: &str, field: &str) -> TestResult<u64> {
+    let text = ns.exec(&["cat", "/proc/net/snmp"])?;
+    let prefix = format!("{proto}:");
+    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return Err(format!("no {proto} counters in /proc/net/snmp").into());
+    };
+    let at = names
+        .split_whitespace()
+        .position(|n| n == field)
+        .ok_or_else(|| format!("no {proto} counter {field}"))?;
+    Ok(values
+        .split_whitespace()
+        .nth(at)
+        .ok_or("short counter line")?
+        .parse()?)
+}
+
+#[test]
 fn a_peer_missing_from_the_peer_map_is_reached_through_the_vxlan_device() -> TestResult {
     let (a, b) = peered(Mode::Vxlan)?;
     let (fast_a, fast_b) = (a.fast_path()?, b.fast_path()?);
@@ -373,11 +442,15 @@ struct Httpd(Child);
 
 impl Httpd {
     fn start(node: &Node, dir: &Path) -> TestResult<Httpd> {
+        Httpd::start_in(&node.ctr, dir)
+    }
+
+    fn start_in(ns: &TestNs, dir: &Path) -> TestResult<Httpd> {
         let child = Command::new("ip")
             .args([
                 "netns",
                 "exec",
-                node.ctr.name(),
+                ns.name(),
                 "busybox",
                 "httpd",
                 "-f",

@@ -23,7 +23,8 @@
 //! `BPF_F_ADJ_ROOM_ENCAP_L2_ETH`), the packet goes through the device instead. A decapsulated
 //! GSO packet keeps the UDP-tunnel bit of its GSO type (only bpf-next's
 //! `BPF_F_ADJ_ROOM_DECAP_L4_UDP` clears it): harmless for delivery to the container's own
-//! sockets, which is all the program does with it.
+//! sockets, which is all the program does with it, and a container that forwards such packets
+//! on (onto a smaller MTU, too) passes them intact (tested).
 //!
 //! [`FastPath::setup`] loads the programs and attaches the receiving ones; [`FastPath::attach`]
 //! puts the sending one on a container's host veth and records the container's address in the
