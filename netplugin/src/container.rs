@@ -169,18 +169,7 @@ async fn wire(
         }
     }
     drop(netns);
-    // Hairpin: a container reaching its own published port at the node's address gets the
-    // translated request back out of the port it came in on (the bridge, `br_netfilter`
-    // translating there, would drop it); `crate::nat` masquerades it so the answer returns
-    // through conntrack. The kernel takes port settings only on an existing port.
-    nl.handle
-        .link()
-        .set_port(LinkBridgePort::new(0).name(host_veth).hairpin(true).build())
-        .execute()
-        .await
-        .map_err(Error::netlink(format!(
-            "set hairpin mode on bridge port {host_veth:?}"
-        )))?;
+    set_hairpin(nl, host_veth).await?;
 
     let prefix = net.subnet.prefix();
     let gateway = net.subnet.gateway();
@@ -188,6 +177,28 @@ async fn wire(
         configure_inside(address, prefix, gateway)
     })
     .await
+}
+
+/// Put a container's host veth into hairpin mode: a container reaching its own published port
+/// at the node's address gets the translated request back out of the port it came in on (the
+/// bridge, `br_netfilter` translating there, would drop it); `crate::nat` masquerades it so the
+/// answer returns through conntrack. The kernel takes port settings only on an existing port.
+async fn set_hairpin(nl: &Netlink, host_veth: &str) -> Result<()> {
+    nl.handle
+        .link()
+        .set_port(LinkBridgePort::new(0).name(host_veth).hairpin(true).build())
+        .execute()
+        .await
+        .map_err(Error::netlink(format!(
+            "set hairpin mode on bridge port {host_veth:?}"
+        )))
+}
+
+/// Put the host veth of container `id` into hairpin mode, as [`add`] does: for containers wired
+/// by an earlier version that kept running. Run in the node's network namespace.
+pub async fn ensure_hairpin(id: &str) -> Result<()> {
+    let nl = Netlink::open()?;
+    set_hairpin(&nl, &host_veth_name(id)).await
 }
 
 /// Inside the container's namespace: `lo` up, address on `eth0`, `eth0` up, default route.

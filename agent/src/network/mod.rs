@@ -295,6 +295,19 @@ impl NodeNetwork {
         *self.fast_path.lock().unwrap_or_else(|p| p.into_inner()) = loaded;
     }
 
+    /// Containers that kept running from an agent version without hairpin mode get it.
+    async fn ensure_hairpin(&self, subnet: Subnet) {
+        for id in self.allocations(subnet).keys() {
+            let veth = tug_netplugin::container::host_veth_name(id);
+            if nix::net::if_::if_nametoindex(veth.as_str()).is_err() {
+                continue;
+            }
+            if let Err(e) = tug_netplugin::container::ensure_hairpin(id).await {
+                tracing::warn!(container = %id, cause = %e, "no hairpin mode: the container cannot reach its own published port at the node's address");
+            }
+        }
+    }
+
     fn lock_peers(&self) -> std::sync::MutexGuard<'_, Vec<(Subnet, Ipv4Addr)>> {
         self.peers.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -361,6 +374,9 @@ impl NodeNetwork {
             .await
             .map_err(|e| NetworkError::Internal(e.to_string()))??;
         self.set_up_fast_path(saved, uplink.clone()).await;
+        if self.cni_settings.is_none() {
+            self.ensure_hairpin(saved.subnet).await;
+        }
         if let Some(settings) = &self.cni_settings {
             let loaded = CniNetwork::load(
                 &settings.conf_dir,
