@@ -194,11 +194,26 @@ async fn set_hairpin(nl: &Netlink, host_veth: &str) -> Result<()> {
         )))
 }
 
-/// Put the host veth of container `id` into hairpin mode, as [`add`] does: for containers wired
-/// by an earlier version that kept running. Run in the node's network namespace.
-pub async fn ensure_hairpin(id: &str) -> Result<()> {
-    let nl = Netlink::open()?;
-    set_hairpin(&nl, &host_veth_name(id)).await
+/// Put the host veths of containers `ids` into hairpin mode, as [`add`] does: for containers
+/// wired by an earlier version that kept running. Containers without a veth are skipped, a
+/// failure is logged and skipped. Run in the node's network namespace.
+pub async fn ensure_hairpin<'a>(ids: impl IntoIterator<Item = &'a String>) {
+    let nl = match Netlink::open() {
+        Ok(nl) => nl,
+        Err(e) => {
+            tracing::warn!(cause = %e, "running containers' bridge ports left as they are");
+            return;
+        }
+    };
+    for id in ids {
+        let veth = host_veth_name(id);
+        if nix::net::if_::if_nametoindex(veth.as_str()).is_err() {
+            continue;
+        }
+        if let Err(e) = set_hairpin(&nl, &veth).await {
+            tracing::warn!(container = %id, cause = %e, "no hairpin mode: the container cannot reach its own published port at the node's address");
+        }
+    }
 }
 
 /// Inside the container's namespace: `lo` up, address on `eth0`, `eth0` up, default route.

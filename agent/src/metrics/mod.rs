@@ -166,39 +166,47 @@ impl AgentMetrics {
                 return Vec::new();
             }
         };
-        let mut family = Family::counter(
+        let mut families = vec![self.node_counters(
             "tug_agent_fast_path_packets_total",
             "Packets the eBPF fast path carried between this node's containers and other nodes \
              (GSO packets count once), by direction, since it was loaded.",
-        );
-        for (direction, value) in [
-            ("to_nodes", stats.to_nodes),
-            ("to_containers", stats.to_containers),
-        ] {
-            family.add(
-                &[("node", self.node.as_str()), ("direction", direction)],
-                value as f64,
-            );
-        }
-        let mut families = vec![family];
+            "direction",
+            [
+                ("to_nodes", stats.to_nodes),
+                ("to_containers", stats.to_containers),
+            ],
+        )];
         if fast.carries_vxlan() {
-            let mut vxlan = Family::counter(
+            families.push(self.node_counters(
                 "tug_agent_fast_path_vxlan_packets_total",
                 "Of those, the packets the fast path's programs put into VXLAN or took out of it \
                  themselves (vxlan mode; the others went through the VXLAN device).",
-            );
-            for (operation, value) in [
-                ("encapsulated", stats.encapsulated),
-                ("decapsulated", stats.decapsulated),
-            ] {
-                vxlan.add(
-                    &[("node", self.node.as_str()), ("operation", operation)],
-                    value as f64,
-                );
-            }
-            families.push(vxlan);
+                "operation",
+                [
+                    ("encapsulated", stats.encapsulated),
+                    ("decapsulated", stats.decapsulated),
+                ],
+            ));
         }
         families
+    }
+
+    /// Counter family `name` with one sample of this node per `(label value, count)`.
+    fn node_counters(
+        &self,
+        name: &str,
+        help: &str,
+        label: &str,
+        counts: [(&str, u64); 2],
+    ) -> Family {
+        let mut family = Family::counter(name, help);
+        for (value, count) in counts {
+            family.add(
+                &[("node", self.node.as_str()), (label, value)],
+                count as f64,
+            );
+        }
+        family
     }
 
     /// The container of `task` exited (blocking: reads its cgroup's OOM kill count, which a

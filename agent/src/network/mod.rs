@@ -228,18 +228,18 @@ impl NodeNetwork {
     /// Load the fast path for `saved` (replacing an earlier one, on this node's hooks too) and
     /// attach the containers already running. Without it, traffic takes the normal path: a
     /// failure is logged, not returned.
-    async fn set_up_fast_path(&self, saved: Saved, uplink: Option<String>) {
+    async fn set_up_fast_path(
+        &self,
+        saved: Saved,
+        uplink: Option<String>,
+        running: &std::collections::BTreeMap<String, Ipv4Addr>,
+    ) {
         // In vxlan mode with an uplink, the programs carry VXLAN themselves (the device stays
         // for what they pass on); their program on the uplink goes with them.
         let (ingress, tunnel) = match self.mode {
             NetworkMode::Vxlan => (
                 Some(DEFAULT_DEVICE.to_string()),
-                uplink.map(|uplink| TunnelConfig {
-                    uplink,
-                    local: self.node_ip,
-                    port: DEFAULT_PORT,
-                    vni: DEFAULT_VNI,
-                }),
+                TunnelConfig::of(&self.vxlan_config(saved, uplink, 0)),
             ),
             _ => (uplink, None),
         };
@@ -252,7 +252,7 @@ impl NodeNetwork {
             };
             match FastPath::setup(&cfg).await {
                 Ok(fast) => {
-                    let adopted = fast.adopt(&self.allocations(saved.subnet)).await;
+                    let adopted = fast.adopt(running).await;
                     let peers = self.lock_peers().clone();
                     if let Err(e) = fast.set_peers(&peers) {
                         tracing::warn!(cause = %e, "VXLAN peers left to the VXLAN device");
@@ -276,7 +276,6 @@ impl NodeNetwork {
             // Left by an earlier run with the fast path on: the one on the ingress device would
             // route by a map nothing updates any more, those on running containers' veths would
             // keep their traffic off the normal path.
-            let running = self.allocations(saved.subnet);
             let veths = running
                 .keys()
                 .map(|id| tug_netplugin::container::host_veth_name(id));
@@ -293,19 +292,6 @@ impl NodeNetwork {
             }
         }
         *self.fast_path.lock().unwrap_or_else(|p| p.into_inner()) = loaded;
-    }
-
-    /// Containers that kept running from an agent version without hairpin mode get it.
-    async fn ensure_hairpin(&self, subnet: Subnet) {
-        for id in self.allocations(subnet).keys() {
-            let veth = tug_netplugin::container::host_veth_name(id);
-            if nix::net::if_::if_nametoindex(veth.as_str()).is_err() {
-                continue;
-            }
-            if let Err(e) = tug_netplugin::container::ensure_hairpin(id).await {
-                tracing::warn!(container = %id, cause = %e, "no hairpin mode: the container cannot reach its own published port at the node's address");
-            }
-        }
     }
 
     fn lock_peers(&self) -> std::sync::MutexGuard<'_, Vec<(Subnet, Ipv4Addr)>> {
@@ -373,9 +359,12 @@ impl NodeNetwork {
         tokio::task::spawn_blocking(move || nat::setup_nat(subnet, cidr))
             .await
             .map_err(|e| NetworkError::Internal(e.to_string()))??;
-        self.set_up_fast_path(saved, uplink.clone()).await;
+        // Containers that kept running across an agent restart.
+        let running = self.allocations(saved.subnet);
+        self.set_up_fast_path(saved, uplink.clone(), &running).await;
         if self.cni_settings.is_none() {
-            self.ensure_hairpin(saved.subnet).await;
+            // Those wired by an agent without hairpin mode get it.
+            tug_netplugin::container::ensure_hairpin(running.keys()).await;
         }
         if let Some(settings) = &self.cni_settings {
             let loaded = CniNetwork::load(

@@ -309,12 +309,10 @@ fn set_up(
                 Mode::Vxlan => "tug.vxlan".into(),
             }),
             // As the agent does: in vxlan mode the programs carry VXLAN themselves.
-            tunnel: (mode == Mode::Vxlan).then(|| TunnelConfig {
-                uplink: "eth0".into(),
-                local: node.host.addr(),
-                port: 4789,
-                vni: 4242,
-            }),
+            tunnel: match mode {
+                Mode::Vxlan => TunnelConfig::of(&vxlan_cfg(node, 0)?),
+                Mode::HostGw => None,
+            },
         };
         let (veth, address) = (attachment.host_veth.clone(), attachment.address);
         node.fast = Some(block_in_netns(&path, || async move {

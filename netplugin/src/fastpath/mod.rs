@@ -99,6 +99,19 @@ pub struct TunnelConfig {
     pub vni: u32,
 }
 
+impl TunnelConfig {
+    /// The programs' settings for the node's VXLAN device `vx`: its port, VNI and local
+    /// address; `None` without a pinned uplink (the device then carries VXLAN alone).
+    pub fn of(vx: &crate::VxlanConfig) -> Option<TunnelConfig> {
+        Some(TunnelConfig {
+            uplink: vx.uplink.clone()?,
+            local: vx.local,
+            port: vx.port,
+            vni: vx.vni,
+        })
+    }
+}
+
 /// Packet counts of the fast path since its programs were loaded.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FastPathStats {
@@ -172,15 +185,8 @@ impl FastPath {
             let index = if_index(name)?;
             tc::attach(&nl, index, name, fd_u32(&to_containers), TO_CONTAINERS).await?;
         }
-        if let (Some(t), Some(prog)) = (&cfg.tunnel, &from_vxlan) {
-            tc::attach(
-                &nl,
-                if_index(&t.uplink)?,
-                &t.uplink,
-                fd_u32(prog),
-                FROM_VXLAN,
-            )
-            .await?;
+        if let (Some(t), Some(tunnel), Some(prog)) = (&cfg.tunnel, &tunnel, &from_vxlan) {
+            tc::attach(&nl, tunnel.uplink, &t.uplink, fd_u32(prog), FROM_VXLAN).await?;
         }
         tracing::info!(ingress = ?cfg.ingress, tunnel = ?cfg.tunnel.as_ref().map(|t| &t.uplink), "eBPF fast path loaded");
         Ok(FastPath {
@@ -248,16 +254,7 @@ impl FastPath {
         let Some((map, _)) = &self.peers else {
             return Ok(Vec::new());
         };
-        let what = "read the fast path's VXLAN peer map";
-        let mut out = Vec::new();
-        for key in bpf::map_keys::<4>(map).map_err(Error::bpf(what))? {
-            let mut value = [0u8; 4];
-            if bpf::map_lookup(map, &key, &mut value).map_err(Error::bpf(what))? {
-                out.push((Ipv4Addr::from(key), Ipv4Addr::from(value)));
-            }
-        }
-        out.sort();
-        Ok(out)
+        entries(map, "read the fast path's VXLAN peer map", Ipv4Addr::from)
     }
 
     /// Put the sending program on a container's host veth (replacing tug's program there) and
@@ -326,16 +323,11 @@ impl FastPath {
 
     /// The recorded `(address, host veth index)` pairs.
     pub fn routes(&self) -> Result<Vec<(Ipv4Addr, u32)>> {
-        let what = "read the fast path's route map";
-        let mut out = Vec::new();
-        for key in bpf::map_keys::<4>(&self.routes).map_err(Error::bpf(what))? {
-            let mut value = [0u8; 4];
-            if bpf::map_lookup(&self.routes, &key, &mut value).map_err(Error::bpf(what))? {
-                out.push((Ipv4Addr::from(key), u32::from_ne_bytes(value)));
-            }
-        }
-        out.sort();
-        Ok(out)
+        entries(
+            &self.routes,
+            "read the fast path's route map",
+            u32::from_ne_bytes,
+        )
     }
 
     /// The packet counters.
@@ -365,6 +357,23 @@ pub async fn programs_on(interface: &str) -> Result<Vec<String>> {
 pub async fn remove_from(interface: &str) -> Result<bool> {
     let nl = Netlink::open()?;
     tc::detach(&nl, if_index(interface)?, interface).await
+}
+
+/// The entries of a map keyed by IPv4 address with 4-byte values (read by `value`), sorted.
+fn entries<V: Ord>(
+    map: &bpf::Map,
+    what: &str,
+    value: fn([u8; 4]) -> V,
+) -> Result<Vec<(Ipv4Addr, V)>> {
+    let mut out = Vec::new();
+    for key in bpf::map_keys::<4>(map).map_err(Error::bpf(what))? {
+        let mut bytes = [0u8; 4];
+        if bpf::map_lookup(map, &key, &mut bytes).map_err(Error::bpf(what))? {
+            out.push((Ipv4Addr::from(key), value(bytes)));
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 fn load(name: &str, insns: std::result::Result<Vec<asm::Insn>, asm::AsmError>) -> Result<OwnedFd> {

@@ -216,11 +216,17 @@ fn matcher(subnet: Subnet) -> (i32, i32) {
 /// R2 = data, R3 = data_end from the context in R6; on to `pass` unless the Ethernet and IPv4
 /// headers are there.
 fn packet_pointers(asm: &mut Asm) {
+    linear(asm, HEADERS, "pass");
+}
+
+/// R2 = data, R3 = data_end from the context in R6; on to `short` unless the first `len` bytes
+/// are in the linear part.
+fn linear(asm: &mut Asm, len: i32, short: &'static str) {
     asm.load(Size::W, Reg::R2, Reg::R6, SKB_DATA)
         .load(Size::W, Reg::R3, Reg::R6, SKB_DATA_END)
         .mov(Reg::R4, Reg::R2)
-        .alu64_imm(Alu::Add, Reg::R4, HEADERS)
-        .jump_reg(Cond::Gt, Reg::R4, Reg::R3, "pass");
+        .alu64_imm(Alu::Add, Reg::R4, len)
+        .jump_reg(Cond::Gt, Reg::R4, Reg::R3, short);
 }
 
 /// The checks both programs start with: an IPv4 packet without options whose TTL survives a
@@ -422,7 +428,7 @@ fn encapsulate(asm: &mut Asm, local: Subnet, stats: &OwnedFd, tunnel: &Tunnel<'_
         .jump_imm(Cond::Ne, Reg::R0, 0, "device");
     count(asm, stats, STAT_ENCAPSULATED, "encapsulated");
     // The new headers sit in the linear part in front of the old ones.
-    vxlan_pointers(asm, "drop");
+    linear(asm, VXLAN_HEADERS, "drop");
     // Outer IPv4: R1 its total length, R5 the same in network order.
     asm.load(Size::W, Reg::R1, Reg::R6, SKB_LEN)
         .alu64_imm(Alu::Sub, Reg::R1, i32::from(IP_VERSION_IHL))
@@ -516,14 +522,14 @@ pub(crate) fn from_vxlan(
     asm.mov(Reg::R6, Reg::R1)
         .load(Size::W, Reg::R4, Reg::R6, SKB_LEN)
         .jump_imm(Cond::Lt, Reg::R4, VXLAN_HEADERS, "pass");
-    vxlan_pointers(&mut asm, "pull");
+    linear(&mut asm, VXLAN_HEADERS, "pull");
     asm.goto("linear")
         .label("pull")
         .mov(Reg::R1, Reg::R6)
         .mov_imm(Reg::R2, VXLAN_HEADERS)
         .call(SKB_PULL_DATA)
         .jump_imm(Cond::Ne, Reg::R0, 0, "pass");
-    vxlan_pointers(&mut asm, "pass");
+    linear(&mut asm, VXLAN_HEADERS, "pass");
     asm.label("linear");
     addressed_to_this_node(&mut asm);
     // Outer: IPv4 without options to this node, UDP, not a fragment, to the VXLAN port.
@@ -559,7 +565,7 @@ pub(crate) fn from_vxlan(
         .alu64_imm(Alu::Add, Reg::R2, i32::from(KEY))
         .call(MAP_LOOKUP_ELEM)
         .jump_imm(Cond::Eq, Reg::R0, 0, "pass");
-    vxlan_pointers(&mut asm, "pass");
+    linear(&mut asm, VXLAN_HEADERS, "pass");
     // Inner: what `ipv4_prologue` checks, from the cluster to a local container.
     asm.load(Size::H, Reg::R4, Reg::R2, INNER + ETH_PROTO)
         .jump32_imm(Cond::Ne, Reg::R4, ETH_P_IP_WIRE, "pass")
@@ -583,16 +589,6 @@ pub(crate) fn from_vxlan(
     deliver(&mut asm, local, stats);
     pass(&mut asm);
     asm.finish()
-}
-
-/// R2 = data, R3 = data_end from the context in R6; on to `short` unless the VXLAN headers and
-/// the inner IPv4 header are in the linear part.
-fn vxlan_pointers(asm: &mut Asm, short: &'static str) {
-    asm.load(Size::W, Reg::R2, Reg::R6, SKB_DATA)
-        .load(Size::W, Reg::R3, Reg::R6, SKB_DATA_END)
-        .mov(Reg::R4, Reg::R2)
-        .alu64_imm(Alu::Add, Reg::R4, VXLAN_HEADERS)
-        .jump_reg(Cond::Gt, Reg::R4, Reg::R3, short);
 }
 
 /// On to `pass` unless the frame was addressed to this node (not seen in promiscuous mode) and

@@ -131,12 +131,11 @@ impl Node {
                 Mode::HostGw => "wire".into(),
                 Mode::Vxlan => DEFAULT_DEVICE.into(),
             }),
-            tunnel: tunnel.then(|| TunnelConfig {
-                uplink: "wire".into(),
-                local: self.address,
-                port: DEFAULT_PORT,
-                vni: DEFAULT_VNI,
-            }),
+            tunnel: if tunnel {
+                TunnelConfig::of(&self.vxlan(0)?)
+            } else {
+                None
+            },
         };
         let attachment = self.attachment.as_ref().ok_or("node not set up")?;
         let (veth, address) = (attachment.host_veth.clone(), attachment.address);
