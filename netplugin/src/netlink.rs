@@ -74,6 +74,26 @@ impl Netlink {
         }))
     }
 
+    /// Every link of this namespace, `(index, name)`.
+    pub(crate) async fn links(&self) -> Result<Vec<(u32, String)>> {
+        let mut dump = self.handle.link().get().execute();
+        let mut out = Vec::new();
+        while let Some(msg) = dump
+            .try_next()
+            .await
+            .map_err(Error::netlink("list the interfaces".to_string()))?
+        {
+            let index = msg.header.index;
+            if let Some(name) = msg.attributes.into_iter().find_map(|a| match a {
+                LinkAttribute::IfName(name) => Some(name),
+                _ => None,
+            }) {
+                out.push((index, name));
+            }
+        }
+        Ok(out)
+    }
+
     /// The link named `name`; missing is an error that ends with `hint`.
     pub(crate) async fn require_link(&self, name: &str, hint: &'static str) -> Result<Link> {
         self.link_by_name(name)

@@ -12,10 +12,10 @@ mod common;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use common::cluster::{Node, two_nodes};
-use common::{TestNs, TestResult};
+use common::cluster::{CLUSTER, Node, two_nodes};
+use common::{TestNs, TestResult, subnet};
 use tug_netplugin::Mode;
-use tug_netplugin::fastpath::{self, FROM_CONTAINERS, TO_CONTAINERS};
+use tug_netplugin::fastpath::{self, FROM_CONTAINERS, FastPath, FastPathConfig, TO_CONTAINERS};
 use tug_netplugin::netns::block_in_netns;
 
 #[test]
@@ -368,6 +368,58 @@ fn setting_up_again_replaces_the_programs_and_forgets_removed_containers() -> Te
     })?;
     assert!(removed);
     assert!(on("wire")?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn a_new_ingress_device_takes_the_programs_off_the_old_one() -> TestResult {
+    let (a, _b) = peered(Mode::HostGw)?;
+    let first = a.fast_path()?;
+    // The node's uplink changes (say, to a second NIC): here another veth pair in its namespace.
+    a.ns.ip(&[
+        "link", "add", "wire2", "type", "veth", "peer", "name", "wire2p",
+    ])?;
+    let cfg = FastPathConfig {
+        cluster_cidr: subnet(CLUSTER)?,
+        subnet: a.subnet,
+        ingress: Some("wire2".into()),
+        tunnel: None,
+    };
+    let (veth, address) = (a.host_veth()?, a.container_address()?);
+    let on = |interface: &'static str| -> TestResult<Vec<String>> {
+        Ok(block_in_netns(&a.ns.path(), || async move {
+            fastpath::programs_on(interface).await
+        })?)
+    };
+    let veth_programs = || -> TestResult<Vec<String>> {
+        let veth = veth.clone();
+        Ok(block_in_netns(&a.ns.path(), || async move {
+            fastpath::programs_on(&veth).await
+        })?)
+    };
+    let again = {
+        let veth = veth.clone();
+        block_in_netns(&a.ns.path(), || async move {
+            let fast = FastPath::setup(&cfg).await?;
+            fast.attach(&veth, address).await?;
+            Ok(fast)
+        })?
+    };
+    drop(first);
+    // The old device's program would route by a map nothing updates any more.
+    assert!(on("wire")?.is_empty(), "{:?}", on("wire")?);
+    assert_eq!(on("wire2")?, vec![TO_CONTAINERS.to_string()]);
+    assert_eq!(veth_programs()?, vec![FROM_CONTAINERS.to_string()]);
+
+    // The fast path turned off: the node's programs go from every device; a container's
+    // veth is the agent's to clear (it knows which are its containers').
+    let removed = block_in_netns(&a.ns.path(), || async {
+        fastpath::remove_node_programs_everywhere().await
+    })?;
+    assert_eq!(removed, vec!["wire2".to_string()]);
+    assert!(on("wire2")?.is_empty());
+    assert_eq!(veth_programs()?, vec![FROM_CONTAINERS.to_string()]);
+    drop(again);
     Ok(())
 }
 

@@ -273,14 +273,21 @@ impl NodeNetwork {
             None
         };
         if loaded.is_none() {
-            // Left by an earlier run with the fast path on: the one on the ingress device would
-            // route by a map nothing updates any more, those on running containers' veths would
+            // Left by an earlier run with the fast path on: those on the node's devices would
+            // route by maps nothing updates any more, those on running containers' veths would
             // keep their traffic off the normal path.
+            match tug_netplugin::fastpath::remove_node_programs_everywhere().await {
+                Ok(removed) => {
+                    for interface in removed {
+                        tracing::info!(%interface, "fast-path program removed");
+                    }
+                }
+                Err(e) => tracing::warn!(cause = %e, "fast-path programs not looked for"),
+            }
             let veths = running
                 .keys()
                 .map(|id| tug_netplugin::container::host_veth_name(id));
-            let uplink = tunnel.map(|t| t.uplink);
-            for interface in ingress.into_iter().chain(uplink).chain(veths) {
+            for interface in veths {
                 match tug_netplugin::fastpath::remove_from(&interface).await {
                     Ok(false) => {}
                     Ok(true) => tracing::info!(%interface, "fast-path program removed"),

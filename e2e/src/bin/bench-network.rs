@@ -96,19 +96,21 @@ fn run() -> Result<()> {
         }
     };
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); paths.len()];
-    for _ in 0..rounds {
+    for round in 1..=rounds {
         for (path, samples) in paths.iter().zip(samples.iter_mut()) {
             samples.push(data_path(*path, seconds)?);
         }
+        print_round(round, &paths, &samples);
     }
     println!();
     println!(
-        "{:<36} {:>7} {:>13} {:>7} {:>7} {:>7} {:>6} {:>8}",
+        "{:<36} {:>7} {:>13} {:>7} {:>7} {:>7} {:>7} {:>6} {:>8}",
         "path (median of rounds)",
         "Gbit/s",
         "range",
         "vs bare",
         "vs node",
+        "paired",
         "rtt ms",
         "ratio",
         "CPU s/GB"
@@ -117,6 +119,7 @@ fn run() -> Result<()> {
     let (Some(&bare), Some(&nodes)) = (medians.first(), medians.get(1)) else {
         return Err("no baseline measured".into());
     };
+    let node_runs: &[Sample] = samples.get(1).map_or(&[], Vec::as_slice);
     for ((path, runs), m) in paths.iter().zip(&samples).zip(&medians) {
         let label = match path {
             Route::Bare => "host to host, bare hosts",
@@ -129,11 +132,12 @@ fn run() -> Result<()> {
         let lo = runs.iter().map(|s| s.gbits).fold(f64::INFINITY, f64::min);
         let hi = runs.iter().map(|s| s.gbits).fold(0.0, f64::max);
         println!(
-            "{label:<36} {:>7.2} {:>13} {:>6.1}% {:>6.1}% {:>7.3} {:>5.2}x {:>8.3}",
+            "{label:<36} {:>7.2} {:>13} {:>6.1}% {:>6.1}% {:>6.1}% {:>7.3} {:>5.2}x {:>8.3}",
             m.gbits,
             format!("{lo:.2}-{hi:.2}"),
             100.0 * m.gbits / bare.gbits,
             100.0 * m.gbits / nodes.gbits,
+            100.0 * paired_ratio(runs, node_runs),
             m.rtt_ms,
             m.rtt_ms / nodes.rtt_ms,
             m.cpu_s_per_gb,
@@ -142,11 +146,48 @@ fn run() -> Result<()> {
     println!(
         "targets: host-gw >= 95% and vxlan >= 85% of host-to-host throughput (\"vs node\": \
          the hosts set up as tug nodes, whose own traffic then passes the same connection \
-         tracking; \"vs bare\": hosts without tug)"
+         tracking; \"vs bare\": hosts without tug; \"paired\": the median of each round's \
+         ratio to that round's tug-node baseline, which the machine's drift between rounds \
+         moves less)"
     );
     println!();
     control_path(cycles)?;
     Ok(())
+}
+
+/// One line per path after round `round`: its throughput and its ratio to this round's
+/// tug-node baseline (the second path), so an outlying round shows as one.
+fn print_round(round: usize, paths: &[Route], samples: &[Vec<Sample>]) {
+    let baseline = samples.get(1).and_then(|s| s.last()).map(|s| s.gbits);
+    let line: Vec<String> = paths
+        .iter()
+        .zip(samples)
+        .filter_map(|(path, s)| {
+            let gbits = s.last()?.gbits;
+            Some(match baseline {
+                Some(b) if b > 0.0 => {
+                    format!("{} {gbits:.2} ({:.1}%)", path.name(), 100.0 * gbits / b)
+                }
+                _ => format!("{} {gbits:.2}", path.name()),
+            })
+        })
+        .collect();
+    println!(
+        "round {round} (Gbit/s, % of this round's nodes): {}",
+        line.join(", ")
+    );
+}
+
+/// The median over rounds of `runs[i] / baseline[i]` (throughput).
+fn paired_ratio(runs: &[Sample], baseline: &[Sample]) -> f64 {
+    let mut ratios: Vec<f64> = runs
+        .iter()
+        .zip(baseline)
+        .filter(|(_, b)| b.gbits > 0.0)
+        .map(|(r, b)| r.gbits / b.gbits)
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn which(tool: &str) -> Option<PathBuf> {

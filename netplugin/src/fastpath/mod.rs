@@ -181,12 +181,25 @@ impl FastPath {
             None => None,
         };
         let nl = Netlink::open()?;
+        let mut hooks = Vec::new();
         if let Some(name) = &cfg.ingress {
             let index = if_index(name)?;
             tc::attach(&nl, index, name, fd_u32(&to_containers), TO_CONTAINERS).await?;
+            hooks.push(index);
         }
         if let (Some(t), Some(tunnel), Some(prog)) = (&cfg.tunnel, &tunnel, &from_vxlan) {
             tc::attach(&nl, tunnel.uplink, &t.uplink, fd_u32(prog), FROM_VXLAN).await?;
+            hooks.push(tunnel.uplink);
+        }
+        // An earlier setup's programs on other interfaces (the uplink changed, or the mode)
+        // would route by maps nothing updates any more.
+        match remove_node_programs(&nl, &hooks).await {
+            Ok(removed) => {
+                for interface in removed {
+                    tracing::info!(%interface, "fast-path program of an earlier setup removed");
+                }
+            }
+            Err(e) => tracing::warn!(cause = %e, "earlier fast-path programs not looked for"),
         }
         tracing::info!(ingress = ?cfg.ingress, tunnel = ?cfg.tunnel.as_ref().map(|t| &t.uplink), "eBPF fast path loaded");
         Ok(FastPath {
@@ -357,6 +370,45 @@ pub async fn programs_on(interface: &str) -> Result<Vec<String>> {
 pub async fn remove_from(interface: &str) -> Result<bool> {
     let nl = Netlink::open()?;
     tc::detach(&nl, if_index(interface)?, interface).await
+}
+
+/// Take tug's node programs ([`TO_CONTAINERS`], [`FROM_VXLAN`]) off every interface of this
+/// namespace (the one a fast path is not loaded any more, or a node without one); the
+/// interfaces they were on. Container veths, which carry [`FROM_CONTAINERS`] only, are not
+/// looked at.
+pub async fn remove_node_programs_everywhere() -> Result<Vec<String>> {
+    let nl = Netlink::open()?;
+    remove_node_programs(&nl, &[]).await
+}
+
+/// Take tug's node programs off every interface but those with an index in `keep`. An
+/// interface that cannot be looked at or cleared (it may have gone meanwhile) is logged and
+/// skipped; only failing to list the interfaces is an error.
+async fn remove_node_programs(nl: &Netlink, keep: &[u32]) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for (index, name) in nl.links().await? {
+        if keep.contains(&index) || name.starts_with(crate::container::HOST_VETH_PREFIX) {
+            continue;
+        }
+        let ours = match tc::names(nl, index, &name).await {
+            Ok(names) => names.iter().any(|n| n == TO_CONTAINERS || n == FROM_VXLAN),
+            Err(e) => {
+                tracing::debug!(interface = %name, cause = %e, "tc filters not listed");
+                false
+            }
+        };
+        if !ours {
+            continue;
+        }
+        match tc::detach(nl, index, &name).await {
+            Ok(true) => removed.push(name),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(interface = %name, cause = %e, "fast-path program not removed")
+            }
+        }
+    }
+    Ok(removed)
 }
 
 /// The entries of a map keyed by IPv4 address with 4-byte values (read by `value`), sorted.
