@@ -114,10 +114,11 @@ async fn lead(handle: &NodeHandle, sessions: &Sessions, cfg: &OrchestratorConfig
                 last_full = Instant::now();
                 wake_at_ms = None;
             }
-            match pass(handle, &ids, cfg, scope.clone()).await {
-                Ok((truncated, wake)) => {
-                    if truncated {
-                        dirty = Dirty::from_scope(scope);
+            match pass(handle, &ids, cfg, scope).await {
+                Ok((rest, wake)) => {
+                    // A pass cut short goes on where it stopped, not from the start.
+                    if let Some(rest) = rest {
+                        dirty = Dirty::Services(rest);
                     }
                     if let Some(w) = wake {
                         wake_at_ms = Some(wake_at_ms.map_or(w, |old| old.min(w)));
@@ -197,26 +198,19 @@ impl Dirty {
             Dirty::Clean | Dirty::All => Scope::All,
         }
     }
-
-    fn from_scope(scope: Scope) -> Dirty {
-        match scope {
-            Scope::All => Dirty::All,
-            Scope::Services(keys) => Dirty::Services(keys),
-        }
-    }
 }
 
 /// One reconcile pass, computed off the async threads and committed: in chunks of
 /// [`OrchestratorConfig::pass_chunk`] services, each planned under its own short hold of the
 /// store's read lock and committed before the next is planned (so each sees the placements of
-/// the ones before). Returns whether a plan was cut short (the scope needs another pass) and
-/// the earliest time a pass is due for a back-off.
+/// the ones before). Returns, when a plan was cut short, the services the pass did not reach
+/// (the next pass's scope), and the earliest time a pass is due for a back-off.
 async fn pass(
     handle: &NodeHandle,
     ids: &TaskIds,
     cfg: &OrchestratorConfig,
     scope: Scope,
-) -> Result<(bool, Option<u64>), ProposeError> {
+) -> Result<(Option<BTreeSet<ServiceKey>>, Option<u64>), ProposeError> {
     let started = Instant::now();
     let keys: Vec<ServiceKey> = match scope {
         Scope::All => {
@@ -240,32 +234,40 @@ async fn pass(
     if chunks.is_empty() {
         chunks.push(&[]);
     }
-    for chunk in chunks {
+    for (i, chunk) in chunks.iter().enumerate() {
         let scope = Scope::Services(chunk.iter().cloned().collect());
-        let (truncated, wake, n) = pass_chunk(handle, ids, cfg, scope).await?;
+        let (rest, wake, n) = pass_chunk(handle, ids, cfg, scope).await?;
         placed += n;
         if let Some(w) = wake {
             wake_at_ms = Some(wake_at_ms.map_or(w, |old| old.min(w)));
         }
-        if truncated {
+        if !rest.is_empty() {
             cfg.metrics
                 .observe_pass(started.elapsed().as_secs_f64(), placed);
-            return Ok((true, wake_at_ms));
+            let later = chunks.get(i + 1..).unwrap_or_default();
+            return Ok((Some(unreached(rest, later)), wake_at_ms));
         }
     }
     cfg.metrics
         .observe_pass(started.elapsed().as_secs_f64(), placed);
-    Ok((false, wake_at_ms))
+    Ok((None, wake_at_ms))
 }
 
-/// Plans `scope` under one hold of the read lock and commits the plan. Returns whether the
-/// plan was cut short, its back-off wake time and how many tasks it placed.
+/// What a pass cut short in one chunk left: that chunk's `rest` and every later chunk.
+fn unreached(rest: Vec<ServiceKey>, later: &[&[ServiceKey]]) -> BTreeSet<ServiceKey> {
+    rest.into_iter()
+        .chain(later.iter().flat_map(|c| c.iter().cloned()))
+        .collect()
+}
+
+/// Plans `scope` under one hold of the read lock and commits the plan. Returns the services
+/// the plan did not reach (it was full), its back-off wake time and how many tasks it placed.
 async fn pass_chunk(
     handle: &NodeHandle,
     ids: &TaskIds,
     cfg: &OrchestratorConfig,
     scope: Scope,
-) -> Result<(bool, Option<u64>, usize), ProposeError> {
+) -> Result<(Vec<ServiceKey>, Option<u64>, usize), ProposeError> {
     let store = handle.store().clone();
     let rc = cfg.reconcile;
     let ids = ids.clone();
@@ -278,7 +280,7 @@ async fn pass_chunk(
     .await
     .map_err(|_| ProposeError::Stopped)?;
     if outcome.plan.is_empty() {
-        return Ok((outcome.truncated, outcome.wake_at_ms, 0));
+        return Ok((outcome.rest, outcome.wake_at_ms, 0));
     }
     // New tasks placed at once, and pending ones placed now.
     let placed = outcome
@@ -307,7 +309,7 @@ async fn pass_chunk(
         took = ?started.elapsed(),
         "reconcile plan committed"
     );
-    Ok((outcome.truncated, outcome.wake_at_ms, placed))
+    Ok((outcome.rest, outcome.wake_at_ms, placed))
 }
 
 /// Marks down every ready node not heard from within the grace period.
@@ -401,6 +403,23 @@ mod tests {
         assert!(mass_silence(3, 2));
         assert!(!mass_silence(10_000, 5_000));
         assert!(mass_silence(10_000, 5_001));
+    }
+
+    #[test]
+    fn a_pass_cut_short_leaves_the_rest_of_its_chunk_and_every_later_chunk() {
+        let key = |name: &str| ("default".to_string(), name.to_string());
+        let chunks = [
+            vec![key("a"), key("b")],
+            vec![key("c"), key("d")],
+            vec![key("e")],
+        ];
+        let refs: Vec<&[ServiceKey]> = chunks.iter().map(Vec::as_slice).collect();
+        // Cut short at "d" in the second chunk: "a" to "c" are done.
+        let left = unreached(vec![key("d")], refs.get(2..).unwrap_or_default());
+        assert_eq!(left, BTreeSet::from([key("d"), key("e")]));
+        // In the last chunk nothing comes after.
+        let left = unreached(vec![key("e")], refs.get(3..).unwrap_or_default());
+        assert_eq!(left, BTreeSet::from([key("e")]));
     }
 
     #[test]

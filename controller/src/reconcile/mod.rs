@@ -45,11 +45,13 @@ impl Default for ReconcileConfig {
     }
 }
 
-/// What a pass decided, and whether it stopped early at [`ReconcileConfig::max_changes`].
+/// What a pass decided, and where it stopped early at [`ReconcileConfig::max_changes`].
 #[derive(Debug, Default)]
 pub struct Outcome {
     pub plan: Plan,
-    pub truncated: bool,
+    /// The services of the scope the pass did not reach (in order), because its plan was
+    /// full; empty when it went through the whole scope. The next pass takes these up.
+    pub rest: Vec<ServiceKey>,
     /// The earliest wall-clock time (ms) at which a waiting slot (failure back-off) may be
     /// filled: the leader runs a pass then even if nothing changes.
     pub wake_at_ms: Option<u64>,
@@ -115,10 +117,11 @@ pub fn reconcile_scope(
             keys.insert((task.namespace.clone(), task.service.clone()));
         }
     }
-    let mut truncated = false;
-    for key in keys {
+    let mut keys = keys.into_iter();
+    let mut rest = Vec::new();
+    for key in keys.by_ref() {
         if pass.size() >= cfg.max_changes {
-            truncated = true;
+            rest.push(key);
             break;
         }
         match store.get_service(&key.0, &key.1) {
@@ -126,10 +129,18 @@ pub fn reconcile_scope(
             None => pass.orphans(&key),
         }
     }
+    rest.extend(keys);
     Outcome {
         wake_at_ms: pass.wake_at_ms,
         plan: pass.into_plan(),
-        truncated,
+        rest,
+    }
+}
+
+impl Outcome {
+    /// Whether the pass stopped before the end of its scope.
+    pub fn truncated(&self) -> bool {
+        !self.rest.is_empty()
     }
 }
 

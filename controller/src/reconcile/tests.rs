@@ -418,3 +418,42 @@ fn deleting_a_service_stops_then_forgets_its_tasks() {
         .collect();
     assert_eq!(sim.store.task_count(), 0, "{left:?}");
 }
+
+#[test]
+fn a_full_plan_names_the_services_it_did_not_reach() {
+    let mut sim = three();
+    for name in ["a", "b", "c", "d"] {
+        sim.apply(name, spec("busybox", 3));
+    }
+    let cfg = ReconcileConfig {
+        max_changes: 4,
+        ..ReconcileConfig::default()
+    };
+    let mut n = 0;
+    let mut ids = |svc: &str, slot: u32| {
+        n += 1;
+        format!("{svc}.{slot}.{n:04}")
+    };
+    let key = |name: &str| ("default".to_string(), name.to_string());
+
+    // "a" (3 tasks) leaves room, "b" fills the plan past 4: "c" and "d" are not reached.
+    let first = reconcile_scope(&sim.store, sim.now_ms, &cfg, &mut ids, &Scope::All);
+    assert_eq!(first.plan.create.len(), 6);
+    assert!(first.truncated());
+    assert_eq!(first.rest, vec![key("c"), key("d")]);
+    let index = sim.next();
+    sim.store.apply_plan(index, first.plan);
+
+    // The next pass over just those finishes the job.
+    let scope = Scope::Services(first.rest.into_iter().collect());
+    let second = reconcile_scope(&sim.store, sim.now_ms, &cfg, &mut ids, &scope);
+    let mut services: Vec<_> = second
+        .plan
+        .create
+        .iter()
+        .map(|t| t.service.clone())
+        .collect();
+    services.dedup();
+    assert_eq!(services, ["c", "d"]);
+    assert!(!second.truncated());
+}
