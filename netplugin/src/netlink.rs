@@ -66,12 +66,7 @@ impl Netlink {
             Err(err) if is_errno(&err, Errno::ENODEV) => None,
             Err(err) => return Err(Error::netlink(format!("look up interface #{index}"))(err)),
         };
-        Ok(msg.and_then(|m| {
-            m.attributes.into_iter().find_map(|a| match a {
-                LinkAttribute::IfName(name) => Some(name),
-                _ => None,
-            })
-        }))
+        Ok(msg.and_then(if_name))
     }
 
     /// Every link of this namespace, `(index, name)`.
@@ -84,10 +79,7 @@ impl Netlink {
             .map_err(Error::netlink("list the interfaces".to_string()))?
         {
             let index = msg.header.index;
-            if let Some(name) = msg.attributes.into_iter().find_map(|a| match a {
-                LinkAttribute::IfName(name) => Some(name),
-                _ => None,
-            }) {
+            if let Some(name) = if_name(msg) {
                 out.push((index, name));
             }
         }
@@ -256,6 +248,14 @@ pub(crate) struct Link {
     pub(crate) mac: Option<Vec<u8>>,
     /// As a bridge port: whether it is in hairpin mode.
     pub(crate) hairpin: Option<bool>,
+}
+
+/// The interface name a link message carries.
+fn if_name(msg: LinkMessage) -> Option<String> {
+    msg.attributes.into_iter().find_map(|a| match a {
+        LinkAttribute::IfName(name) => Some(name),
+        _ => None,
+    })
 }
 
 impl From<LinkMessage> for Link {

@@ -180,14 +180,19 @@ fn print_round(round: usize, paths: &[Route], samples: &[Vec<Sample>]) {
 
 /// The median over rounds of `runs[i] / baseline[i]` (throughput).
 fn paired_ratio(runs: &[Sample], baseline: &[Sample]) -> f64 {
-    let mut ratios: Vec<f64> = runs
-        .iter()
-        .zip(baseline)
-        .filter(|(_, b)| b.gbits > 0.0)
-        .map(|(r, b)| r.gbits / b.gbits)
-        .collect();
-    ratios.sort_by(f64::total_cmp);
-    ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN)
+    median_of(
+        runs.iter()
+            .zip(baseline)
+            .filter(|(_, b)| b.gbits > 0.0)
+            .map(|(r, b)| r.gbits / b.gbits)
+            .collect(),
+    )
+}
+
+/// The median of `values` (the upper one of an even count); NaN if there are none.
+fn median_of(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn which(tool: &str) -> Option<PathBuf> {
@@ -263,11 +268,7 @@ struct Sample {
 impl Sample {
     /// The median of each figure on its own.
     fn median(samples: &[Sample]) -> Sample {
-        let pick = |f: fn(&Sample) -> f64| {
-            let mut v: Vec<f64> = samples.iter().map(f).collect();
-            v.sort_by(f64::total_cmp);
-            v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-        };
+        let pick = |f: fn(&Sample) -> f64| median_of(samples.iter().map(f).collect());
         Sample {
             gbits: pick(|s| s.gbits),
             rtt_ms: pick(|s| s.rtt_ms),
