@@ -14,7 +14,7 @@ use crate::dispatcher::{Sessions, now_ms};
 use crate::fsm::Command;
 use crate::raft::{NodeHandle, ProposeError};
 use crate::reconcile::{self, ReconcileConfig, Scope};
-use crate::state::{Object, ServiceKey, WatchEvent, normalize_namespace, service_key};
+use crate::state::{Changes, ServiceKey};
 
 #[derive(Debug, Clone)]
 pub struct OrchestratorConfig {
@@ -87,7 +87,8 @@ async fn lead(handle: &NodeHandle, sessions: &Sessions, cfg: &OrchestratorConfig
     sessions.clear();
     let since = Instant::now();
     let ids = TaskIds::default();
-    let mut watcher = handle.watch(0).ok();
+    // Taken before the first pass looks at anything, so no change made during it is missed.
+    let tracker = handle.store().write().track_changes();
     let mut dirty = Dirty::All;
     let mut last_full = Instant::now();
     let mut wake_at_ms: Option<u64> = None;
@@ -97,18 +98,7 @@ async fn lead(handle: &NodeHandle, sessions: &Sessions, cfg: &OrchestratorConfig
         }
         if !dirty.is_clean() {
             tokio::time::sleep(cfg.debounce).await;
-            if let Some(w) = watcher.as_mut() {
-                while let Some(ev) = w.try_next() {
-                    match ev {
-                        Ok(ev) => dirty.note(&ev),
-                        Err(_) => {
-                            watcher = None;
-                            dirty = Dirty::All;
-                            break;
-                        }
-                    }
-                }
-            }
+            dirty.add(tracker.take());
             let scope = std::mem::replace(&mut dirty, Dirty::Clean).into_scope();
             if matches!(scope, Scope::All) {
                 last_full = Instant::now();
@@ -118,7 +108,10 @@ async fn lead(handle: &NodeHandle, sessions: &Sessions, cfg: &OrchestratorConfig
                 Ok((rest, wake)) => {
                     // A pass cut short goes on where it stopped, not from the start.
                     if let Some(rest) = rest {
-                        dirty = Dirty::Services(rest);
+                        dirty.add(Changes {
+                            all: false,
+                            services: rest,
+                        });
                     }
                     if let Some(w) = wake {
                         wake_at_ms = Some(wake_at_ms.map_or(w, |old| old.min(w)));
@@ -132,26 +125,9 @@ async fn lead(handle: &NodeHandle, sessions: &Sessions, cfg: &OrchestratorConfig
             }
         }
         liveness(handle, sessions, cfg, since).await;
-        if watcher.is_none() {
-            watcher = handle.watch(0).ok();
-            dirty = Dirty::All;
-            continue;
-        }
         let tick = cfg.heartbeat_period / 2;
-        let next = async {
-            match watcher.as_mut() {
-                Some(w) => w.next().await.ok(),
-                None => None,
-            }
-        };
         tokio::select! {
-            ev = next => match ev {
-                Some(ev) => dirty.note(&ev),
-                None => {
-                    watcher = None;
-                    dirty = Dirty::All;
-                }
-            },
+            () = tracker.changed() => dirty.add(tracker.take()),
             () = tokio::time::sleep(tick) => {}
         }
     }
@@ -170,25 +146,19 @@ impl Dirty {
         matches!(self, Dirty::Clean)
     }
 
-    fn note(&mut self, ev: &WatchEvent) {
-        let key = match &ev.object {
-            Object::Service(s) => service_key(s),
-            Object::Task(t) => (
-                normalize_namespace(&t.namespace).to_string(),
-                t.service.clone(),
-            ),
-            // A node changing (down, drained, new) can affect any service.
-            Object::Node(_) => {
-                *self = Dirty::All;
-                return;
-            }
-        };
+    /// Adds what the tracker recorded.
+    fn add(&mut self, changes: Changes) {
+        if changes.all {
+            *self = Dirty::All;
+            return;
+        }
         match self {
             Dirty::All => {}
-            Dirty::Clean => *self = Dirty::Services(BTreeSet::from([key])),
-            Dirty::Services(keys) => {
-                keys.insert(key);
+            Dirty::Clean if !changes.services.is_empty() => {
+                *self = Dirty::Services(changes.services);
             }
+            Dirty::Clean => {}
+            Dirty::Services(keys) => keys.extend(changes.services),
         }
     }
 

@@ -1,11 +1,12 @@
 //! The replicated state every controller holds in memory: the objects (services, nodes with their
 //! container subnets, tasks), each stamped with the Raft log index that last changed it, and
-//! the change log that feeds watches.
+//! the change log that feeds watches, and the reconciler's record of which services changed.
 //!
 //! Only the state machine (`crate::fsm`) writes to it, in log order; the API server reads it
 //! through [`SharedStore::read`] after a ReadIndex round (linearizable) or directly (stale).
 
 mod allocations;
+pub mod changes;
 mod nodes;
 mod store;
 mod subnets;
@@ -13,6 +14,7 @@ mod tasks;
 pub mod watch;
 
 pub use allocations::{Allocation, holds_resources, host_ports, requested, task_state};
+pub use changes::{ChangeTracker, Changes};
 pub use store::service_key;
 pub use store::{
     ApplyOutcome, DEFAULT_NAMESPACE, Restored, ServiceKey, ServiceResult, SharedState, Store,

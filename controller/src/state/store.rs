@@ -2,13 +2,14 @@
 //! deterministic: the same commands at the same indices give the same objects on every replica.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use hashbrown::Equivalent;
 
 use tug_api::v1::{Node, ObjectMeta, Service, ServiceSpec, Task};
 
 use super::allocations::Allocations;
+use super::changes::ChangeTracker;
 use super::subnets::{ClusterNetwork, SubnetPool};
 use super::watch::{EventKind, Object, WatchError, WatchEvent, WatchHub, Watcher};
 
@@ -107,6 +108,9 @@ pub struct Store {
     pub(super) subnets: SubnetPool,
     pub(super) revision: u64,
     pub(super) watch: WatchHub,
+    /// The leader's reconciler's record of what changed (see [`Store::track_changes`]); held
+    /// weakly, so nothing is recorded once the reconciler lets go of it.
+    pub(super) tracker: Weak<ChangeTracker>,
 }
 
 /// See [`Store::shared`]: services and tasks in no particular order, nodes by name.
@@ -138,10 +142,22 @@ impl Store {
             subnets: SubnetPool::default(),
             revision: 0,
             watch: WatchHub::new(watch_history),
+            tracker: Weak::new(),
         }
     }
 
+    /// A new record of which services change from now on, for the reconciler; it replaces
+    /// any earlier one. Recording stops when the returned tracker is dropped.
+    pub(crate) fn track_changes(&mut self) -> Arc<ChangeTracker> {
+        let tracker = Arc::new(ChangeTracker::default());
+        self.tracker = Arc::downgrade(&tracker);
+        tracker
+    }
+
     pub(super) fn publish(&mut self, kind: EventKind, object: Object, revision: u64) {
+        if let Some(tracker) = self.tracker.upgrade() {
+            tracker.note(&object);
+        }
         self.watch.publish(WatchEvent {
             kind,
             object,
@@ -418,6 +434,9 @@ impl Store {
         }
         self.revision = revision;
         self.watch.reset(revision);
+        if let Some(tracker) = self.tracker.upgrade() {
+            tracker.note_all();
+        }
     }
 }
 
