@@ -194,6 +194,7 @@ fn apply_command(
 mod tests {
     use super::*;
     use crate::state::ApplyOutcome;
+    use snapshot::Encodings;
     use std::collections::HashMap;
     use tug_api::v1::{ObjectMeta, Service, ServiceSpec};
 
@@ -262,6 +263,78 @@ mod tests {
         restored.restore(revision, &snapshot)?;
         assert_eq!(restored.snapshot(), snapshot);
         assert_eq!(services(&restored), services(&applied));
+        Ok(())
+    }
+
+    /// A snapshot copies the bytes of the objects the last one holds that did not change, and
+    /// comes out exactly as one encoded whole.
+    #[test]
+    fn a_snapshot_copies_what_did_not_change_since_the_last()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let fsm = Fsm::new(SharedStore::new(10));
+        let one_replica = |name: &str, image: &str| {
+            let mut svc = service(name, image);
+            if let Some(spec) = svc.spec.as_mut() {
+                spec.replicas = 1;
+            }
+            svc
+        };
+        let batch = (0..50)
+            .map(|i| one_replica(&format!("svc-{i:02}"), "img"))
+            .collect();
+        fsm.apply(2, &Command::ApplyServices(batch).encode())??;
+        // Their tasks (pending: there are no nodes).
+        let plan = crate::reconcile::reconcile(
+            &fsm.store().read(),
+            1_000,
+            &crate::reconcile::ReconcileConfig::default(),
+            &mut |svc: &str, slot: u32| format!("{svc}.{slot}.t"),
+        )
+        .plan;
+        assert_eq!(plan.create.len(), 50);
+        fsm.apply(3, &Command::ApplyPlan(plan).encode())??;
+
+        let first = snapshot::encode_shared(&fsm.shared_state(), &Encodings::default());
+        assert_eq!(first.reused, 0);
+        assert_eq!(first.encodings.len(), 100);
+
+        // One service changed, one deleted, one new; the tasks stay as they are.
+        fsm.apply(
+            4,
+            &Command::ApplyServices(vec![
+                one_replica("svc-00", "img2"),
+                one_replica("new", "img"),
+            ])
+            .encode(),
+        )??;
+        fsm.apply(
+            5,
+            &Command::DeleteService {
+                namespace: String::new(),
+                name: "svc-01".into(),
+            }
+            .encode(),
+        )??;
+        let state = fsm.shared_state();
+        let second = snapshot::encode_shared(&state, &first.encodings);
+        // 48 services and 50 tasks copied.
+        assert_eq!(second.reused, 98);
+        let whole = snapshot::encode_shared(&state, &Encodings::default());
+        assert_eq!(whole.reused, 0);
+        assert_eq!(second.data, whole.data);
+        assert_eq!(second.data.as_ref(), fsm.snapshot().as_slice());
+
+        // And it restores to the same state.
+        let restored = Fsm::new(SharedStore::new(10));
+        restored.restore(5, &second.data)?;
+        assert_eq!(services(&restored), services(&fsm));
+        assert_eq!(restored.store().read().task_count(), 50);
+
+        // A third snapshot copies from the second (the first's buffer is no longer needed).
+        drop(first);
+        let third = snapshot::encode_shared(&fsm.shared_state(), &second.encodings);
+        assert_eq!(third.reused, 100);
+        assert_eq!(third.data, whole.data);
         Ok(())
     }
 

@@ -7,6 +7,11 @@
 //! append-only like command types; an unknown kind with [`IGNORE_UNKNOWN`] set is skipped.
 //! Restore builds a fresh state from the records and only then replaces the live one.
 
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Weak};
+
+use bytes::Bytes;
 use prost::Message;
 use tug_api::v1::{Node, Service, Task};
 
@@ -70,11 +75,58 @@ pub enum SnapshotError {
 
 /// Serializes the whole state.
 pub fn encode(store: &Store) -> Vec<u8> {
-    encode_shared(&store.shared())
+    encode_shared(&store.shared(), &Encodings::default())
+        .data
+        .to_vec()
 }
 
-/// Serializes the state taken by [`Store::shared`] (on any thread).
-pub fn encode_shared(state: &SharedState) -> Vec<u8> {
+/// Where the objects of the last snapshot a replica wrote are encoded in it, by the allocation
+/// each object lives in, so the next snapshot copies their bytes instead of encoding them
+/// again: its cost follows the objects changed in between, not the size of the state.
+///
+/// Stored objects never change in place: a change stores a new `Arc`. The weak reference kept
+/// per object stops its allocation from being freed and reused while it is remembered (and
+/// makes `Arc::get_mut` refuse, and `Arc::make_mut` move the value out), so an object found
+/// here by address is the very object whose bytes are remembered. The bytes are slices of the
+/// snapshot's own buffer, which the Raft storage keeps anyway.
+#[derive(Debug, Default)]
+pub struct Encodings {
+    data: Bytes,
+    services: HashMap<usize, Encoded<Service>>,
+    tasks: HashMap<usize, Encoded<Task>>,
+}
+
+impl Encodings {
+    /// Objects whose encodings are remembered.
+    pub fn len(&self) -> usize {
+        self.services.len() + self.tasks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug)]
+struct Encoded<T> {
+    /// Keeps the allocation (not the object) alive; see [`Encodings`].
+    _allocation: Weak<T>,
+    /// The record body's place in [`Encodings::data`].
+    body: Range<usize>,
+}
+
+/// A snapshot's bytes, the encodings to give the next one, and how many objects were copied
+/// from the previous one rather than encoded.
+#[derive(Debug)]
+pub struct EncodedState {
+    pub data: Bytes,
+    pub encodings: Encodings,
+    pub reused: usize,
+}
+
+/// Serializes the state taken by [`Store::shared`] (on any thread), copying the bytes of
+/// objects that `previous` (the last snapshot's [`Encodings`]) holds.
+pub fn encode_shared(state: &SharedState, previous: &Encodings) -> EncodedState {
     let network = state.network.as_ref();
     let meta = SnapshotMeta {
         revision: state.revision,
@@ -85,32 +137,93 @@ pub fn encode_shared(state: &SharedState) -> Vec<u8> {
         node_prefix: network.map_or(0, |n| u32::from(n.node_prefix)),
     };
     let mut out = Vec::with_capacity(
-        64 + state
-            .services
-            .iter()
-            .map(|s| s.encoded_len() + 5)
-            .sum::<usize>()
-            + state.tasks.len() * 256,
+        64 + previous.data.len() + state.object_count().saturating_sub(previous.len()) * 256,
     );
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
     put_record(&mut out, KIND_META, &meta);
+    let mut reused = 0;
     // The store keeps services and tasks hashed; written in key order, the same state makes
     // the same snapshot on every replica.
-    let mut services: Vec<&Service> = state.services.iter().map(AsRef::as_ref).collect();
+    let mut services: Vec<&Arc<Service>> = state.services.iter().collect();
     services.sort_unstable_by(|a, b| service_order(a).cmp(&service_order(b)));
-    for svc in services {
-        put_record(&mut out, KIND_SERVICE, svc);
-    }
+    let services: Vec<_> = services
+        .into_iter()
+        .map(|svc| {
+            put_object(
+                &mut out,
+                KIND_SERVICE,
+                svc,
+                &previous.data,
+                &previous.services,
+                &mut reused,
+            )
+        })
+        .collect();
     for node in &state.nodes {
         put_record(&mut out, KIND_NODE, node.as_ref());
     }
-    let mut tasks: Vec<&Task> = state.tasks.iter().map(AsRef::as_ref).collect();
+    let mut tasks: Vec<&Arc<Task>> = state.tasks.iter().collect();
     tasks.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-    for task in tasks {
-        put_record(&mut out, KIND_TASK, task);
+    let tasks: Vec<_> = tasks
+        .into_iter()
+        .map(|task| {
+            put_object(
+                &mut out,
+                KIND_TASK,
+                task,
+                &previous.data,
+                &previous.tasks,
+                &mut reused,
+            )
+        })
+        .collect();
+    let data = Bytes::from(out);
+    EncodedState {
+        encodings: Encodings {
+            data: data.clone(),
+            services: services.into_iter().collect(),
+            tasks: tasks.into_iter().collect(),
+        },
+        data,
+        reused,
     }
-    out
+}
+
+/// Writes one object's record, copying its body from `previous` if remembered there; returns
+/// where its body is, for the next snapshot.
+fn put_object<T: Message>(
+    out: &mut Vec<u8>,
+    kind: u8,
+    object: &Arc<T>,
+    previous: &Bytes,
+    remembered: &HashMap<usize, Encoded<T>>,
+    reused: &mut usize,
+) -> (usize, Encoded<T>) {
+    let address = Arc::as_ptr(object) as usize;
+    let cached = remembered
+        .get(&address)
+        .and_then(|e| previous.get(e.body.clone()));
+    out.push(kind);
+    let start = out.len() + 4;
+    match cached {
+        Some(body) => {
+            out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            out.extend_from_slice(body);
+            *reused += 1;
+        }
+        None => {
+            out.extend_from_slice(&(object.encoded_len() as u32).to_le_bytes());
+            object.encode_raw(out);
+        }
+    }
+    (
+        address,
+        Encoded {
+            _allocation: Arc::downgrade(object),
+            body: start..out.len(),
+        },
+    )
 }
 
 /// (namespace, name) of a stored service.

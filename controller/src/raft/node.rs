@@ -45,7 +45,8 @@ use super::proposals::{Output, Proposals, Reads, Reply, decode_ctx, encode_ctx};
 use super::status::NodeStatus;
 use super::storage::{DamageKind, DiskStorage, StorageError, StorageOptions};
 use super::transport::{Mailbox, Transport};
-use crate::fsm::{Fsm, FsmError, snapshot as fsm_snapshot};
+use crate::fsm::snapshot::{self as fsm_snapshot, Encodings};
+use crate::fsm::{Fsm, FsmError};
 use crate::state::SharedStore;
 
 /// A node stops on these: continuing could diverge from the group or lose acknowledged data.
@@ -101,6 +102,9 @@ pub struct Node {
     /// The snapshot being written on a thread of its own, if any: a large state takes a while
     /// to write and sync, and the loop keeps replicating meanwhile.
     snapshot_writer: Option<SnapshotWriter>,
+    /// Where the last snapshot this node wrote encoded each object (see
+    /// [`fsm_snapshot::Encodings`]); empty while a writer has them, and after a restart.
+    snapshot_encodings: Encodings,
     /// Bytes of the entries applied since the last snapshot was started.
     applied_bytes: u64,
     ticks: u64,
@@ -126,8 +130,17 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// The written snapshot, and how long encoding and writing it took.
-type Written = Result<(Snapshot, Duration, Duration), StorageError>;
+/// What a snapshot writer thread hands back.
+struct Written {
+    /// The written snapshot.
+    snapshot: Result<Snapshot, StorageError>,
+    /// Its objects' encodings, for the next snapshot to copy.
+    encodings: Encodings,
+    /// Objects copied from the previous snapshot rather than encoded.
+    reused: usize,
+    encoded_in: Duration,
+    written_in: Duration,
+}
 
 struct SnapshotWriter {
     index: u64,
@@ -316,6 +329,7 @@ impl Node {
             snapshot_index,
             snapshot_objects,
             snapshot_writer: None,
+            snapshot_encodings: Encodings::default(),
             applied_bytes: 0,
             ticks: 0,
             snapshot_waits: HashMap::new(),
@@ -842,6 +856,7 @@ impl Node {
         // one that must bound a log grown to its byte limit, does not.
         let background = !wanted && self.applied_bytes < self.cfg.snapshot_threshold_bytes;
         let applied_bytes = std::mem::take(&mut self.applied_bytes);
+        let previous = std::mem::take(&mut self.snapshot_encodings);
         let (tx, done) = oneshot::channel();
         let spawned = std::thread::Builder::new()
             .name("tug-snapshot".into())
@@ -850,11 +865,20 @@ impl Node {
                     lower_thread_priority();
                 }
                 let encoding = Instant::now();
-                let pending = pending.with_data(fsm_snapshot::encode_shared(&state));
-                drop(state);
+                let encoded = fsm_snapshot::encode_shared(&state, &previous);
+                // Dropped here, not on the loop: a large state's references take a while.
+                drop((state, previous));
+                let pending = pending.with_data(encoded.data);
                 let encoded_in = encoding.elapsed();
                 let writing = Instant::now();
-                let _ = tx.send(pending.write().map(|s| (s, encoded_in, writing.elapsed())));
+                let snapshot = pending.write();
+                let _ = tx.send(Written {
+                    snapshot,
+                    encodings: encoded.encodings,
+                    reused: encoded.reused,
+                    encoded_in,
+                    written_in: writing.elapsed(),
+                });
             });
         if let Err(e) = spawned {
             tracing::error!(node = self.id, index, error = %e, "cannot start the snapshot writer; the next snapshot is taken when due");
@@ -881,14 +905,22 @@ impl Node {
         let Some(w) = self.snapshot_writer.take() else {
             return Ok(());
         };
-        let (snapshot, encoded_in, written_in) = match written {
-            Ok(result) => result?,
+        let Written {
+            snapshot,
+            encodings,
+            reused,
+            encoded_in,
+            written_in,
+        } = match written {
+            Ok(written) => written,
             Err(e) => {
                 tracing::error!(node = self.id, index = w.index, error = %e, "the snapshot writer failed; the next snapshot is taken when due");
                 self.applied_bytes += w.applied_bytes;
                 return Ok(());
             }
         };
+        self.snapshot_encodings = encodings;
+        let snapshot = snapshot?;
         let bytes = snapshot.data.len();
         let store = self.raw.mut_store();
         if !store.snapshot_written(snapshot)? {
@@ -907,6 +939,7 @@ impl Node {
             first_index = compact_to.max(1),
             for_peer = w.for_peer,
             take_ms = w.taken_in.as_millis() as u64,
+            reused,
             encode_ms = encoded_in.as_millis() as u64,
             write_ms = written_in.as_millis() as u64,
             "state snapshot taken; log compacted"

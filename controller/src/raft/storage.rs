@@ -164,7 +164,7 @@ impl PendingSnapshot {
     }
 
     /// Sets the state machine's data.
-    pub fn with_data(mut self, data: Vec<u8>) -> Self {
+    pub fn with_data(mut self, data: impl Into<bytes::Bytes>) -> Self {
         self.snapshot.data = data.into();
         self
     }
@@ -189,7 +189,7 @@ fn write_snapshot_file(
 ) -> Result<(), StorageError> {
     static TEMP: AtomicU64 = AtomicU64::new(0);
     let index = snapshot.get_metadata().index;
-    let bytes = files::encode_snapshot(snapshot).map_err(|source| StorageError::Encode {
+    let head = files::snapshot_head(snapshot).map_err(|source| StorageError::Encode {
         what: "a snapshot",
         source,
     })?;
@@ -197,7 +197,14 @@ fn write_snapshot_file(
         "{SNAPSHOT_FILE}.{index}.{}.tmp",
         TEMP.fetch_add(1, Ordering::Relaxed)
     ));
-    files::write_synced(&tmp, &bytes).map_err(StorageError::io("write", &tmp))?;
+    let written = match head {
+        Some(head) => files::write_parts_synced(&tmp, &[&head, &snapshot.data]),
+        None => Err(std::io::Error::other(format!(
+            "a snapshot of {} bytes is larger than the 4 GiB a snapshot file holds",
+            snapshot.data.len()
+        ))),
+    };
+    written.map_err(StorageError::io("write", &tmp))?;
     let mut on_disk = file.lock().unwrap_or_else(PoisonError::into_inner);
     if !newest && *on_disk >= index {
         drop(on_disk);

@@ -25,8 +25,15 @@ pub(super) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<(
 
 /// Writes `bytes` to a new file at `path` and syncs it.
 pub(super) fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_parts_synced(path, &[bytes])
+}
+
+/// Writes `parts`, one after the other, to a new file at `path` and syncs it.
+pub(super) fn write_parts_synced(path: &Path, parts: &[&[u8]]) -> io::Result<()> {
     let mut f = File::create(path)?;
-    f.write_all(bytes)?;
+    for part in parts {
+        f.write_all(part)?;
+    }
     f.sync_all()
 }
 
@@ -77,13 +84,26 @@ pub(super) fn decode_state(bytes: &[u8]) -> Result<PersistedState, String> {
     })
 }
 
-/// `magic crc32:u32 len:u32 payload`, payload = `meta_len:u32 metadata data`.
-pub(super) fn encode_snapshot(snap: &Snapshot) -> Result<Vec<u8>, protobuf::ProtobufError> {
+/// A snapshot file is `magic crc32:u32 len:u32 payload`, payload = `meta_len:u32 metadata
+/// data`. This is everything before `data`: the file is written as this head and then the data
+/// itself, so a large state is not copied into one buffer first. `None`: the payload is larger
+/// than the format's 4 GiB.
+pub(super) fn snapshot_head(snap: &Snapshot) -> Result<Option<Vec<u8>>, protobuf::ProtobufError> {
     let meta = snap.get_metadata().write_to_bytes()?;
-    let mut payload = Vec::with_capacity(8 + meta.len() + snap.data.len());
-    put_chunk(&mut payload, &meta);
-    payload.extend_from_slice(&snap.data);
-    Ok(frame(SNAPSHOT_MAGIC, &payload))
+    let mut chunk = Vec::with_capacity(4 + meta.len());
+    put_chunk(&mut chunk, &meta);
+    let Ok(len) = u32::try_from(chunk.len() + snap.data.len()) else {
+        return Ok(None);
+    };
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&chunk);
+    crc.update(&snap.data);
+    let mut head = Vec::with_capacity(16 + chunk.len());
+    head.extend_from_slice(SNAPSHOT_MAGIC);
+    head.extend_from_slice(&crc.finalize().to_le_bytes());
+    head.extend_from_slice(&len.to_le_bytes());
+    head.extend_from_slice(&chunk);
+    Ok(Some(head))
 }
 
 pub(super) fn decode_snapshot(bytes: &[u8]) -> Result<Snapshot, String> {
