@@ -21,7 +21,8 @@ pub struct OrchestratorConfig {
     /// How often agents heartbeat; a node silent for `grace_periods` of them is down.
     pub heartbeat_period: Duration,
     pub grace_periods: u32,
-    /// A full pass runs at least this often even if nothing changed.
+    /// A full pass runs this often even if nothing changed (it only guards against a missed
+    /// change), or less often on a large store: see [`resync_period`].
     pub resync: Duration,
     /// Changes are gathered this long before a pass, so a burst makes one plan.
     pub debounce: Duration,
@@ -53,6 +54,15 @@ impl OrchestratorConfig {
     pub fn grace(&self) -> Duration {
         self.heartbeat_period * self.grace_periods
     }
+}
+
+/// A periodic full pass takes at most 1/`RESYNC_DUTY` of the leader's time: the next one waits
+/// at least this many times as long as the last full pass took.
+const RESYNC_DUTY: u32 = 50;
+
+/// How long after a full pass that took `took` the next periodic one is due.
+fn resync_period(resync: Duration, took: Duration) -> Duration {
+    resync.max(took.saturating_mul(RESYNC_DUTY))
 }
 
 /// Runs until `stopping` turns true.
@@ -91,20 +101,26 @@ async fn lead(handle: &NodeHandle, sessions: &Sessions, cfg: &OrchestratorConfig
     let tracker = handle.store().write().track_changes();
     let mut dirty = Dirty::All;
     let mut last_full = Instant::now();
+    let mut resync_every = cfg.resync;
     let mut wake_at_ms: Option<u64> = None;
     loop {
-        if last_full.elapsed() >= cfg.resync || wake_at_ms.is_some_and(|w| now_ms() >= w) {
+        if last_full.elapsed() >= resync_every || wake_at_ms.is_some_and(|w| now_ms() >= w) {
             dirty = Dirty::All;
         }
         if !dirty.is_clean() {
             tokio::time::sleep(cfg.debounce).await;
             dirty.add(tracker.take());
             let scope = std::mem::replace(&mut dirty, Dirty::Clean).into_scope();
-            if matches!(scope, Scope::All) {
+            let full = matches!(scope, Scope::All);
+            if full {
                 last_full = Instant::now();
                 wake_at_ms = None;
             }
-            match pass(handle, &ids, cfg, scope).await {
+            let passed = pass(handle, &ids, cfg, scope).await;
+            if full {
+                resync_every = resync_period(cfg.resync, last_full.elapsed());
+            }
+            match passed {
                 Ok((rest, wake)) => {
                     // A pass cut short goes on where it stopped, not from the start.
                     if let Some(rest) = rest {
@@ -364,6 +380,17 @@ impl TaskIds {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_full_pass_makes_the_periodic_one_rarer() {
+        let resync = Duration::from_secs(30);
+        assert_eq!(resync_period(resync, Duration::from_millis(40)), resync);
+        assert_eq!(
+            resync_period(resync, Duration::from_secs(2)),
+            Duration::from_secs(100)
+        );
+        assert_eq!(resync_period(resync, Duration::MAX), Duration::MAX);
+    }
 
     #[test]
     fn a_mass_silence_is_not_a_mass_failure() {

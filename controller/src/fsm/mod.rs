@@ -298,15 +298,13 @@ mod tests {
         assert_eq!(first.reused, 0);
         assert_eq!(first.encodings.len(), 100);
 
-        // One service changed, one deleted, one new; the tasks stay as they are.
-        fsm.apply(
-            4,
-            &Command::ApplyServices(vec![
-                one_replica("svc-00", "img2"),
-                one_replica("new", "img"),
-            ])
-            .encode(),
-        )??;
+        // One service changed, one deleted, three new (sorting before, among and after the
+        // others); the tasks stay as they are.
+        let changed = ["svc-00", "new", "svc-25a", "zz"]
+            .iter()
+            .map(|name| one_replica(name, if *name == "svc-00" { "img2" } else { "img" }))
+            .collect();
+        fsm.apply(4, &Command::ApplyServices(changed).encode())??;
         fsm.apply(
             5,
             &Command::DeleteService {
@@ -317,7 +315,7 @@ mod tests {
         )??;
         let state = fsm.shared_state();
         let second = snapshot::encode_shared(&state, &first.encodings);
-        // 48 services and 50 tasks copied.
+        // 48 services and the 50 tasks copied.
         assert_eq!(second.reused, 98);
         let whole = snapshot::encode_shared(&state, &Encodings::default());
         assert_eq!(whole.reused, 0);
@@ -330,10 +328,10 @@ mod tests {
         assert_eq!(services(&restored), services(&fsm));
         assert_eq!(restored.store().read().task_count(), 50);
 
-        // A third snapshot copies from the second (the first's buffer is no longer needed).
+        // A third snapshot copies every object from the second (the first's buffer is gone).
         drop(first);
         let third = snapshot::encode_shared(&fsm.shared_state(), &second.encodings);
-        assert_eq!(third.reused, 100);
+        assert_eq!(third.reused, 102);
         assert_eq!(third.data, whole.data);
         Ok(())
     }

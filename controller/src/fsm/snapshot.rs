@@ -7,6 +7,7 @@
 //! append-only like command types; an unknown kind with [`IGNORE_UNKNOWN`] set is skipped.
 //! Restore builds a fresh state from the records and only then replaces the live one.
 
+use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Weak};
@@ -145,37 +146,28 @@ pub fn encode_shared(state: &SharedState, previous: &Encodings) -> EncodedState 
     let mut reused = 0;
     // The store keeps services and tasks hashed; written in key order, the same state makes
     // the same snapshot on every replica.
-    let mut services: Vec<&Arc<Service>> = state.services.iter().collect();
-    services.sort_unstable_by(|a, b| service_order(a).cmp(&service_order(b)));
-    let services: Vec<_> = services
-        .into_iter()
-        .map(|svc| {
-            put_object(
-                &mut out,
-                KIND_SERVICE,
-                svc,
-                &previous.data,
-                &previous.services,
-                &mut reused,
-            )
-        })
-        .collect();
+    let services: Vec<_> = in_order(&state.services, &previous.services, |a, b| {
+        service_order(a).cmp(&service_order(b))
+    })
+    .into_iter()
+    .map(|(svc, body)| {
+        put_object(
+            &mut out,
+            KIND_SERVICE,
+            svc,
+            &previous.data,
+            body,
+            &mut reused,
+        )
+    })
+    .collect();
     for node in &state.nodes {
         put_record(&mut out, KIND_NODE, node.as_ref());
     }
-    let mut tasks: Vec<&Arc<Task>> = state.tasks.iter().collect();
-    tasks.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-    let tasks: Vec<_> = tasks
+    let tasks: Vec<_> = in_order(&state.tasks, &previous.tasks, |a, b| a.id.cmp(&b.id))
         .into_iter()
-        .map(|task| {
-            put_object(
-                &mut out,
-                KIND_TASK,
-                task,
-                &previous.data,
-                &previous.tasks,
-                &mut reused,
-            )
+        .map(|(task, body)| {
+            put_object(&mut out, KIND_TASK, task, &previous.data, body, &mut reused)
         })
         .collect();
     let data = Bytes::from(out);
@@ -190,20 +182,55 @@ pub fn encode_shared(state: &SharedState, previous: &Encodings) -> EncodedState 
     }
 }
 
-/// Writes one object's record, copying its body from `previous` if remembered there; returns
-/// where its body is, for the next snapshot.
+/// `objects` in key order, each with its record body in the previous snapshot if that holds
+/// it. The previous snapshot is in key order too, so only the objects new since then are
+/// sorted by key (comparing strings, the costly part); the others are put in their old order
+/// by position and the two lists merged.
+fn in_order<'a, T>(
+    objects: &'a [Arc<T>],
+    remembered: &HashMap<usize, Encoded<T>>,
+    cmp: impl Fn(&T, &T) -> Ordering,
+) -> Vec<(&'a Arc<T>, Option<Range<usize>>)> {
+    let mut kept = Vec::with_capacity(remembered.len().min(objects.len()));
+    let mut new = Vec::new();
+    for object in objects {
+        match remembered.get(&(Arc::as_ptr(object) as usize)) {
+            Some(e) => kept.push((object, e.body.clone())),
+            None => new.push(object),
+        }
+    }
+    kept.sort_unstable_by_key(|(_, body)| body.start);
+    new.sort_unstable_by(|a, b| cmp(a, b));
+    let mut ordered = Vec::with_capacity(objects.len());
+    let mut kept = kept.into_iter().peekable();
+    let mut new = new.into_iter().peekable();
+    loop {
+        let take_kept = match (kept.peek(), new.peek()) {
+            (Some((k, _)), Some(n)) => cmp(k, n) != Ordering::Greater,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        if take_kept {
+            ordered.extend(kept.next().map(|(object, body)| (object, Some(body))));
+        } else {
+            ordered.extend(new.next().map(|object| (object, None)));
+        }
+    }
+    ordered
+}
+
+/// Writes one object's record, copying its body from `previous` where `body` says it is
+/// there; returns where its body is now, for the next snapshot.
 fn put_object<T: Message>(
     out: &mut Vec<u8>,
     kind: u8,
     object: &Arc<T>,
     previous: &Bytes,
-    remembered: &HashMap<usize, Encoded<T>>,
+    body: Option<Range<usize>>,
     reused: &mut usize,
 ) -> (usize, Encoded<T>) {
-    let address = Arc::as_ptr(object) as usize;
-    let cached = remembered
-        .get(&address)
-        .and_then(|e| previous.get(e.body.clone()));
+    let cached = body.and_then(|b| previous.get(b));
     out.push(kind);
     let start = out.len() + 4;
     match cached {
@@ -218,7 +245,7 @@ fn put_object<T: Message>(
         }
     }
     (
-        address,
+        Arc::as_ptr(object) as usize,
         Encoded {
             _allocation: Arc::downgrade(object),
             body: start..out.len(),

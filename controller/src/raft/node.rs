@@ -140,6 +140,15 @@ struct Written {
     reused: usize,
     encoded_in: Duration,
     written_in: Duration,
+    /// CPU time the writer thread used (`None` if the clock could not be read).
+    cpu: Option<Duration>,
+}
+
+/// CPU time the calling thread has used so far.
+fn thread_cpu_time() -> Option<Duration> {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .ok()
+        .map(Duration::from)
 }
 
 struct SnapshotWriter {
@@ -864,6 +873,7 @@ impl Node {
                 if background {
                     lower_thread_priority();
                 }
+                let cpu_at_start = thread_cpu_time();
                 let encoding = Instant::now();
                 let encoded = fsm_snapshot::encode_shared(&state, &previous);
                 // Dropped here, not on the loop: a large state's references take a while.
@@ -878,6 +888,9 @@ impl Node {
                     reused: encoded.reused,
                     encoded_in,
                     written_in: writing.elapsed(),
+                    cpu: thread_cpu_time()
+                        .zip(cpu_at_start)
+                        .map(|(end, start)| end.saturating_sub(start)),
                 });
             });
         if let Err(e) = spawned {
@@ -911,6 +924,7 @@ impl Node {
             reused,
             encoded_in,
             written_in,
+            cpu,
         } = match written {
             Ok(written) => written,
             Err(e) => {
@@ -941,6 +955,7 @@ impl Node {
             take_ms = w.taken_in.as_millis() as u64,
             reused,
             encode_ms = encoded_in.as_millis() as u64,
+            cpu_ms = cpu.map(|c| c.as_millis() as u64),
             write_ms = written_in.as_millis() as u64,
             "state snapshot taken; log compacted"
         );
