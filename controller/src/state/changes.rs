@@ -15,9 +15,10 @@
 use std::collections::BTreeSet;
 use std::sync::{Mutex, PoisonError};
 
+use hashbrown::HashSet;
 use tokio::sync::Notify;
 
-use super::store::{ServiceKey, normalize_namespace, service_key};
+use super::store::{KeyRef, ServiceKey, normalize_namespace};
 use super::watch::Object;
 
 /// What changed since the last [`ChangeTracker::take`].
@@ -38,28 +39,48 @@ impl Changes {
 /// The set of changes since the reconciler last took it, and a wake-up for it.
 #[derive(Debug, Default)]
 pub struct ChangeTracker {
-    pending: Mutex<Changes>,
+    pending: Mutex<Pending>,
     changed: Notify,
+}
+
+/// [`Changes`] as recorded: hashed, so that noting a service already recorded (the common case:
+/// a service's tasks change one after another) is one lookup that builds no key.
+#[derive(Debug, Default)]
+struct Pending {
+    all: bool,
+    services: HashSet<ServiceKey>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        !self.all && self.services.is_empty()
+    }
 }
 
 impl ChangeTracker {
     /// Records a change of `object`.
     pub(super) fn note(&self, object: &Object) {
-        let key = match object {
-            Object::Service(s) => service_key(s),
-            Object::Task(t) => (
-                normalize_namespace(&t.namespace).to_string(),
-                t.service.clone(),
-            ),
+        let (namespace, name) = match object {
+            Object::Service(s) => {
+                let meta = s.metadata.as_ref();
+                (
+                    meta.map_or("", |m| m.namespace.as_str()),
+                    meta.map_or("", |m| m.name.as_str()),
+                )
+            }
+            Object::Task(t) => (t.namespace.as_str(), t.service.as_str()),
             // A node changing (down, drained, new) can affect any service.
             Object::Node(_) => return self.note_all(),
         };
+        let namespace = normalize_namespace(namespace);
         let mut pending = self.lock();
-        if pending.all {
+        if pending.all || pending.services.contains(&KeyRef(namespace, name)) {
             return;
         }
         let was_empty = pending.services.is_empty();
-        pending.services.insert(key);
+        pending
+            .services
+            .insert((namespace.to_string(), name.to_string()));
         drop(pending);
         if was_empty {
             self.changed.notify_one();
@@ -71,7 +92,7 @@ impl ChangeTracker {
         let mut pending = self.lock();
         let was_empty = pending.is_empty();
         pending.all = true;
-        pending.services.clear();
+        pending.services = HashSet::new();
         drop(pending);
         if was_empty {
             self.changed.notify_one();
@@ -80,7 +101,11 @@ impl ChangeTracker {
 
     /// Takes what changed since the last call, leaving the tracker empty.
     pub fn take(&self) -> Changes {
-        std::mem::take(&mut *self.lock())
+        let pending = std::mem::take(&mut *self.lock());
+        Changes {
+            all: pending.all,
+            services: pending.services.into_iter().collect(),
+        }
     }
 
     /// Resolves once something was recorded since the last [`ChangeTracker::take`] (at once if
@@ -94,7 +119,7 @@ impl ChangeTracker {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Changes> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
         // The guarded set is valid after any panic (each update is one insert or clear).
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
