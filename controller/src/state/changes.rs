@@ -18,7 +18,7 @@ use std::sync::{Mutex, PoisonError};
 use hashbrown::HashSet;
 use tokio::sync::Notify;
 
-use super::store::{KeyRef, ServiceKey, normalize_namespace};
+use super::store::{KeyRef, ServiceKey, normalize_namespace, service_key_ref};
 use super::watch::Object;
 
 /// What changed since the last [`ChangeTracker::take`].
@@ -60,27 +60,20 @@ impl Pending {
 impl ChangeTracker {
     /// Records a change of `object`.
     pub(super) fn note(&self, object: &Object) {
-        let (namespace, name) = match object {
-            Object::Service(s) => {
-                let meta = s.metadata.as_ref();
-                (
-                    meta.map_or("", |m| m.namespace.as_str()),
-                    meta.map_or("", |m| m.name.as_str()),
-                )
-            }
-            Object::Task(t) => (t.namespace.as_str(), t.service.as_str()),
+        let key = match object {
+            Object::Service(s) => service_key_ref(s),
+            Object::Task(t) => KeyRef(normalize_namespace(&t.namespace), &t.service),
             // A node changing (down, drained, new) can affect any service.
             Object::Node(_) => return self.note_all(),
         };
-        let namespace = normalize_namespace(namespace);
         let mut pending = self.lock();
-        if pending.all || pending.services.contains(&KeyRef(namespace, name)) {
+        if pending.all || pending.services.contains(&key) {
             return;
         }
         let was_empty = pending.services.is_empty();
         pending
             .services
-            .insert((namespace.to_string(), name.to_string()));
+            .insert((key.0.to_string(), key.1.to_string()));
         drop(pending);
         if was_empty {
             self.changed.notify_one();
@@ -130,9 +123,10 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use tug_api::v1::{Node, ObjectMeta, Service, ServiceSpec, Task};
+    use tug_api::v1::{Node, ObjectMeta, Service, Task};
 
     use super::*;
+    use crate::state::store::tests as store_tests;
     use crate::state::{Restored, Store};
 
     fn service(namespace: &str, name: &str) -> Object {
@@ -212,18 +206,7 @@ mod tests {
         let mut store = Store::new(64);
         let tracker = store.track_changes();
         for i in 0..1_000u64 {
-            let svc = Service {
-                metadata: Some(ObjectMeta {
-                    name: format!("svc-{i:04}"),
-                    ..Default::default()
-                }),
-                spec: Some(ServiceSpec {
-                    image: "busybox".into(),
-                    replicas: 1,
-                    ..Default::default()
-                }),
-                previous_spec: None,
-            };
+            let svc = store_tests::service(&format!("svc-{i:04}"), "busybox");
             let applied = store.apply_services(i + 2, vec![svc]);
             assert!(applied.is_ok(), "{applied:?}");
         }

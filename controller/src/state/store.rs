@@ -479,10 +479,16 @@ pub fn normalize_namespace(namespace: &str) -> &str {
 
 /// The key a service is stored under.
 pub fn service_key(svc: &Service) -> ServiceKey {
+    let KeyRef(namespace, name) = service_key_ref(svc);
+    (namespace.to_string(), name.to_string())
+}
+
+/// [`service_key`], borrowed from the service.
+pub(super) fn service_key_ref(svc: &Service) -> KeyRef<'_> {
     let meta = svc.metadata.as_ref();
-    (
-        normalize_namespace(meta.map_or("", |m| m.namespace.as_str())).to_string(),
-        meta.map_or(String::new(), |m| m.name.clone()),
+    KeyRef(
+        normalize_namespace(meta.map_or("", |m| m.namespace.as_str())),
+        meta.map_or("", |m| m.name.as_str()),
     )
 }
 

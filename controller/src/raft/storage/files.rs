@@ -99,9 +99,7 @@ pub(super) fn snapshot_head(snap: &Snapshot) -> Result<Option<Vec<u8>>, protobuf
     crc.update(&chunk);
     crc.update(&snap.data);
     let mut head = Vec::with_capacity(16 + chunk.len());
-    head.extend_from_slice(SNAPSHOT_MAGIC);
-    head.extend_from_slice(&crc.finalize().to_le_bytes());
-    head.extend_from_slice(&len.to_le_bytes());
+    head.extend_from_slice(&frame_head(SNAPSHOT_MAGIC, crc.finalize(), len));
     head.extend_from_slice(&chunk);
     Ok(Some(head))
 }
@@ -124,11 +122,22 @@ fn put_chunk(out: &mut Vec<u8>, chunk: &[u8]) {
 
 fn frame(magic: &[u8; 8], payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + payload.len());
-    out.extend_from_slice(magic);
-    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&frame_head(
+        magic,
+        crc32fast::hash(payload),
+        payload.len() as u32,
+    ));
     out.extend_from_slice(payload);
     out
+}
+
+/// `magic crc32:u32 len:u32`: what every file here starts with, before its payload.
+fn frame_head(magic: &[u8; 8], crc: u32, len: u32) -> [u8; 16] {
+    let mut head = [0; 16];
+    head[..8].copy_from_slice(magic);
+    head[8..12].copy_from_slice(&crc.to_le_bytes());
+    head[12..].copy_from_slice(&len.to_le_bytes());
+    head
 }
 
 fn unframe<'a>(magic: &[u8; 8], bytes: &'a [u8]) -> Result<&'a [u8], String> {
