@@ -60,6 +60,9 @@ async fn start_cluster(dir: &std::path::Path) -> TestResult<Vec<Replica>> {
                 heartbeat_period: Duration::from_millis(200),
                 // Full passes go in several chunks, each committed before the next.
                 pass_chunk: 2,
+                // Sweeps over every service run all along, a chunk at a time between the
+                // passes over what changed.
+                resync: Duration::from_millis(300),
                 ..OrchestratorConfig::default()
             },
             network: Default::default(),
