@@ -144,11 +144,14 @@ pub fn encode_shared(state: &SharedState, previous: &Encodings) -> EncodedState 
     out.push(VERSION);
     put_record(&mut out, KIND_META, &meta);
     let mut reused = 0;
-    // The store keeps services and tasks hashed; written in key order, the same state makes
-    // the same snapshot on every replica.
-    let services: Vec<_> = in_order(&state.services, &previous.services, |a, b| {
-        service_order(a).cmp(&service_order(b))
-    })
+    // The store keeps services and tasks hashed; written in a fixed order (see `in_order`),
+    // the same state makes the same snapshot on every replica.
+    let services: Vec<_> = in_order(
+        &state.services,
+        &previous.services,
+        |svc| svc.metadata.as_ref().map_or(0, |m| m.revision),
+        |a, b| service_order(a).cmp(&service_order(b)),
+    )
     .into_iter()
     .map(|(svc, body)| {
         put_object(
@@ -164,12 +167,15 @@ pub fn encode_shared(state: &SharedState, previous: &Encodings) -> EncodedState 
     for node in &state.nodes {
         put_record(&mut out, KIND_NODE, node.as_ref());
     }
-    let tasks: Vec<_> = in_order(&state.tasks, &previous.tasks, |a, b| a.id.cmp(&b.id))
-        .into_iter()
-        .map(|(task, body)| {
-            put_object(&mut out, KIND_TASK, task, &previous.data, body, &mut reused)
-        })
-        .collect();
+    let tasks: Vec<_> = in_order(
+        &state.tasks,
+        &previous.tasks,
+        |task| task.revision,
+        |a, b| a.id.cmp(&b.id),
+    )
+    .into_iter()
+    .map(|(task, body)| put_object(&mut out, KIND_TASK, task, &previous.data, body, &mut reused))
+    .collect();
     let data = Bytes::from(out);
     EncodedState {
         encodings: Encodings {
@@ -182,39 +188,47 @@ pub fn encode_shared(state: &SharedState, previous: &Encodings) -> EncodedState 
     }
 }
 
-/// `objects` in key order, each with its record body in the previous snapshot if that holds
-/// it. The previous snapshot is in key order too, so only the objects new since then are
-/// sorted by key (comparing strings, the costly part); the others are put in their old order
-/// by position and the two lists merged.
+/// `objects` in snapshot order, each with its record body in the previous snapshot if that
+/// holds it. The order is by the revision that last changed an object, then by key: a
+/// function of the state alone. The previous snapshot is in that order too, and every object
+/// changed since has a later revision than any it holds unchanged, so those keep their old
+/// order (by position) and only the changed ones are sorted, by a revision read once each
+/// (keys are compared only between objects of one revision, such as the tasks of one plan).
+/// The two lists are still merged by the full order, which costs no key comparison as long as
+/// the revisions already tell.
 fn in_order<'a, T>(
     objects: &'a [Arc<T>],
     remembered: &HashMap<usize, Encoded<T>>,
-    cmp: impl Fn(&T, &T) -> Ordering,
+    revision: impl Fn(&T) -> u64,
+    key: impl Fn(&T, &T) -> Ordering,
 ) -> Vec<(&'a Arc<T>, Option<Range<usize>>)> {
     let mut kept = Vec::with_capacity(remembered.len().min(objects.len()));
     let mut new = Vec::new();
     for object in objects {
+        let rev = revision(object);
         match remembered.get(&(Arc::as_ptr(object) as usize)) {
-            Some(e) => kept.push((object, e.body.clone())),
-            None => new.push(object),
+            Some(e) => kept.push((rev, object, e.body.clone())),
+            None => new.push((rev, object)),
         }
     }
-    kept.sort_unstable_by_key(|(_, body)| body.start);
-    new.sort_unstable_by(|a, b| cmp(a, b));
+    kept.sort_unstable_by_key(|(_, _, body)| body.start);
+    new.sort_unstable_by(|(ra, a), (rb, b)| ra.cmp(rb).then_with(|| key(a, b)));
     let mut ordered = Vec::with_capacity(objects.len());
     let mut kept = kept.into_iter().peekable();
     let mut new = new.into_iter().peekable();
     loop {
         let take_kept = match (kept.peek(), new.peek()) {
-            (Some((k, _)), Some(n)) => cmp(k, n) != Ordering::Greater,
+            (Some((rk, k, _)), Some((rn, n))) => {
+                rk.cmp(rn).then_with(|| key(k, n)) != Ordering::Greater
+            }
             (Some(_), None) => true,
             (None, Some(_)) => false,
             (None, None) => break,
         };
         if take_kept {
-            ordered.extend(kept.next().map(|(object, body)| (object, Some(body))));
+            ordered.extend(kept.next().map(|(_, object, body)| (object, Some(body))));
         } else {
-            ordered.extend(new.next().map(|object| (object, None)));
+            ordered.extend(new.next().map(|(_, object)| (object, None)));
         }
     }
     ordered
@@ -356,4 +370,63 @@ pub fn decode(data: &[u8]) -> Result<Restored, SnapshotError> {
         );
     }
     Ok(restored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(id: &str, revision: u64) -> Arc<Task> {
+        Arc::new(Task {
+            id: id.to_string(),
+            revision,
+            ..Task::default()
+        })
+    }
+
+    /// The ids of `in_order`'s output, and which of them came with a remembered body.
+    fn order(objects: &[Arc<Task>], remembered: &HashMap<usize, Encoded<Task>>) -> Vec<String> {
+        in_order(objects, remembered, |t| t.revision, |a, b| a.id.cmp(&b.id))
+            .into_iter()
+            .map(|(t, body)| format!("{}{}", t.id, if body.is_some() { "*" } else { "" }))
+            .collect()
+    }
+
+    #[test]
+    fn objects_go_by_revision_then_key_whichever_were_remembered() {
+        // Revisions 3 and 5 were in the last snapshot, in that order (bodies at 0 and 10).
+        let (a, b) = (task("a", 5), task("b", 3));
+        let remembered = |objects: &[(&Arc<Task>, usize)]| -> HashMap<usize, Encoded<Task>> {
+            objects
+                .iter()
+                .map(|(t, at)| {
+                    let encoded = Encoded {
+                        _allocation: Arc::downgrade(t),
+                        body: *at..*at + 1,
+                    };
+                    (Arc::as_ptr(t) as usize, encoded)
+                })
+                .collect()
+        };
+        let last = remembered(&[(&b, 0), (&a, 10)]);
+        // Changed since: two of one revision (keys decide), one later, and an older revision
+        // than a remembered one (not what the store makes, but the order still holds).
+        let objects = vec![
+            task("z", 9),
+            a.clone(),
+            task("d", 7),
+            task("c", 7),
+            b.clone(),
+            task("y", 4),
+        ];
+        assert_eq!(
+            order(&objects, &last),
+            ["b*", "y", "a*", "c", "d", "z"].map(String::from)
+        );
+        // With nothing remembered, the same order.
+        assert_eq!(
+            order(&objects, &HashMap::new()),
+            ["b", "y", "a", "c", "d", "z"].map(String::from)
+        );
+    }
 }
