@@ -82,7 +82,7 @@ impl Sweep {
 
     /// The next chunk of at most `size` services, if one is due at `now`.
     fn due_chunk(&mut self, now: Instant, size: usize) -> Option<Vec<ServiceKey>> {
-        if self.keys.is_empty() || self.next_at.is_some_and(|at| now < at) {
+        if self.wait(now) != Some(Duration::ZERO) {
             return None;
         }
         let n = size.clamp(1, self.keys.len());
