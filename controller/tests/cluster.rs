@@ -345,6 +345,38 @@ async fn a_snapshot_is_taken_once_the_log_holds_enough_bytes() -> TestResult {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_take_their_first_snapshots_at_different_points() -> TestResult {
+    init_tracing();
+    let dir = tempfile::tempdir()?;
+    let cluster = TestCluster::start(dir.path(), 3, 7, |cfg| {
+        cfg.snapshot_threshold = 30;
+        cfg.snapshot_catch_up_entries = 0;
+    })?;
+    cluster.wait_for_leader(&[1, 2, 3], WAIT).await?;
+    // From the bootstrap snapshot at 1, the first is due at 31 on node 1, 41 on node 2 and
+    // 51 on node 3 (a third of the interval later for each rank), whichever leads.
+    for i in 0..56 {
+        cluster
+            .propose(&apply(&format!("svc-{i}"), "x"), WAIT)
+            .await?;
+    }
+    cluster.wait_converged(&[1, 2, 3], WAIT).await?;
+    let mut taken = Vec::new();
+    for (id, due) in [(1, 31), (2, 41), (3, 51)] {
+        let status = cluster.wait_snapshot(id, 2, WAIT).await?;
+        assert!(
+            (due..due + 10).contains(&status.snapshot_index),
+            "node {id}'s snapshot at {}, due at {due}",
+            status.snapshot_index
+        );
+        taken.push(status.snapshot_index);
+    }
+    assert!(taken[0] < taken[1] && taken[1] < taken[2], "{taken:?}");
+    cluster.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_member_catches_up_from_a_snapshot() -> TestResult {
     init_tracing();
     let dir = tempfile::tempdir()?;

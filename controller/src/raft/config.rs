@@ -26,7 +26,9 @@ pub struct NodeConfig {
     /// objects if that is more: a snapshot costs time in proportion to the state, so the log
     /// may grow as large as the state (in entries) before the next, which keeps the cost per
     /// write flat however large the state grows (Redis rewrites its append-only file on the
-    /// same rule, at 100% growth)...
+    /// same rule, at 100% growth). A member's first after it starts or installs the leader's
+    /// snapshot comes later by its rank among the voters, i/n of an interval, so the members
+    /// do not all take one at the same index...
     pub snapshot_threshold: u64,
     /// ...or once the entries applied since the last one hold this many bytes, whichever comes
     /// first: the log is kept in memory until a snapshot compacts it, so this bounds it (plus

@@ -99,6 +99,8 @@ pub struct Node {
     /// Objects in the state as of the last snapshot: the next is due after at least as many
     /// entries (see [`NodeConfig::snapshot_threshold`]).
     snapshot_objects: u64,
+    /// Entries the next routine snapshot waits beyond its interval (see [`snapshot_stagger`]).
+    snapshot_stagger: u64,
     /// The snapshot being written on a thread of its own, if any: a large state takes a while
     /// to write and sync, and the loop keeps replicating meanwhile.
     snapshot_writer: Option<SnapshotWriter>,
@@ -259,6 +261,11 @@ impl Node {
             fsm.restore(snapshot_index, &snapshot.data)?;
         }
         let snapshot_objects = fsm.object_count() as u64;
+        let stagger = snapshot_stagger(
+            id,
+            &storage.conf_state().voters,
+            cfg.snapshot_threshold.max(snapshot_objects),
+        );
         let hard_state = storage.hard_state().clone();
         let recovery = storage.recovery().clone();
         let voters = storage.conf_state().voters.len();
@@ -337,6 +344,7 @@ impl Node {
             applied: snapshot_index,
             snapshot_index,
             snapshot_objects,
+            snapshot_stagger: stagger,
             snapshot_writer: None,
             snapshot_encodings: Encodings::default(),
             applied_bytes: 0,
@@ -718,11 +726,18 @@ impl Node {
             "installing a snapshot from the leader"
         );
         let data = snapshot.data.clone();
+        let voters = meta.get_conf_state().voters.clone();
         self.raw.mut_store().apply_snapshot(snapshot)?;
         self.fsm.restore(index, &data)?;
         self.applied = index;
         self.snapshot_index = index;
         self.snapshot_objects = self.fsm.object_count() as u64;
+        // The leader and the other followers it sent this snapshot may be at the same point.
+        self.snapshot_stagger = snapshot_stagger(
+            self.id,
+            &voters,
+            self.cfg.snapshot_threshold.max(self.snapshot_objects),
+        );
         self.applied_bytes = 0;
         self.proposals
             .fail_through(index, |i| ProposeError::Dropped { index: i });
@@ -842,7 +857,7 @@ impl Node {
         }
         let wanted = self.raw.store().take_snapshot_request();
         let every = self.cfg.snapshot_threshold.max(self.snapshot_objects);
-        let due = self.applied >= self.snapshot_index + every
+        let due = self.applied >= self.snapshot_index + every + self.snapshot_stagger
             || self.applied_bytes >= self.cfg.snapshot_threshold_bytes;
         if !(due || wanted)
             || self.applied <= self.snapshot_index
@@ -943,6 +958,8 @@ impl Node {
         let compact_to = (w.index + 1).saturating_sub(self.cfg.snapshot_catch_up_entries);
         store.compact(compact_to)?;
         self.snapshot_index = w.index;
+        // From here on this node keeps its own phase: the next is one interval away.
+        self.snapshot_stagger = 0;
         self.cfg
             .metrics
             .observe_snapshot(w.started.elapsed().as_secs_f64());
@@ -1064,6 +1081,20 @@ enum Proposal {
     ConfChange(ConfChangeV2),
 }
 
+/// Extra entries a member waits before its first routine snapshot from a point it may share
+/// with the others (its start, as in a new group; a snapshot installed from the leader): the i-th of
+/// n voters by id waits i/n of an interval. Members snapshot at the same index otherwise, and
+/// a large state's snapshot costs each of them CPU at the same moment, the leader's included;
+/// staggered, each meets the others while they are not taking one. Each member then keeps
+/// its own phase (its next snapshot comes one interval after its last).
+fn snapshot_stagger(id: u64, voters: &[u64], every: u64) -> u64 {
+    let rank = voters.iter().filter(|&&v| v < id).count() as u64;
+    if !voters.contains(&id) || voters.len() < 2 {
+        return 0;
+    }
+    every.saturating_mul(rank) / voters.len() as u64
+}
+
 /// The first state of a new group: a snapshot at index 1, term 1, holding the initial voters
 /// and an empty state machine. Every initial member writes the same one, and members added
 /// later start from a leader's snapshot, so all replicas share one history from index 1.
@@ -1095,6 +1126,20 @@ fn sorted(ids: &[u64]) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn voters_stagger_their_first_snapshot_by_their_rank() {
+        let three = [3, 1, 2];
+        assert_eq!(snapshot_stagger(1, &three, 300), 0);
+        assert_eq!(snapshot_stagger(2, &three, 300), 100);
+        assert_eq!(snapshot_stagger(3, &three, 300), 200);
+        let five = [2, 4, 6, 8, 10];
+        assert_eq!(snapshot_stagger(6, &five, 1000), 400);
+        assert_eq!(snapshot_stagger(10, &five, 1000), 800);
+        assert_eq!(snapshot_stagger(7, &five, 1000), 0, "not a voter");
+        assert_eq!(snapshot_stagger(1, &[1], 1000), 0, "alone");
+        assert_eq!(snapshot_stagger(2, &[1, 2], u64::MAX), u64::MAX / 2);
+    }
 
     #[test]
     fn a_free_space_reading_is_reused_only_when_young_and_far_from_the_reserve() {
