@@ -316,7 +316,7 @@ impl Store {
                 // Only a change of the template (not of the replica count) is something to
                 // roll back from.
                 let previous_spec = if !same_template(old.spec.as_ref(), svc.spec.as_ref()) {
-                    old.spec.clone()
+                    old.spec.clone().map(Box::new)
                 } else {
                     old.previous_spec.clone()
                 };
@@ -391,7 +391,7 @@ impl Store {
         let replicas = svc.spec.as_ref().map_or(previous.replicas, |s| s.replicas);
         svc.spec = Some(ServiceSpec {
             replicas,
-            ..previous
+            ..*previous
         });
         Ok(self.apply_service(index, svc))
     }
