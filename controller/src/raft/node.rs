@@ -857,7 +857,11 @@ impl Node {
         }
         let wanted = self.raw.store().take_snapshot_request();
         let every = self.cfg.snapshot_threshold.max(self.snapshot_objects);
-        let due = self.applied >= self.snapshot_index + every + self.snapshot_stagger
+        let due = self.applied
+            >= self
+                .snapshot_index
+                .saturating_add(every)
+                .saturating_add(self.snapshot_stagger)
             || self.applied_bytes >= self.cfg.snapshot_threshold_bytes;
         if !(due || wanted)
             || self.applied <= self.snapshot_index
@@ -1082,17 +1086,19 @@ enum Proposal {
 }
 
 /// Extra entries a member waits before its first routine snapshot from a point it may share
-/// with the others (its start, as in a new group; a snapshot installed from the leader): the i-th of
-/// n voters by id waits i/n of an interval. Members snapshot at the same index otherwise, and
-/// a large state's snapshot costs each of them CPU at the same moment, the leader's included;
-/// staggered, each meets the others while they are not taking one. Each member then keeps
-/// its own phase (its next snapshot comes one interval after its last).
+/// with the others (its start, as in a new group; a snapshot installed from the leader): the
+/// i-th of n voters by id waits i/n of an interval. Members snapshot at the same index
+/// otherwise, and a large state's snapshot costs each of them CPU at the same moment, the
+/// leader's included; staggered, each meets the others while they are not taking one. Each
+/// member then keeps its own phase (its next snapshot comes one interval after its last).
 fn snapshot_stagger(id: u64, voters: &[u64], every: u64) -> u64 {
-    let rank = voters.iter().filter(|&&v| v < id).count() as u64;
     if !voters.contains(&id) || voters.len() < 2 {
         return 0;
     }
-    every.saturating_mul(rank) / voters.len() as u64
+    let rank = voters.iter().filter(|&&v| v < id).count() as u128;
+    // In u128: `every` may be any configured threshold.
+    let stagger = u128::from(every) * rank / voters.len() as u128;
+    u64::try_from(stagger).unwrap_or(u64::MAX)
 }
 
 /// The first state of a new group: a snapshot at index 1, term 1, holding the initial voters
@@ -1139,6 +1145,7 @@ mod tests {
         assert_eq!(snapshot_stagger(7, &five, 1000), 0, "not a voter");
         assert_eq!(snapshot_stagger(1, &[1], 1000), 0, "alone");
         assert_eq!(snapshot_stagger(2, &[1, 2], u64::MAX), u64::MAX / 2);
+        assert_eq!(snapshot_stagger(3, &three, u64::MAX), u64::MAX / 3 * 2);
     }
 
     #[test]
