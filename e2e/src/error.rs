@@ -4,8 +4,12 @@ use std::io;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("`{tool}` is not installed: run `e2e/install-deps.sh` as root")]
-    MissingTool { tool: &'static str },
+    #[error("`{tool}` is not installed: run `{install}` as root")]
+    MissingTool {
+        tool: &'static str,
+        /// The command that installs it.
+        install: &'static str,
+    },
     #[error("`{command}` failed ({status}): {stderr}")]
     Command {
         command: String,

@@ -20,6 +20,9 @@ pub const REQUIRED_TOOLS: &[&str] = &[
     "openssl",
 ];
 
+/// The peers only the benchmarks run: `e2e/install-deps.sh` installs them with `--bench`.
+const BENCH_TOOLS: &[&str] = &["etcd", "containerd", "ctr", "iperf3"];
+
 /// The full path of `tool` on `PATH`, or a clear error saying how to install it.
 pub fn require(tool: &'static str) -> Result<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -27,7 +30,19 @@ pub fn require(tool: &'static str) -> Result<PathBuf> {
         .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
         .map(|dir| dir.join(tool))
         .find(|p| is_executable(p))
-        .ok_or(Error::MissingTool { tool })
+        .ok_or(Error::MissingTool {
+            tool,
+            install: install_command(tool),
+        })
+}
+
+/// What installs `tool`.
+fn install_command(tool: &str) -> &'static str {
+    if BENCH_TOOLS.contains(&tool) {
+        "e2e/install-deps.sh --bench"
+    } else {
+        "e2e/install-deps.sh"
+    }
 }
 
 fn is_executable(path: &Path) -> bool {
@@ -73,4 +88,23 @@ pub fn output(cmd: &mut Command) -> Result<Output> {
 pub fn stdout_of(program: &'static str, args: &[&str]) -> Result<String> {
     let out = run(Command::new(require(program)?).args(args))?;
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_peer_names_the_bench_install() {
+        let err = Error::MissingTool {
+            tool: "etcd",
+            install: install_command("etcd"),
+        };
+        assert_eq!(
+            err.to_string(),
+            "`etcd` is not installed: run `e2e/install-deps.sh --bench` as root"
+        );
+        assert_eq!(install_command("umoci"), "e2e/install-deps.sh");
+        assert_eq!(install_command("ctr"), "e2e/install-deps.sh --bench");
+    }
 }
