@@ -86,6 +86,12 @@ impl NodeConfig {
         }
     }
 
+    /// Entries between routine snapshots once the last one held `objects` objects (see
+    /// [`NodeConfig::snapshot_threshold`]).
+    pub(crate) fn snapshot_interval(&self, objects: u64) -> u64 {
+        self.snapshot_threshold.max(objects)
+    }
+
     /// Checks what raft-rs does not check itself.
     pub(crate) fn validate(&self) -> Result<(), String> {
         if self.id == 0 {

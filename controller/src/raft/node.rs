@@ -264,7 +264,7 @@ impl Node {
         let stagger = snapshot_stagger(
             id,
             &storage.conf_state().voters,
-            cfg.snapshot_threshold.max(snapshot_objects),
+            cfg.snapshot_interval(snapshot_objects),
         );
         let hard_state = storage.hard_state().clone();
         let recovery = storage.recovery().clone();
@@ -736,7 +736,7 @@ impl Node {
         self.snapshot_stagger = snapshot_stagger(
             self.id,
             &voters,
-            self.cfg.snapshot_threshold.max(self.snapshot_objects),
+            self.cfg.snapshot_interval(self.snapshot_objects),
         );
         self.applied_bytes = 0;
         self.proposals
@@ -856,7 +856,7 @@ impl Node {
             return Ok(());
         }
         let wanted = self.raw.store().take_snapshot_request();
-        let every = self.cfg.snapshot_threshold.max(self.snapshot_objects);
+        let every = self.cfg.snapshot_interval(self.snapshot_objects);
         let due = self.applied
             >= self
                 .snapshot_index

@@ -22,7 +22,7 @@
 //! host-gw-stack, vxlan, vxlan-stack, measured with the two host-to-host baselines).
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -62,9 +62,7 @@ fn run() -> Result<()> {
         .unwrap_or(3)
         .max(1);
     for tool in ["iperf3", "busybox"] {
-        if which(tool).is_none() {
-            return Err(format!("{tool} is not installed: run e2e/install-deps.sh --bench").into());
-        }
+        tug_e2e::exec::require(tool)?;
     }
     println!(
         "tug network benchmark: 2 test-bed hosts, iperf3 {seconds} s per run, {rounds} rounds, \
@@ -193,14 +191,6 @@ fn paired_ratio(runs: &[Sample], baseline: &[Sample]) -> f64 {
 fn median_of(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-fn which(tool: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join(tool))
-            .find(|p| p.is_file())
-    })
 }
 
 /// One node of the bench: its host, subnet and (if any) container namespace and address.
