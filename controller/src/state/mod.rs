@@ -7,6 +7,7 @@
 
 mod allocations;
 pub mod changes;
+mod id_set;
 mod nodes;
 mod store;
 mod subnets;

@@ -10,6 +10,7 @@ use tug_api::v1::{Node, ObjectMeta, Service, ServiceSpec, Task};
 
 use super::allocations::Allocations;
 use super::changes::ChangeTracker;
+use super::id_set::IdSet;
 use super::subnets::{ClusterNetwork, SubnetPool};
 use super::watch::{EventKind, Object, WatchError, WatchEvent, WatchHub, Watcher};
 
@@ -102,7 +103,7 @@ pub struct Store {
     pub(super) tasks: Map<String, Arc<Task>>,
     /// Task ids per service and per node (in id order): the reconciler and the agents' streams
     /// read by these.
-    pub(super) tasks_by_service: Map<ServiceKey, BTreeSet<String>>,
+    pub(super) tasks_by_service: Map<ServiceKey, IdSet>,
     pub(super) tasks_by_node: Map<String, BTreeSet<String>>,
     pub(super) allocations: Allocations,
     pub(super) subnets: SubnetPool,

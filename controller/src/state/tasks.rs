@@ -1,12 +1,12 @@
 //! Tasks in the store: created, placed, stopped and removed by the leader's reconciler in plans
 //! (one Raft command per reconcile pass), and their status reported by the agents that run them.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use tug_api::v1::{DesiredState, Task, TaskState, TaskStatus, TaskStatusUpdate};
 
 use super::allocations::Allocation;
+use super::id_set::IdSet;
 use super::store::{KeyRef, ServiceKey, Store, normalize_namespace};
 use super::watch::{EventKind, Object};
 
@@ -76,11 +76,12 @@ impl Store {
 
     pub fn tasks_of_service(&self, namespace: &str, name: &str) -> Vec<&Task> {
         let key = KeyRef(normalize_namespace(namespace), name);
-        self.ids_to_tasks(self.tasks_by_service.get(&key))
+        let ids = self.tasks_by_service.get(&key);
+        self.ids_to_tasks(ids.into_iter().flat_map(IdSet::iter))
     }
 
     pub fn tasks_of_node(&self, node: &str) -> Vec<&Task> {
-        self.ids_to_tasks(self.tasks_by_node.get(node))
+        self.ids_to_tasks(self.tasks_by_node.get(node).into_iter().flatten())
     }
 
     /// The keys of every service that has tasks (some may belong to deleted services), in no
@@ -89,11 +90,8 @@ impl Store {
         self.tasks_by_service.keys()
     }
 
-    fn ids_to_tasks(&self, ids: Option<&BTreeSet<String>>) -> Vec<&Task> {
-        ids.into_iter()
-            .flatten()
-            .filter_map(|id| self.get_task(id))
-            .collect()
+    fn ids_to_tasks<'a>(&'a self, ids: impl Iterator<Item = &'a String>) -> Vec<&'a Task> {
+        ids.filter_map(|id| self.get_task(id)).collect()
     }
 
     pub(super) fn index_task(&mut self, task: &Task) {
