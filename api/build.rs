@@ -21,6 +21,9 @@ fn main() -> Result<(), Box<dyn Error>> {
         // Set only after a template change, and 312 bytes inline: boxed, an unset one costs a
         // pointer in each of the controller's (many) stored services.
         .boxed(".tug.v1.Service.previous_spec")
+        // Optional, and 56 bytes inline in every spec the controller stores (each service's and
+        // each task's): boxed, an unset one costs a pointer.
+        .boxed(".tug.v1.ServiceSpec.health_check")
         .compile_fds(fds)?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())

@@ -395,12 +395,12 @@ async fn worker_runs_stops_removes_adopts_and_serves_logs_and_exec() -> TestResu
     // Assign a server with a TCP health check: pulled, started, running, healthy.
     let mut web = bed.task("web.1.aaaa", SERVER, RestartPolicy::Always);
     if let Some(s) = web.spec.as_mut() {
-        s.health_check = Some(HealthCheck {
+        s.health_check = Some(Box::new(HealthCheck {
             probe: Some(Probe::Tcp(Tcp { port: 8080 })),
             interval_ms: 200,
             timeout_ms: 1000,
             retries: 2,
-        });
+        }));
     }
     // And a task that fails at once under NEVER.
     let bad = bed.task("bad.1.bbbb", "echo failing; exit 3", RestartPolicy::Never);

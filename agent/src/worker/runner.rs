@@ -227,7 +227,7 @@ impl Runner {
     }
 
     async fn keep_running(&mut self, task: &Task) -> Wake {
-        let check = Check::from_spec(task.spec.as_ref().and_then(|s| s.health_check.as_ref()));
+        let check = Check::from_spec(task.spec.as_ref().and_then(|s| s.health_check.as_deref()));
         loop {
             if self.record.finished {
                 return self.sig.wake().await;

@@ -254,28 +254,30 @@ impl ServiceManifest {
                     RestartPolicy::Never => v1::RestartPolicy::Never,
                 }
                 .into(),
-                health_check: s.health_check.as_ref().map(|h| v1::HealthCheck {
-                    probe: Some(match &h.probe {
-                        Probe::Exec { command } => {
-                            v1::health_check::Probe::Exec(v1::health_check::Exec {
-                                command: command.clone(),
-                            })
-                        }
-                        Probe::Http { path, port } => {
-                            v1::health_check::Probe::Http(v1::health_check::Http {
-                                path: path.clone(),
-                                port: (*port).into(),
-                            })
-                        }
-                        Probe::Tcp { port } => {
-                            v1::health_check::Probe::Tcp(v1::health_check::Tcp {
-                                port: (*port).into(),
-                            })
-                        }
-                    }),
-                    interval_ms: h.interval.as_millis(),
-                    timeout_ms: h.timeout.as_millis(),
-                    retries: h.retries,
+                health_check: s.health_check.as_ref().map(|h| {
+                    Box::new(v1::HealthCheck {
+                        probe: Some(match &h.probe {
+                            Probe::Exec { command } => {
+                                v1::health_check::Probe::Exec(v1::health_check::Exec {
+                                    command: command.clone(),
+                                })
+                            }
+                            Probe::Http { path, port } => {
+                                v1::health_check::Probe::Http(v1::health_check::Http {
+                                    path: path.clone(),
+                                    port: (*port).into(),
+                                })
+                            }
+                            Probe::Tcp { port } => {
+                                v1::health_check::Probe::Tcp(v1::health_check::Tcp {
+                                    port: (*port).into(),
+                                })
+                            }
+                        }),
+                        interval_ms: h.interval.as_millis(),
+                        timeout_ms: h.timeout.as_millis(),
+                        retries: h.retries,
+                    })
                 }),
                 stop_grace_period_ms: s.stop_grace_period.as_millis(),
                 placement: Some(v1::Placement {
