@@ -3,7 +3,8 @@
 //! concurrent writers (tokio tasks, each with its own gRPC connection to the leader) do
 //! sequential small writes for a fixed time per concurrency level, in rounds that alternate the
 //! two systems; print writes/s, p50/p99 latency and the replicas' CPU time per write side by side
-//! with ratios.
+//! with ratios, then how much each replica's resident memory grew per write over the whole run
+//! (a tug write stores a service and, once the reconciler has run, its task).
 //!
 //! - tug: `Control.Apply` of one small `Service` per write (unique name, image busybox, 1
 //!   replica) to the leader replica.
@@ -484,6 +485,8 @@ struct Measured {
     server_cpu: Duration,
     /// CPU time this program (the clients) used meanwhile.
     client_cpu: Duration,
+    /// Acknowledged writes of the warm-ups (not in `latencies`).
+    warmup_writes: u64,
 }
 
 impl Measured {
@@ -498,6 +501,12 @@ impl Measured {
         self.elapsed += round.elapsed;
         self.server_cpu += round.server_cpu;
         self.client_cpu += round.client_cpu;
+        self.warmup_writes += round.warmup_writes;
+    }
+
+    /// Every acknowledged write, warm-ups included.
+    fn all_writes(&self) -> u64 {
+        self.latencies.len() as u64 + self.warmup_writes
     }
 
     /// CPU microseconds per acknowledged write.
@@ -592,6 +601,35 @@ fn cpu_of(pids: &[u32]) -> Result<Duration> {
     pids.iter().map(|&pid| cpu_time(pid)).sum()
 }
 
+/// Resident memory (VmRSS) of process `pid` now, in bytes.
+fn rss(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| format!("{path}: no VmRSS line").into())
+}
+
+fn rss_of(pids: &[u32]) -> Result<u64> {
+    pids.iter().map(|&pid| rss(pid)).sum()
+}
+
+/// The replicas' resident memory after every level, and its growth since `start` (their RSS
+/// before the first level) per write, each replica holding every write.
+fn memory_line(system: &str, pids: &[u32], start: u64, writes: u64) -> Result<String> {
+    let end = rss_of(pids)?;
+    let replicas = pids.len().max(1) as u64;
+    Ok(format!(
+        "{system}: replicas' memory (RSS) {:.0} MiB each at the end, {:.2} KB more a write \
+         ({writes} writes)",
+        (end / replicas) as f64 / f64::from(1 << 20),
+        end.saturating_sub(start) as f64 / replicas as f64 / writes.max(1) as f64 / 1e3,
+    ))
+}
+
 /// Round `round` of one level: a warm-up (not counted), then the measured writes, with the CPU
 /// time the replicas (`pids`) and this program used meanwhile. Every round writes new names, so
 /// every write creates an object (none is an unchanged re-apply).
@@ -603,14 +641,17 @@ async fn level<W: Writer>(
     system: &str,
     pids: &[u32],
 ) -> Result<Measured> {
+    let mut warmup_writes = 0;
     if !args.warmup.is_zero() {
-        drive(writers, &format!("{clients}w{round}"), args.warmup).await?;
+        let warm = drive(writers, &format!("{clients}w{round}"), args.warmup).await?;
+        warmup_writes = warm.all_writes();
     }
     let me = std::process::id();
     let (server0, client0) = (cpu_of(pids)?, cpu_time(me)?);
     let mut m = drive(writers, &format!("{clients}m{round}"), args.duration).await?;
     m.server_cpu = cpu_of(pids)?.saturating_sub(server0);
     m.client_cpu = cpu_time(me)?.saturating_sub(client0);
+    m.warmup_writes = warmup_writes;
     eprintln!(
         "  {system:<4} {clients:>4} clients: {:>8.0} writes/s, p50 {:.2} ms, p99 {:.2} ms, \
          {:.0} us server CPU a write, {} errors",
@@ -766,6 +807,7 @@ fn run() -> Result<()> {
             args.warmup.as_secs_f64(),
         );
         let (tug_pids, etcd_pids) = (tug_cluster.pids(), etcd_cluster.pids());
+        let (tug_rss, etcd_rss) = (rss_of(&tug_pids)?, rss_of(&etcd_pids)?);
         let mut rows = Vec::new();
         for &clients in &args.levels {
             let tug_writers = writers(&tug_leader, clients, |c| TugWriter(ControlClient::new(c)));
@@ -784,6 +826,13 @@ fn run() -> Result<()> {
             rows.push((clients, t, e));
         }
         println!("{}", table(&rows));
+        let tug_writes = rows.iter().map(|(_, t, _)| t.all_writes()).sum::<u64>();
+        let etcd_writes = rows.iter().map(|(_, _, e)| e.all_writes()).sum::<u64>();
+        println!("{}", memory_line("tug", &tug_pids, tug_rss, tug_writes)?);
+        println!(
+            "{} (with the pages of its database file it has mapped)",
+            memory_line("etcd", &etcd_pids, etcd_rss, etcd_writes)?
+        );
         Ok::<(), Error>(())
     });
     drop(runtime);
