@@ -2,7 +2,8 @@
 //! (most services run a handful of replicas), a B-tree beyond that.
 //!
 //! A `BTreeSet<String>` allocates a whole node for its first id: 280 bytes for one 24-byte id,
-//! held by every service in the store. The vector holds exactly what it has.
+//! held by every service in the store. The vector holds exactly what it has. A set that once
+//! grew past [`FEW`] stays a B-tree (a service scaled down keeps it; it is one node per service).
 
 use std::collections::BTreeSet;
 
