@@ -1,4 +1,5 @@
-//! Small helpers for benchmark programs: timed runs, medians, a side-by-side table with ratios.
+//! Small helpers for benchmark programs: timed runs, medians, a side-by-side table with ratios,
+//! process memory figures.
 
 use std::time::{Duration, Instant};
 
@@ -67,6 +68,23 @@ pub fn percentile_of_sorted(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.saturating_sub(1).min(n - 1)]
 }
 
+/// A memory figure of process `pid` from `/proc/PID/status` (`field`: `VmRSS`, `VmHWM`, ...),
+/// in KiB.
+pub fn proc_status_kib(pid: u32, field: &str) -> std::io::Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path)?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{path}: no {field} figure"),
+            )
+        })
+}
+
 /// A table: contender, median, min, and each median relative to the first row (ours).
 pub fn report(title: &str, rows: &[Samples]) -> String {
     let base = rows
@@ -95,6 +113,16 @@ pub fn report(title: &str, rows: &[Samples]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_a_memory_figure_of_a_process() -> std::io::Result<()> {
+        let me = std::process::id();
+        assert!(proc_status_kib(me, "VmRSS")? > 0);
+        assert!(proc_status_kib(me, "VmHWM")? >= proc_status_kib(me, "VmRSS")?);
+        // A field name that only prefixes others (VmRSS, VmHWM...) is not one of them.
+        assert!(proc_status_kib(me, "Vm").is_err());
+        Ok(())
+    }
 
     #[test]
     fn median_of_odd_and_even() {

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 /// Ids a [`IdSet`] keeps in a sorted vector before it moves them to a B-tree.
 const FEW: usize = 16;
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(super) enum IdSet {
     /// Sorted, without duplicates, at most [`FEW`].
     Few(Vec<String>),

@@ -27,7 +27,7 @@ use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 use tug_api::v1::control_client::ControlClient;
 use tug_api::v1::{ApplyRequest, ClusterStatusRequest, ObjectMeta, Service, ServiceSpec};
-use tug_e2e::bench::percentile_of_sorted;
+use tug_e2e::bench::{percentile_of_sorted, proc_status_kib};
 use tug_e2e::etcdpb::kv_client::KvClient;
 use tug_e2e::etcdpb::maintenance_client::MaintenanceClient;
 use tug_e2e::etcdpb::{PutRequest, StatusRequest};
@@ -601,20 +601,14 @@ fn cpu_of(pids: &[u32]) -> Result<Duration> {
     pids.iter().map(|&pid| cpu_time(pid)).sum()
 }
 
-/// Resident memory (VmRSS) of process `pid` now, in bytes.
-fn rss(pid: u32) -> Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .ok_or_else(|| format!("{path}: no VmRSS line").into())
-}
-
+/// Resident memory (VmRSS) of processes `pids` together now, in bytes.
 fn rss_of(pids: &[u32]) -> Result<u64> {
-    pids.iter().map(|&pid| rss(pid)).sum()
+    let mut bytes = 0;
+    for &pid in pids {
+        let kib = proc_status_kib(pid, "VmRSS").map_err(|e| format!("pid {pid}: {e}"))?;
+        bytes += kib * 1024;
+    }
+    Ok(bytes)
 }
 
 /// The replicas' resident memory after every level, and its growth since `start` (their RSS

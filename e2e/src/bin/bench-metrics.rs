@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use tug_e2e::TestImages;
-use tug_e2e::bench::Samples;
+use tug_e2e::bench::{Samples, proc_status_kib};
 use tug_e2e::cluster::{AGENTS, Cluster};
 use tug_e2e::prometheus::get_text;
 
@@ -59,16 +59,6 @@ fn ticks_per_second() -> f64 {
         .map_or(100.0, |t| t as f64)
 }
 
-/// VmRSS of `pid`, in KiB.
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .ok_or("no VmRSS")?;
-    Ok(line.split_whitespace().nth(1).ok_or("bad VmRSS")?.parse()?)
-}
-
 fn run() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let containers: usize = match args.next() {
@@ -108,7 +98,7 @@ fn measure(cluster: &Cluster, images: &TestImages, containers: usize, window: u6
 
     scrape()?;
     std::thread::sleep(Duration::from_secs(2));
-    let rss_idle = rss_kib(agent_pid)?;
+    let rss_idle = proc_status_kib(agent_pid, "VmRSS")?;
     let (empty_scrape, _, _) = scrapes(&scrape, agent_pid)?;
 
     // N idle containers, all on a0 (its zone), with the image pulled once.
@@ -127,7 +117,7 @@ fn measure(cluster: &Cluster, images: &TestImages, containers: usize, window: u6
     let start_all = started.elapsed();
     // Let the starts settle (the status reports, the first usage samples).
     std::thread::sleep(Duration::from_secs(10));
-    let rss_full = rss_kib(agent_pid)?;
+    let rss_full = proc_status_kib(agent_pid, "VmRSS")?;
     let body = scrape()?;
     let (full_scrape, cpu_per_scrape, scraped) = scrapes(&scrape, agent_pid)?;
 

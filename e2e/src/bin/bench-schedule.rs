@@ -28,6 +28,7 @@ use tug_api::v1::{
     ApplyRequest, ClusterStatusRequest, ListNodesRequest, NodeState, ObjectMeta, Resources,
     Service, ServiceSpec,
 };
+use tug_e2e::bench::proc_status_kib;
 use tug_e2e::sim_agent::{SimAgent, SimAgentConfig};
 use tug_e2e::{ChildGuard, spawn};
 
@@ -237,7 +238,8 @@ async fn scenario(tug: &PathBuf, args: &Args, nodes: usize, tasks: usize) -> Res
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     eprintln!("   all {tasks} reported running in {running:?}");
-    let peak_rss_kib = peak_rss_kib(pid);
+    // VmHWM: the process's peak resident memory (0 if it cannot be read).
+    let peak_rss_kib = proc_status_kib(pid, "VmHWM").unwrap_or(0);
     for agent in agents {
         agent.stop().await;
     }
@@ -307,19 +309,6 @@ where
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// VmHWM: the process's peak resident memory.
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 fn tug_binary() -> Result<PathBuf> {
