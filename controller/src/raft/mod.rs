@@ -10,6 +10,7 @@
 mod config;
 pub mod grpc_transport;
 mod handle;
+mod log_sync;
 mod logger;
 mod node;
 mod proposals;

@@ -10,14 +10,17 @@
 //!    the clients' tasks put it on the wire before the local write and sync (otherwise the
 //!    followers' fsyncs would start that much later);
 //! 4. append `entries` and persist the hard state: one fdatasync (a commit-only change is
-//!    written with the next append, see `storage`). The leader's sync runs on tokio's blocking
-//!    pool while the loop awaits it, so its worker keeps serving clients and peers; a
-//!    follower, whose acknowledgement waits for the sync, syncs in place;
+//!    written with the next append, see `storage`). The leader writes in place but syncs
+//!    asynchronously (raft-rs's `advance_append_async`, see [`LeaderSyncs`]): the loop goes
+//!    on proposing and replicating while a sync runs on tokio's blocking pool, and tells raft
+//!    (`on_persist_ready`) when it is done, which counts the leader's own copy towards the
+//!    commit. A follower, whose acknowledgement waits for the sync, syncs in place;
 //! 5. only now send `persisted_messages` (votes, append acks); a follower applies committed
 //!    entries after this (yielding first, so they are on the wire), so its acknowledgement does
 //!    not wait for them;
 //! 6. `advance`; the LightReady's commit index, messages and committed entries likewise;
-//!    then `advance_apply_to(applied)`.
+//!    then `advance_apply_to(applied)`. (A leader with a sync in flight advances
+//!    asynchronously instead; what its LightReady would carry comes with the next Ready.)
 //!
 //! Client requests queued while one cycle runs are all proposed before the next, so concurrent
 //! writers share Ready cycles and fsyncs.
@@ -40,6 +43,7 @@ use tokio::time::MissedTickBehavior;
 
 use super::config::NodeConfig;
 use super::handle::{Membership, NodeHandle, ProposeError, ReadError, Request};
+use super::log_sync::LeaderSyncs;
 use super::logger::raft_logger;
 use super::proposals::{Output, Proposals, Reads, Reply, decode_ctx, encode_ctx};
 use super::status::NodeStatus;
@@ -122,6 +126,8 @@ pub struct Node {
     told_commit: u64,
     /// Leader: when to tell the followers a commit index no append has carried yet.
     commit_notify_at: Option<tokio::time::Instant>,
+    /// Leader: its log syncs in flight.
+    leader_syncs: LeaderSyncs,
 }
 
 /// Resolves at `at`; never, without one.
@@ -355,6 +361,7 @@ impl Node {
             disk_free: None,
             told_commit: 0,
             commit_notify_at: None,
+            leader_syncs: LeaderSyncs::default(),
         };
         node.publish_status();
         Ok((node, handle))
@@ -365,6 +372,9 @@ impl Node {
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
         let mut result = self.run_loop(shutdown).await;
         // (After a fatal error the log is left as the failed write left it.)
+        if result.is_ok() {
+            result = self.syncs_done(None).await;
+        }
         if result.is_ok() {
             result = self
                 .raw
@@ -406,6 +416,7 @@ impl Node {
                     self.on_snapshot_written(written)?;
                 }
                 () = sleep_until(self.commit_notify_at) => self.notify_commit(),
+                synced = self.leader_syncs.finished() => self.syncs_done(Some(synced?)).await?,
             }
             self.drain_queued();
             self.on_ready().await?;
@@ -604,6 +615,10 @@ impl Node {
 
     /// One Ready cycle, in the order of the module docs.
     async fn on_ready(&mut self) -> Result<(), NodeError> {
+        // A leader that stepped down makes its log durable before it acts as anything else.
+        if self.raw.raft.state != StateRole::Leader {
+            self.syncs_done(None).await?;
+        }
         if !self.raw.has_ready() {
             return Ok(());
         }
@@ -641,16 +656,29 @@ impl Node {
         if handed_over && !ready.entries().is_empty() {
             tokio::task::yield_now().await;
         }
-        // The leader's sync runs off this worker, which serves clients and peers meanwhile
-        // (a follower's acknowledgement waits for it: it syncs here, without a thread hop).
         let sync = self
             .raw
             .mut_store()
             .persist_unsynced(ready.entries(), ready.hs())?;
-        match sync {
-            Some(sync) if self.role == StateRole::Leader => sync.run_off_worker().await?,
-            Some(sync) => sync.run()?,
-            None => {}
+        // The leader's syncs run off this loop, which goes on proposing and replicating
+        // meanwhile; a Ready that comes while one runs is durable only once a later sync is,
+        // so it must not be advanced as persisted either.
+        if self.role == StateRole::Leader
+            && ready.persisted_messages().is_empty()
+            && (sync.is_some() || !self.leader_syncs.is_idle())
+        {
+            if let Some(sync) = sync {
+                self.leader_syncs.submit(ready.number(), sync);
+            }
+            self.apply_entries(committed)?;
+            self.raw.advance_append_async(ready);
+            self.raw.advance_apply_to(self.applied);
+            self.reads.resolve(self.applied);
+            return Ok(());
+        }
+        // A follower's acknowledgement waits for its sync: it syncs here, without a thread hop.
+        if let Some(sync) = sync {
+            sync.run()?;
         }
         if !ready.persisted_messages().is_empty() {
             self.transport.send(ready.take_persisted_messages());
@@ -672,6 +700,20 @@ impl Node {
         self.raw.advance_apply_to(self.applied);
 
         self.reads.resolve(self.applied);
+        Ok(())
+    }
+
+    /// Reports the leader's finished syncs to raft: the one that just finished (`synced`, the
+    /// number of the last Ready it covers), or all of them once drained (`None`). Raft then
+    /// counts the leader's own copy of those entries towards their commit.
+    async fn syncs_done(&mut self, synced: Option<u64>) -> Result<(), NodeError> {
+        let number = match synced {
+            Some(number) => Some(number),
+            None => self.leader_syncs.drain().await?,
+        };
+        if let Some(number) = number {
+            self.raw.on_persist_ready(number);
+        }
         Ok(())
     }
 

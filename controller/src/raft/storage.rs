@@ -86,11 +86,27 @@ impl PendingSync {
     }
 
     /// Syncs on tokio's blocking pool, leaving the calling worker free meanwhile.
-    pub async fn run_off_worker(self) -> Result<(), StorageError> {
-        let dir = Arc::clone(&self.dir);
-        match tokio::task::spawn_blocking(move || self.run()).await {
+    pub fn spawn(self) -> RunningSync {
+        RunningSync {
+            dir: Arc::clone(&self.dir),
+            handle: tokio::task::spawn_blocking(move || self.run()),
+        }
+    }
+}
+
+/// A [`PendingSync`] running on tokio's blocking pool.
+#[derive(Debug)]
+pub struct RunningSync {
+    dir: Arc<Path>,
+    handle: tokio::task::JoinHandle<Result<(), StorageError>>,
+}
+
+impl RunningSync {
+    /// Waits for the sync. Cancel-safe: the sync goes on, and a later call waits again.
+    pub async fn wait(&mut self) -> Result<(), StorageError> {
+        match (&mut self.handle).await {
             Ok(synced) => synced,
-            Err(e) => Err(log_error("sync the log in", &dir, io::Error::other(e))),
+            Err(e) => Err(log_error("sync the log in", &self.dir, io::Error::other(e))),
         }
     }
 }
