@@ -175,6 +175,63 @@ async fn writes_apply_identically_on_every_replica() -> TestResult {
     Ok(())
 }
 
+/// The leader syncs its log off its loop while it goes on replicating (asynchronous append).
+/// With one follower cut off, every commit needs the leader's own syncs to be reported to
+/// raft: concurrent and single writes are all acknowledged while the log rotates under them
+/// (tiny segments here, so Readies are made durable by rotations while a sync runs), and every
+/// one is on every replica after the follower is back and after a restart of all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_with_one_follower_commits_every_write_through_log_rotations() -> TestResult {
+    init_tracing();
+    let dir = tempfile::tempdir()?;
+    let mut cluster = TestCluster::start(dir.path(), 3, 11, |cfg| {
+        cfg.segment_bytes = 1024;
+        cfg.snapshot_threshold = 1_000_000;
+    })?;
+    let leader = cluster.wait_for_leader(&[1, 2, 3], WAIT).await?;
+    let cut = others(&[1, 2, 3], leader)[0];
+    cluster.net.isolate(cut);
+    let h = cluster.handle(leader)?.clone();
+
+    let mut names = Vec::new();
+    for wave in 0..12 {
+        let mut writers = tokio::task::JoinSet::new();
+        for i in 0..8 {
+            let (h, name) = (h.clone(), format!("w{wave}-{i}"));
+            names.push(name.clone());
+            writers.spawn(async move { h.propose(&apply(&name, "img")).await });
+        }
+        while let Some(result) = writers.join_next().await {
+            result??;
+        }
+    }
+    for i in 0..20 {
+        let name = format!("one-{i}");
+        h.propose(&apply(&name, "img")).await?;
+        names.push(name);
+    }
+    let rotated = segments(&cluster.data_dir(leader))?.len();
+    assert!(rotated > 3, "the leader's log rotated: {rotated} segments");
+
+    cluster.net.heal();
+    cluster.wait_converged(&[1, 2, 3], WAIT).await?;
+    for id in [1, 2, 3] {
+        cluster.stop(id).await?;
+    }
+    for id in [1, 2, 3] {
+        cluster.restart(id)?;
+    }
+    cluster.wait_for_leader(&[1, 2, 3], WAIT).await?;
+    cluster.wait_converged(&[1, 2, 3], WAIT).await?;
+    for id in [1, 2, 3] {
+        let node = cluster.handle(id)?;
+        let missing: Vec<&String> = names.iter().filter(|n| !has(node, n)).collect();
+        assert!(missing.is_empty(), "node {id} lacks {missing:?}");
+    }
+    cluster.shutdown().await?;
+    Ok(())
+}
+
 /// A commit index is not sent in an empty append of its own but with the next one; when no
 /// write follows, the leader sends it shortly after, well before a heartbeat would carry it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

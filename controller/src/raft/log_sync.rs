@@ -8,12 +8,24 @@
 
 use super::storage::{PendingSync, RunningSync, StorageError};
 
+/// What a Ready left to make durable.
+pub(super) enum LogWrite {
+    /// Entries written, not synced yet.
+    Unsynced(PendingSync),
+    /// Entries written and synced on the spot (a rotation to a new segment syncs the old one),
+    /// and with them everything written before.
+    Synced,
+    /// No entries.
+    Nothing,
+}
+
 /// Syncs of the leader's log not yet finished, by the number of the last Ready each covers.
 #[derive(Default)]
 pub(super) struct LeaderSyncs {
     running: Option<(u64, RunningSync)>,
-    /// The newest Ready written since the running sync started, with its sync.
-    waiting: Option<(u64, PendingSync)>,
+    /// The newest Ready since the running sync started, with the sync that makes it and
+    /// the Readies before it durable, if one is still needed.
+    waiting: Option<(u64, Option<PendingSync>)>,
 }
 
 impl LeaderSyncs {
@@ -22,15 +34,24 @@ impl LeaderSyncs {
         self.running.is_none()
     }
 
-    /// Ready `number`'s entries are written: sync them now, or after the running sync.
-    pub fn submit(&mut self, number: u64, sync: PendingSync) {
-        if self.running.is_some() {
-            // A newer sync covers the older writes too (the same file, or one the rotation
-            // to a new segment already synced).
-            self.waiting = Some((number, sync));
-        } else {
-            self.start(number, sync);
+    /// Ready `number` is written: sync it now, or after the running sync. One with nothing
+    /// left to sync counts as done once the running sync is (Readies become durable in
+    /// order); while idle, the caller advances such a Ready as persisted instead.
+    pub fn submit(&mut self, number: u64, written: LogWrite) {
+        if self.running.is_none() {
+            if let LogWrite::Unsynced(sync) = written {
+                self.start(number, sync);
+            }
+            return;
         }
+        let sync = match written {
+            // A newer write's sync covers the older writes too: the same file, or one the
+            // rotation to a new segment synced.
+            LogWrite::Unsynced(sync) => Some(sync),
+            LogWrite::Synced => None,
+            LogWrite::Nothing => self.waiting.take().and_then(|(_, sync)| sync),
+        };
+        self.waiting = Some((number, sync));
     }
 
     fn start(&mut self, number: u64, sync: PendingSync) {
@@ -45,10 +66,12 @@ impl LeaderSyncs {
             return std::future::pending().await;
         };
         let synced = running.wait().await;
-        let number = *number;
+        let mut number = *number;
         self.running = None;
-        if let Some((next, sync)) = self.waiting.take() {
-            self.start(next, sync);
+        match self.waiting.take() {
+            Some((next, Some(sync))) => self.start(next, sync),
+            Some((next, None)) => number = next,
+            None => {}
         }
         synced.map(|()| number)
     }
@@ -70,8 +93,12 @@ mod tests {
     use raft::Storage;
     use raft::eraftpb::Entry;
 
-    use super::LeaderSyncs;
-    use crate::raft::storage::{DiskStorage, StorageOptions};
+    use super::{LeaderSyncs, LogWrite};
+    use crate::raft::storage::{DiskStorage, PendingSync, StorageOptions};
+
+    fn written(sync: Option<PendingSync>) -> LogWrite {
+        sync.map_or(LogWrite::Nothing, LogWrite::Unsynced)
+    }
 
     fn entry(index: u64) -> Entry {
         Entry {
@@ -93,8 +120,10 @@ mod tests {
 
         // Ready 1 starts a sync; 2 and 3 are written while it runs, and 3's sync covers both.
         for (number, index) in [(1, 1), (2, 2), (3, 3)] {
-            let sync = storage.persist_unsynced(&[entry(index)], None)?;
-            syncs.submit(number, sync.ok_or("an append needs a sync")?);
+            syncs.submit(
+                number,
+                written(storage.persist_unsynced(&[entry(index)], None)?),
+            );
         }
         assert!(!syncs.is_idle());
         assert_eq!(syncs.finished().await?, 1);
@@ -105,14 +134,30 @@ mod tests {
         assert_eq!(syncs.finished().await?, 3);
         assert!(syncs.is_idle());
 
-        let sync = storage.persist_unsynced(&[entry(4)], None)?;
-        syncs.submit(4, sync.ok_or("an append needs a sync")?);
-        assert_eq!(syncs.drain().await?, Some(4));
+        // A Ready synced on the spot, behind a running sync, is done with it, and so is the
+        // Ready written before it.
+        syncs.submit(4, written(storage.persist_unsynced(&[entry(4)], None)?));
+        syncs.submit(5, written(storage.persist_unsynced(&[entry(5)], None)?));
+        syncs.submit(6, LogWrite::Synced);
+        assert_eq!(syncs.finished().await?, 6);
+        assert!(syncs.is_idle());
+
+        // A Ready without entries waits for the sync of the Ready before it.
+        syncs.submit(7, written(storage.persist_unsynced(&[entry(6)], None)?));
+        syncs.submit(8, written(storage.persist_unsynced(&[entry(7)], None)?));
+        syncs.submit(9, LogWrite::Nothing);
+        assert_eq!(syncs.finished().await?, 7);
+        assert!(!syncs.is_idle(), "Ready 8's sync still has to run");
+        assert_eq!(syncs.drain().await?, Some(9));
+        assert!(syncs.is_idle());
+
+        // While idle, a Ready with nothing to sync starts nothing.
+        syncs.submit(10, LogWrite::Nothing);
         assert!(syncs.is_idle());
         drop(storage);
 
         let reopened = DiskStorage::open(dir.path(), &StorageOptions::default())?;
-        assert_eq!(reopened.last_index()?, 4);
+        assert_eq!(reopened.last_index()?, 7);
         Ok(())
     }
 }

@@ -43,7 +43,7 @@ use tokio::time::MissedTickBehavior;
 
 use super::config::NodeConfig;
 use super::handle::{Membership, NodeHandle, ProposeError, ReadError, Request};
-use super::log_sync::LeaderSyncs;
+use super::log_sync::{LeaderSyncs, LogWrite};
 use super::logger::raft_logger;
 use super::proposals::{Output, Proposals, Reads, Reply, decode_ctx, encode_ctx};
 use super::status::NodeStatus;
@@ -661,15 +661,19 @@ impl Node {
             .mut_store()
             .persist_unsynced(ready.entries(), ready.hs())?;
         // The leader's syncs run off this loop, which goes on proposing and replicating
-        // meanwhile; a Ready that comes while one runs is durable only once a later sync is,
-        // so it must not be advanced as persisted either.
+        // meanwhile. A Ready that comes while one runs, even one with nothing to sync, is
+        // durable only once the running sync is: it is reported to raft with it, never
+        // advanced as persisted on its own.
         if self.role == StateRole::Leader
             && ready.persisted_messages().is_empty()
             && (sync.is_some() || !self.leader_syncs.is_idle())
         {
-            if let Some(sync) = sync {
-                self.leader_syncs.submit(ready.number(), sync);
-            }
+            let written = match sync {
+                Some(sync) => LogWrite::Unsynced(sync),
+                None if !ready.entries().is_empty() => LogWrite::Synced,
+                None => LogWrite::Nothing,
+            };
+            self.leader_syncs.submit(ready.number(), written);
             self.apply_entries(committed)?;
             self.raw.advance_append_async(ready);
             self.raw.advance_apply_to(self.applied);
