@@ -313,10 +313,8 @@ async fn pass(
 async fn every_service(handle: &NodeHandle) -> Result<Vec<ServiceKey>, ProposeError> {
     let store = handle.store().clone();
     tokio::task::spawn_blocking(move || {
-        let mut keys = reconcile::all_keys(&store.read());
-        keys.sort_unstable();
-        keys.dedup();
-        keys
+        let targets = reconcile::SweepTargets::take(&store.read());
+        targets.into_keys()
     })
     .await
     .map_err(|_| ProposeError::Stopped)

@@ -17,6 +17,7 @@ mod rollout;
 mod slots;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use tug_api::v1::{
     DesiredState, NodeAvailability, NodeState, RestartPolicy, Service, Task, TaskHealth, TaskState,
@@ -79,14 +80,47 @@ pub fn reconcile(
     reconcile_scope(store, now_ms, cfg, ids, &Scope::All)
 }
 
-/// Every service a full pass looks at: each stored service, and each service that still has
-/// tasks (a deleted one's tasks are removed by the pass). Unordered, possibly with repeats.
+/// Every service a full pass looks at: each stored service, and each service that is gone but
+/// still has tasks (the pass removes them). Sorted, without repeats.
 pub fn all_keys(store: &Store) -> Vec<ServiceKey> {
-    store
-        .services_with_tasks()
-        .cloned()
-        .chain(store.services().map(crate::state::service_key))
-        .collect()
+    SweepTargets::take(store).into_keys()
+}
+
+/// The services a sweep looks at ([`all_keys`]), taken in two steps so that a large store's
+/// read lock is held only for the cheap one: [`SweepTargets::take`] copies a pointer per
+/// service and the key of each gone service that still has tasks; [`SweepTargets::into_keys`]
+/// builds and sorts the keys after the lock is released. (Copying every key under the lock
+/// held it for about 0.35 s at 400,000 services, and the leader's Raft loop could not apply
+/// meanwhile.)
+#[derive(Debug)]
+pub struct SweepTargets {
+    services: Vec<Arc<Service>>,
+    gone: Vec<ServiceKey>,
+}
+
+impl SweepTargets {
+    pub fn take(store: &Store) -> Self {
+        SweepTargets {
+            services: store.shared_services(),
+            gone: store
+                .services_with_tasks()
+                .filter(|(namespace, name)| store.get_service(namespace, name).is_none())
+                .cloned()
+                .collect(),
+        }
+    }
+
+    pub fn into_keys(self) -> Vec<ServiceKey> {
+        let mut keys: Vec<ServiceKey> = self
+            .services
+            .iter()
+            .map(|svc| crate::state::service_key(svc))
+            .chain(self.gone)
+            .collect();
+        // (The two parts are disjoint, and each is free of repeats.)
+        keys.sort_unstable();
+        keys
+    }
 }
 
 /// One pass over the services of `scope`.

@@ -457,3 +457,25 @@ fn a_full_plan_names_the_services_it_did_not_reach() {
     assert_eq!(services, ["c", "d"]);
     assert!(!second.truncated());
 }
+
+#[test]
+fn a_sweep_looks_at_every_service_and_at_gone_ones_that_still_have_tasks() {
+    let mut sim = three();
+    sim.apply("web", spec("img:1", 2));
+    sim.apply("api", spec("img:1", 1));
+    sim.apply("idle", spec("img:1", 0));
+    sim.settle();
+    let index = sim.next();
+    sim.store.delete_service(index, "default", "api");
+    let key = |name: &str| ("default".to_string(), name.to_string());
+
+    // "api" is gone, but its task is still there until a pass stops and forgets it.
+    assert_eq!(sim.store.tasks_of_service("default", "api").len(), 1);
+    let keys = super::SweepTargets::take(&sim.store).into_keys();
+    assert_eq!(keys, vec![key("api"), key("idle"), key("web")]);
+    assert_eq!(super::all_keys(&sim.store), keys);
+
+    sim.settle();
+    let keys = super::SweepTargets::take(&sim.store).into_keys();
+    assert_eq!(keys, vec![key("idle"), key("web")]);
+}

@@ -213,6 +213,12 @@ impl Store {
         }
     }
 
+    /// Shared references to every service, in no particular order: a copy of pointers, no
+    /// strings (what a sweep takes under the read lock).
+    pub fn shared_services(&self) -> Vec<Arc<Service>> {
+        self.services.values().cloned().collect()
+    }
+
     /// Every service, in no particular order (`list_services` sorts).
     pub fn services(&self) -> impl Iterator<Item = &Service> {
         self.services.values().map(Arc::as_ref)
