@@ -664,10 +664,9 @@ impl Node {
         // meanwhile. A Ready that comes while one runs, even one with nothing to sync, is
         // durable only once the running sync is: it is reported to raft with it, never
         // advanced as persisted on its own.
-        if self.role == StateRole::Leader
-            && ready.persisted_messages().is_empty()
-            && (sync.is_some() || !self.leader_syncs.is_idle())
-        {
+        if self.role == StateRole::Leader && (sync.is_some() || !self.leader_syncs.is_idle()) {
+            // (raft lets a leader send every message before its own write: none waits here.)
+            debug_assert!(ready.persisted_messages().is_empty());
             let written = match sync {
                 Some(sync) => LogWrite::Unsynced(sync),
                 None if !ready.entries().is_empty() => LogWrite::Synced,
