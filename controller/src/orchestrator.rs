@@ -313,6 +313,7 @@ async fn pass(
 async fn every_service(handle: &NodeHandle) -> Result<Vec<ServiceKey>, ProposeError> {
     let store = handle.store().clone();
     tokio::task::spawn_blocking(move || {
+        // Two statements: the read guard is dropped before the keys are built and sorted.
         let targets = reconcile::SweepTargets::take(&store.read());
         targets.into_keys()
     })

@@ -373,7 +373,7 @@ impl Node {
         let mut result = self.run_loop(shutdown).await;
         // (After a fatal error the log is left as the failed write left it.)
         if result.is_ok() {
-            result = self.syncs_done(None).await;
+            result = self.drain_leader_syncs().await;
         }
         if result.is_ok() {
             result = self
@@ -416,7 +416,9 @@ impl Node {
                     self.on_snapshot_written(written)?;
                 }
                 () = sleep_until(self.commit_notify_at) => self.notify_commit(),
-                synced = self.leader_syncs.finished() => self.syncs_done(Some(synced?)).await?,
+                // A leader's sync finished: raft counts its own copy of those entries towards
+                // their commit.
+                synced = self.leader_syncs.finished() => self.raw.on_persist_ready(synced?),
             }
             self.drain_queued();
             self.on_ready().await?;
@@ -617,7 +619,7 @@ impl Node {
     async fn on_ready(&mut self) -> Result<(), NodeError> {
         // A leader that stepped down makes its log durable before it acts as anything else.
         if self.raw.raft.state != StateRole::Leader {
-            self.syncs_done(None).await?;
+            self.drain_leader_syncs().await?;
         }
         if !self.raw.has_ready() {
             return Ok(());
@@ -706,15 +708,10 @@ impl Node {
         Ok(())
     }
 
-    /// Reports the leader's finished syncs to raft: the one that just finished (`synced`, the
-    /// number of the last Ready it covers), or all of them once drained (`None`). Raft then
-    /// counts the leader's own copy of those entries towards their commit.
-    async fn syncs_done(&mut self, synced: Option<u64>) -> Result<(), NodeError> {
-        let number = match synced {
-            Some(number) => Some(number),
-            None => self.leader_syncs.drain().await?,
-        };
-        if let Some(number) = number {
+    /// Waits for every sync the leader started and reports them to raft (`on_persist_ready`,
+    /// as the loop does for each one that finishes while it runs).
+    async fn drain_leader_syncs(&mut self) -> Result<(), NodeError> {
+        if let Some(number) = self.leader_syncs.drain().await? {
             self.raw.on_persist_ready(number);
         }
         Ok(())

@@ -207,7 +207,7 @@ impl Store {
         SharedState {
             revision: self.revision,
             network: self.cluster_network(),
-            services: self.services.values().cloned().collect(),
+            services: self.shared_services(),
             nodes: self.nodes.values().cloned().collect(),
             tasks: self.tasks.values().cloned().collect(),
         }
