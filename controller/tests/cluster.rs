@@ -215,13 +215,7 @@ async fn a_leader_with_one_follower_commits_every_write_through_log_rotations() 
 
     cluster.net.heal();
     cluster.wait_converged(&[1, 2, 3], WAIT).await?;
-    for id in [1, 2, 3] {
-        cluster.stop(id).await?;
-    }
-    for id in [1, 2, 3] {
-        cluster.restart(id)?;
-    }
-    cluster.wait_for_leader(&[1, 2, 3], WAIT).await?;
+    cluster.restart_all(&[1, 2, 3], WAIT).await?;
     cluster.wait_converged(&[1, 2, 3], WAIT).await?;
     for id in [1, 2, 3] {
         let node = cluster.handle(id)?;
@@ -643,13 +637,7 @@ async fn restarting_every_node_keeps_the_state() -> TestResult {
     }
     let applied = cluster.wait_converged(&[1, 2, 3], WAIT).await?;
     let before = services(cluster.handle(1)?);
-    for id in [1, 2, 3] {
-        cluster.stop(id).await?;
-    }
-    for id in [1, 2, 3] {
-        cluster.restart(id)?;
-    }
-    cluster.wait_for_leader(&[1, 2, 3], WAIT).await?;
+    cluster.restart_all(&[1, 2, 3], WAIT).await?;
     cluster.propose(&apply("after", "x"), WAIT).await?;
     let again = cluster.wait_converged(&[1, 2, 3], WAIT).await?;
     assert!(again > applied);

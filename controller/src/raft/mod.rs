@@ -16,6 +16,10 @@ mod node;
 mod proposals;
 mod status;
 pub mod storage;
+#[cfg(test)]
+mod sync_gate;
+#[cfg(test)]
+mod tests;
 pub mod transport;
 
 pub use config::NodeConfig;

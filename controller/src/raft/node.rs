@@ -5,7 +5,9 @@
 //! 1. send `messages` (they may leave before the local write);
 //! 2. install a snapshot (storage, then state machine);
 //! 3. on the leader, apply committed entries (commands to the state machine, conf changes to
-//!    raft + storage): its clients are answered before its own sync; then, if anything was
+//!    raft + storage): its clients are answered before its own sync. That includes entries a
+//!    quorum of followers made durable while the leader's own sync of them still runs (raft-rs
+//!    hands those out only after it: see `apply_committed_unsynced`); then, if anything was
 //!    handed over in 1 or 3 and there is a local write, yield once, so the transport's and
 //!    the clients' tasks put it on the wire before the local write and sync (otherwise the
 //!    followers' fsyncs would start that much later);
@@ -19,8 +21,9 @@
 //!    entries after this (yielding first, so they are on the wire), so its acknowledgement does
 //!    not wait for them;
 //! 6. `advance`; the LightReady's commit index, messages and committed entries likewise;
-//!    then `advance_apply_to(applied)`. (A leader with a sync in flight advances
-//!    asynchronously instead; what its LightReady would carry comes with the next Ready.)
+//!    then `advance_apply_to(applied)` (no further than the persisted log). (A leader with a
+//!    sync in flight advances asynchronously instead; what its LightReady would carry comes
+//!    with the next Ready.)
 //!
 //! Client requests queued while one cycle runs are all proposed before the next, so concurrent
 //! writers share Ready cycles and fsyncs.
@@ -643,9 +646,12 @@ impl Node {
         // persists and acknowledges first, since its acknowledgement is what the leader's
         // clients wait for, and applies afterwards (both before `advance`).
         let mut committed = ready.take_committed_entries();
-        if self.role == StateRole::Leader && !committed.is_empty() {
-            self.apply_entries(std::mem::take(&mut committed))?;
-            handed_over = true;
+        if self.role == StateRole::Leader {
+            if !committed.is_empty() {
+                self.apply_entries(std::mem::take(&mut committed))?;
+                handed_over = true;
+            }
+            handed_over |= self.apply_committed_unsynced()?;
         }
         for rs in ready.take_read_states() {
             match decode_ctx(&rs.request_ctx) {
@@ -677,7 +683,7 @@ impl Node {
             self.leader_syncs.submit(ready.number(), written);
             self.apply_entries(committed)?;
             self.raw.advance_append_async(ready);
-            self.raw.advance_apply_to(self.applied);
+            self.report_applied();
             self.reads.resolve(self.applied);
             return Ok(());
         }
@@ -702,10 +708,60 @@ impl Node {
             self.transport.send(light.take_messages());
         }
         self.apply_entries(light.take_committed_entries())?;
-        self.raw.advance_apply_to(self.applied);
+        self.report_applied();
 
         self.reads.resolve(self.applied);
         Ok(())
+    }
+
+    /// Leader: applies what a quorum of followers has made durable while the leader's own
+    /// sync of it still runs, and so answers its clients without waiting for that sync.
+    /// Committed means durable on a majority, whichever members they are (raft thesis
+    /// §10.2.1): raft-rs counts the leader's own copy only once its sync is reported
+    /// (`on_persist_ready`), so nothing here depends on the leader's unsynced log. raft-rs 0.7
+    /// hands out committed entries only up to the leader's persisted index; those applied here
+    /// come again with a later Ready and are skipped then ([`Self::apply_entries`]), and raft
+    /// is told only what it allows ([`Self::report_applied`]). Conf changes are left to that
+    /// later Ready: applying one changes raft's own configuration. Returns whether anything
+    /// was applied.
+    fn apply_committed_unsynced(&mut self) -> Result<bool, NodeError> {
+        let log = &self.raw.raft.raft_log;
+        let (from, committed) = (self.applied + 1, log.committed);
+        if self.raw.raft.state != StateRole::Leader || committed < from {
+            return Ok(false);
+        }
+        let mut entries = match log.slice(
+            from,
+            committed + 1,
+            None,
+            raft::GetEntriesContext::empty(false),
+        ) {
+            Ok(entries) => entries,
+            Err(e) => {
+                // (Compacted behind a snapshot: then raft hands them out as usual.)
+                tracing::debug!(node = self.id, from, committed, error = %e, "committed entries not readable yet");
+                return Ok(false);
+            }
+        };
+        let normal = entries
+            .iter()
+            .take_while(|e| e.get_entry_type() == EntryType::EntryNormal)
+            .count();
+        entries.truncate(normal);
+        if entries.is_empty() {
+            return Ok(false);
+        }
+        self.apply_entries(entries)?;
+        Ok(true)
+    }
+
+    /// Tells raft how far the state machine has applied, as far as raft-rs 0.7 takes it: never
+    /// past the local log's persisted index, which a leader's state machine may be ahead of
+    /// (see [`Self::apply_committed_unsynced`]).
+    fn report_applied(&mut self) {
+        let log = &self.raw.raft.raft_log;
+        let to = self.applied.min(log.persisted).min(log.committed);
+        self.raw.advance_apply_to(to);
     }
 
     /// Waits for every sync the leader started and reports them to raft (`on_persist_ready`,
@@ -907,6 +963,9 @@ impl Node {
             || self.applied_bytes >= self.cfg.snapshot_threshold_bytes;
         if !(due || wanted)
             || self.applied <= self.snapshot_index
+            // A leader may have applied past its own synced log: the snapshot waits for the
+            // sync, so it never covers entries this node's log does not durably hold.
+            || self.applied > self.raw.raft.raft_log.persisted
             // While replaying after a restart the conf state may be ahead of `applied`.
             || self.applied < self.raw.store().conf_index()
         {

@@ -89,7 +89,11 @@ impl PendingSync {
     pub fn spawn(self) -> RunningSync {
         RunningSync {
             dir: Arc::clone(&self.dir),
-            handle: tokio::task::spawn_blocking(move || self.run()),
+            handle: tokio::task::spawn_blocking(move || {
+                #[cfg(test)]
+                super::sync_gate::wait(&self.dir);
+                self.run()
+            }),
         }
     }
 }

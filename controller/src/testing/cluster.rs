@@ -159,6 +159,22 @@ impl TestCluster {
         self.launch(cfg)
     }
 
+    /// Stops every node of `ids` cleanly, starts them all again from their data dirs, and
+    /// waits for them to elect a leader. Returns the leader.
+    pub async fn restart_all(
+        &mut self,
+        ids: &[u64],
+        timeout: Duration,
+    ) -> Result<u64, HarnessError> {
+        for &id in ids {
+            self.stop(id).await?;
+        }
+        for &id in ids {
+            self.restart(id)?;
+        }
+        self.wait_for_leader(ids, timeout).await
+    }
+
     pub fn handle(&self, id: u64) -> Result<&NodeHandle, HarnessError> {
         self.running
             .get(&id)
