@@ -5,6 +5,7 @@
 //! unless the writer set [`IGNORE_UNKNOWN`], which marks a command older replicas may skip.
 
 use prost::Message;
+use prost::encoding::message;
 use tug_api::v1::{NodeAvailability, NodeDescription, NodeState, Service, TaskStatusUpdate};
 
 use crate::state::Plan;
@@ -218,16 +219,17 @@ impl Command {
         }
     }
 
-    /// Type byte followed by the body.
+    /// Type byte followed by the body. The bodies that carry objects (services, a plan, status
+    /// updates) are written from the borrowed objects into a buffer sized for them: this runs
+    /// for every write, on the thread that serves the API.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![self.command_type() as u8];
         match self {
             Self::Noop => {}
             Self::ApplyServices(services) => {
-                let body = ApplyServicesBody {
-                    services: services.clone(),
-                };
-                body.encode_raw(&mut out);
+                // = ApplyServicesBody { services }, without copying them into one.
+                out.reserve_exact(message::encoded_len_repeated(1, services));
+                message::encode_repeated(1, services, &mut out);
             }
             Self::DeleteService { namespace, name } => {
                 let body = DeleteServiceBody {
@@ -266,12 +268,21 @@ impl Command {
                 ..Default::default()
             }
             .encode_raw(&mut out),
-            Self::ApplyPlan(plan) => plan.encode_raw(&mut out),
-            Self::ReportStatus { node, updates } => ReportStatusBody {
-                node: node.clone(),
-                updates: updates.clone(),
+            Self::ApplyPlan(plan) => {
+                out.reserve_exact(plan.encoded_len());
+                plan.encode_raw(&mut out);
             }
-            .encode_raw(&mut out),
+            Self::ReportStatus { node, updates } => {
+                // = ReportStatusBody { node, updates }, without copying them into one.
+                out.reserve_exact(
+                    prost::encoding::string::encoded_len(1, node)
+                        + message::encoded_len_repeated(2, updates),
+                );
+                if !node.is_empty() {
+                    prost::encoding::string::encode(1, node, &mut out);
+                }
+                message::encode_repeated(2, updates, &mut out);
+            }
             Self::ScaleService {
                 namespace,
                 name,
@@ -456,6 +467,26 @@ mod tests {
         for command in commands {
             let bytes = command.encode();
             assert_eq!(bytes[0], command.command_type() as u8);
+            // The bodies written field by field are the messages' own encodings.
+            let body = match &command {
+                Command::ApplyServices(services) => Some(
+                    ApplyServicesBody {
+                        services: services.clone(),
+                    }
+                    .encode_to_vec(),
+                ),
+                Command::ReportStatus { node, updates } => Some(
+                    ReportStatusBody {
+                        node: node.clone(),
+                        updates: updates.clone(),
+                    }
+                    .encode_to_vec(),
+                ),
+                _ => None,
+            };
+            if let Some(body) = body {
+                assert_eq!(bytes[1..], body[..]);
+            }
             assert_eq!(Command::decode(&bytes)?, Decoded::Command(command));
         }
         Ok(())

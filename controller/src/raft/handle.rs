@@ -198,12 +198,13 @@ impl NodeHandle {
     pub async fn propose(&self, command: &Command) -> Result<Applied, ProposeError> {
         let started = Instant::now();
         let deadline = started + self.proposal_timeout;
-        let data = command.encode();
+        // Encoded again only for a retry: the first attempt takes it without a copy.
+        let mut encoded = Some(command.encode());
         loop {
             self.ensure_leader(deadline).await?;
             let (reply, rx) = oneshot::channel();
             let request = Request::Propose {
-                data: data.clone(),
+                data: encoded.take().unwrap_or_else(|| command.encode()),
                 reply,
             };
             self.request(request, deadline).await?;

@@ -125,6 +125,25 @@ fn log_error(op: &'static str, dir: &Path, source: io::Error) -> StorageError {
     }
 }
 
+/// Compacted entries below this many are freed on the spot.
+const FREE_ELSEWHERE_FROM: usize = 4096;
+
+/// Frees `entries` on a thread of its own: a snapshot compacts up to hundreds of thousands of
+/// entries at once, tens of milliseconds of freeing that would otherwise hold the Raft loop.
+/// Best effort: when no thread can be started they are freed here.
+fn free_elsewhere(entries: Vec<Entry>) {
+    if entries.len() < FREE_ELSEWHERE_FROM {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("tug-log-free".into())
+        .spawn(move || drop(entries));
+    if let Err(e) = spawned {
+        // (A failed spawn drops the closure, and the entries with it, here.)
+        tracing::debug!(error = %e, "cannot start a thread to free compacted log entries");
+    }
+}
+
 /// Tuning for [`DiskStorage::open`].
 #[derive(Debug, Clone)]
 pub struct StorageOptions {
@@ -630,7 +649,8 @@ impl DiskStorage {
         }
         if let Some(first) = self.entries.first() {
             let n = (compact_index - first.index) as usize;
-            self.entries.drain(..n);
+            let kept = self.entries.split_off(n);
+            free_elsewhere(std::mem::replace(&mut self.entries, kept));
         }
         // Entries past the snapshot stay on disk until a snapshot covers them.
         let covered = compact_index.min(self.snapshot.get_metadata().index + 1);
