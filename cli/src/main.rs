@@ -1,6 +1,7 @@
 //! `tug`: every role of the orchestrator in one binary. Parses the command line, sets up logging
 //! and hands over to the library crates; errors end here as one line on stderr.
 
+mod allocator;
 mod args;
 mod commands;
 mod logging;
@@ -9,6 +10,9 @@ mod output;
 use std::process::ExitCode;
 
 use clap::Parser;
+
+#[global_allocator]
+static ALLOCATOR: allocator::ByRole = allocator::ByRole;
 
 fn main() -> ExitCode {
     if let Some(code) = monitor_mode() {
