@@ -1,5 +1,6 @@
 //! The process's allocator, chosen by its role at its first allocation and kept for its life:
-//! jemalloc for a controller, the system allocator (glibc) for every other role.
+//! jemalloc for a process that runs a controller (`tug controller`, `tug up`), the system
+//! allocator (glibc) for every other role.
 //!
 //! A controller's heap is hundreds of MB of small objects that live long (the store) or die in
 //! bulk (log compaction). At 256 concurrent writers glibc malloc spent about a fifth of the
@@ -43,9 +44,9 @@ fn choice() -> u8 {
     }
 }
 
-/// Whether the command line (read from /proc without allocating) holds the word `controller`:
-/// `tug [GLOBAL FLAGS] controller ...`. A false match (say, a manifest file named so) only
-/// picks the other allocator.
+/// Whether the command line (read from /proc without allocating) holds the word `controller`
+/// or `up`: `tug [GLOBAL FLAGS] controller ...`, `tug [GLOBAL FLAGS] up ...`. A false match
+/// (say, a manifest file named so) only picks the other allocator.
 fn runs_a_controller() -> bool {
     let mut buf = [0u8; 4096];
     // SAFETY: a NUL-terminated path; the descriptor is closed before returning, and `read`
@@ -73,7 +74,7 @@ fn is_controller_command_line(cmdline: &[u8]) -> bool {
     cmdline
         .split(|&b| b == 0)
         .skip(1)
-        .any(|arg| arg == b"controller")
+        .any(|arg| arg == b"controller" || arg == b"up")
 }
 
 // SAFETY: every call goes to the one allocator chosen for the process (the choice never
@@ -129,15 +130,21 @@ mod tests {
     use super::is_controller_command_line;
 
     #[test]
-    fn only_a_command_line_with_the_word_controller_picks_jemalloc() {
+    fn only_a_command_line_that_runs_a_controller_picks_jemalloc() {
         assert!(is_controller_command_line(
             b"tug\0controller\0--id\x001\0--listen\x00127.0.0.1:7000\0"
         ));
         assert!(is_controller_command_line(
             b"/usr/bin/tug\0--data-dir\0/var/lib/tug\0controller\0--id\x002\0"
         ));
+        assert!(is_controller_command_line(
+            b"tug\0up\0--network-mode\0vxlan\0"
+        ));
         assert!(!is_controller_command_line(
             b"tug\0agent\0--controller-addr\0x\0"
+        ));
+        assert!(!is_controller_command_line(
+            b"tug\0--controller\0h:1\0get\0services\0"
         ));
         assert!(!is_controller_command_line(
             b"tug\0__monitor\0/run/tug/c1\0"

@@ -647,11 +647,11 @@ impl Node {
         // clients wait for, and applies afterwards (both before `advance`).
         let mut committed = ready.take_committed_entries();
         if self.role == StateRole::Leader {
-            if !committed.is_empty() {
-                self.apply_entries(std::mem::take(&mut committed))?;
-                handed_over = true;
-            }
-            handed_over |= self.apply_committed_unsynced()?;
+            let before = self.applied;
+            // (Those applied already, before the leader's sync, are skipped.)
+            self.apply_entries(std::mem::take(&mut committed))?;
+            self.apply_committed_unsynced()?;
+            handed_over |= self.applied > before;
         }
         for rs in ready.take_read_states() {
             match decode_ctx(&rs.request_ctx) {
@@ -722,13 +722,12 @@ impl Node {
     /// hands out committed entries only up to the leader's persisted index; those applied here
     /// come again with a later Ready and are skipped then ([`Self::apply_entries`]), and raft
     /// is told only what it allows ([`Self::report_applied`]). Conf changes are left to that
-    /// later Ready: applying one changes raft's own configuration. Returns whether anything
-    /// was applied.
-    fn apply_committed_unsynced(&mut self) -> Result<bool, NodeError> {
+    /// later Ready: applying one changes raft's own configuration.
+    fn apply_committed_unsynced(&mut self) -> Result<(), NodeError> {
         let log = &self.raw.raft.raft_log;
         let (from, committed) = (self.applied + 1, log.committed);
         if self.raw.raft.state != StateRole::Leader || committed < from {
-            return Ok(false);
+            return Ok(());
         }
         let mut entries = match log.slice(
             from,
@@ -740,7 +739,7 @@ impl Node {
             Err(e) => {
                 // (Compacted behind a snapshot: then raft hands them out as usual.)
                 tracing::debug!(node = self.id, from, committed, error = %e, "committed entries not readable yet");
-                return Ok(false);
+                return Ok(());
             }
         };
         let normal = entries
@@ -748,11 +747,7 @@ impl Node {
             .take_while(|e| e.get_entry_type() == EntryType::EntryNormal)
             .count();
         entries.truncate(normal);
-        if entries.is_empty() {
-            return Ok(false);
-        }
-        self.apply_entries(entries)?;
-        Ok(true)
+        self.apply_entries(entries)
     }
 
     /// Tells raft how far the state machine has applied, as far as raft-rs 0.7 takes it: never
