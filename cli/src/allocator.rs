@@ -77,51 +77,37 @@ fn is_controller_command_line(cmdline: &[u8]) -> bool {
         .any(|arg| arg == b"controller" || arg == b"up")
 }
 
+/// The allocator chosen for this process.
+#[inline]
+fn chosen() -> &'static dyn GlobalAlloc {
+    match choice() {
+        JEMALLOC => &Jemalloc,
+        _ => &System,
+    }
+}
+
 // SAFETY: every call goes to the one allocator chosen for the process (the choice never
-// changes once made), so a block is always freed or resized by the allocator that made it.
+// changes once made), so a block is always freed or resized by the allocator that made it;
+// each call passes on its caller's guarantees.
 unsafe impl GlobalAlloc for ByRole {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's guarantees, passed on.
-        unsafe {
-            match choice() {
-                JEMALLOC => Jemalloc.alloc(layout),
-                _ => System.alloc(layout),
-            }
-        }
+        unsafe { chosen().alloc(layout) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's guarantees, passed on.
-        unsafe {
-            match choice() {
-                JEMALLOC => Jemalloc.alloc_zeroed(layout),
-                _ => System.alloc_zeroed(layout),
-            }
-        }
+        unsafe { chosen().alloc_zeroed(layout) }
     }
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: the caller's guarantees, passed on; `ptr` came from the same allocator.
-        unsafe {
-            match choice() {
-                JEMALLOC => Jemalloc.dealloc(ptr, layout),
-                _ => System.dealloc(ptr, layout),
-            }
-        }
+        unsafe { chosen().dealloc(ptr, layout) }
     }
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: the caller's guarantees, passed on; `ptr` came from the same allocator.
-        unsafe {
-            match choice() {
-                JEMALLOC => Jemalloc.realloc(ptr, layout, new_size),
-                _ => System.realloc(ptr, layout, new_size),
-            }
-        }
+        unsafe { chosen().realloc(ptr, layout, new_size) }
     }
 }
 

@@ -13,12 +13,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tug_api::v1::{ObjectMeta, Service, ServiceSpec};
+use tug_api::v1::{ObjectMeta, Service};
 use tug_controller::fsm::{Command, CommandResult};
 use tug_controller::raft::storage::{DiskStorage, StorageOptions};
 use tug_controller::raft::{Applied, NodeHandle, ProposeError, ReadConsistency, ReadError};
 use tug_controller::state::{ApplyOutcome, EventKind};
-use tug_controller::testing::{LinkFaults, TestCluster, services};
+use tug_controller::testing::{self, LinkFaults, TestCluster, services};
 
 type TestResult = Result<(), Box<dyn Error>>;
 
@@ -32,18 +32,7 @@ fn init_tracing() {
 }
 
 fn service(name: &str, image: &str) -> Service {
-    Service {
-        metadata: Some(ObjectMeta {
-            name: name.into(),
-            ..Default::default()
-        }),
-        spec: Some(ServiceSpec {
-            image: image.into(),
-            replicas: 1,
-            ..Default::default()
-        }),
-        previous_spec: None,
-    }
+    testing::service(name, image, 1)
 }
 
 fn apply(name: &str, image: &str) -> Command {

@@ -15,11 +15,11 @@ use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 use tug_api::v1::control_client::ControlClient;
 use tug_api::v1::{
-    ApplyRequest, ClusterStatusRequest, DeleteRequest, GetRequest, ListRequest, ObjectMeta,
-    ReadOptions, Service, ServiceSpec, WatchRequest, apply_result, watch_event,
+    ApplyRequest, ClusterStatusRequest, DeleteRequest, GetRequest, ListRequest, ReadOptions,
+    Service, WatchRequest, apply_result, watch_event,
 };
 use tug_controller::raft::NodeConfig;
-use tug_controller::testing::fast_config;
+use tug_controller::testing::{self, fast_config};
 use tug_controller::{ControllerConfig, ServerError, run};
 
 type TestResult = Result<(), Box<dyn Error>>;
@@ -126,18 +126,7 @@ async fn client(addr: &str) -> Result<ControlClient<Channel>, Box<dyn Error>> {
 }
 
 fn service(name: &str, image: &str) -> Service {
-    Service {
-        metadata: Some(ObjectMeta {
-            name: name.into(),
-            ..Default::default()
-        }),
-        spec: Some(ServiceSpec {
-            image: image.into(),
-            replicas: 2,
-            ..Default::default()
-        }),
-        previous_spec: None,
-    }
+    testing::service(name, image, 2)
 }
 
 fn apply(name: &str, image: &str) -> ApplyRequest {

@@ -16,9 +16,9 @@ use tonic::transport::{Channel, Endpoint};
 use tug_api::v1::control_client::ControlClient;
 use tug_api::v1::{
     AddMemberRequest, ApplyRequest, ClusterStatusRequest, ClusterStatusResponse, GetRequest,
-    ListRequest, ObjectMeta, ReadOptions, RemoveMemberRequest, Service, ServiceSpec,
+    ListRequest, ReadOptions, RemoveMemberRequest,
 };
-use tug_controller::testing::fast_config;
+use tug_controller::testing::{self, fast_config};
 use tug_controller::{ControllerConfig, ServerError, run};
 
 type TestResult<T = ()> = Result<T, Box<dyn Error>>;
@@ -71,18 +71,7 @@ async fn client(addr: &str) -> TestResult<ControlClient<Channel>> {
 
 fn apply(name: &str) -> ApplyRequest {
     ApplyRequest {
-        services: vec![Service {
-            metadata: Some(ObjectMeta {
-                name: name.into(),
-                ..Default::default()
-            }),
-            spec: Some(ServiceSpec {
-                image: "busybox".into(),
-                replicas: 1,
-                ..Default::default()
-            }),
-            previous_spec: None,
-        }],
+        services: vec![testing::service(name, "busybox", 1)],
     }
 }
 

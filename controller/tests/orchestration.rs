@@ -15,12 +15,11 @@ use tonic::transport::{Channel, Endpoint};
 use tug_api::v1::control_client::ControlClient;
 use tug_api::v1::{
     ApplyRequest, ClusterStatusRequest, DeleteRequest, DesiredState, GetRequest, ListNodesRequest,
-    ListTasksRequest, NodeAvailability, NodeState, ObjectMeta, Resources, RolloutUndoRequest,
-    ScaleRequest, Service, ServiceSpec, SetNodeAvailabilityRequest, Task, TaskState, UpdatePolicy,
-    update_policy,
+    ListTasksRequest, NodeAvailability, NodeState, Resources, RolloutUndoRequest, ScaleRequest,
+    Service, SetNodeAvailabilityRequest, Task, TaskState, UpdatePolicy, update_policy,
 };
 use tug_controller::orchestrator::OrchestratorConfig;
-use tug_controller::testing::fast_config;
+use tug_controller::testing::{self, fast_config};
 use tug_controller::{ControllerConfig, ServerError, run};
 use tug_e2e::sim_agent::{SimAgent, SimAgentConfig};
 
@@ -97,27 +96,19 @@ async fn control(addrs: &[String]) -> TestResult<ControlClient<Channel>> {
 }
 
 fn service(name: &str, image: &str, replicas: u32) -> Service {
-    Service {
-        metadata: Some(ObjectMeta {
-            name: name.into(),
-            ..Default::default()
-        }),
-        spec: Some(ServiceSpec {
-            image: image.into(),
-            replicas,
-            resources: Some(Resources {
-                cpu_millis: 100,
-                memory_bytes: 64 << 20,
-            }),
-            update: Some(UpdatePolicy {
-                max_surge: 1,
-                max_unavailable: 0,
-                order: update_policy::Order::StartFirst.into(),
-            }),
-            ..Default::default()
-        }),
-        previous_spec: None,
+    let mut svc = testing::service(name, image, replicas);
+    if let Some(spec) = svc.spec.as_mut() {
+        spec.resources = Some(Resources {
+            cpu_millis: 100,
+            memory_bytes: 64 << 20,
+        });
+        spec.update = Some(UpdatePolicy {
+            max_surge: 1,
+            max_unavailable: 0,
+            order: update_policy::Order::StartFirst.into(),
+        });
     }
+    svc
 }
 
 async fn tasks(addrs: &[String], svc: &str) -> TestResult<Vec<Task>> {

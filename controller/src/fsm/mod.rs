@@ -196,20 +196,10 @@ mod tests {
     use crate::state::ApplyOutcome;
     use snapshot::Encodings;
     use std::collections::HashMap;
-    use tug_api::v1::{ObjectMeta, Service, ServiceSpec};
+    use tug_api::v1::Service;
 
     fn service(name: &str, image: &str) -> Service {
-        Service {
-            metadata: Some(ObjectMeta {
-                name: name.into(),
-                ..Default::default()
-            }),
-            spec: Some(ServiceSpec {
-                image: image.into(),
-                ..Default::default()
-            }),
-            previous_spec: None,
-        }
+        crate::testing::service(name, image, 0)
     }
 
     fn services(fsm: &Fsm) -> Vec<Service> {

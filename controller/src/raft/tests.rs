@@ -3,29 +3,16 @@
 use std::error::Error;
 use std::time::Duration;
 
-use tug_api::v1::{ObjectMeta, Service, ServiceSpec};
-
 use super::sync_gate;
 use crate::fsm::Command;
-use crate::testing::TestCluster;
+use crate::testing::{TestCluster, service};
 
 type TestResult = Result<(), Box<dyn Error>>;
 
 const WAIT: Duration = Duration::from_secs(15);
 
 fn apply(name: &str) -> Command {
-    Command::ApplyServices(vec![Service {
-        metadata: Some(ObjectMeta {
-            name: name.into(),
-            ..Default::default()
-        }),
-        spec: Some(ServiceSpec {
-            image: "img".into(),
-            replicas: 1,
-            ..Default::default()
-        }),
-        previous_spec: None,
-    }])
+    Command::ApplyServices(vec![service(name, "img", 1)])
 }
 
 fn has(cluster: &TestCluster, id: u64, name: &str) -> Result<bool, Box<dyn Error>> {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep};
-use tug_api::v1::Service;
+use tug_api::v1::{ObjectMeta, Service, ServiceSpec};
 
 use super::network::MemNetwork;
 use crate::fsm::Command;
@@ -347,6 +347,23 @@ impl TestCluster {
             self.stop(id).await?;
         }
         Ok(())
+    }
+}
+
+/// A service of the default namespace with just a name, an image and a replica count: what
+/// the tests write.
+pub fn service(name: &str, image: &str, replicas: u32) -> Service {
+    Service {
+        metadata: Some(ObjectMeta {
+            name: name.into(),
+            ..Default::default()
+        }),
+        spec: Some(ServiceSpec {
+            image: image.into(),
+            replicas,
+            ..Default::default()
+        }),
+        previous_spec: None,
     }
 }
 

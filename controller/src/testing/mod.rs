@@ -5,5 +5,5 @@
 mod cluster;
 mod network;
 
-pub use cluster::{HarnessError, TestCluster, fast_config, services};
+pub use cluster::{HarnessError, TestCluster, fast_config, service, services};
 pub use network::{LinkFaults, MemNetwork, NetStats};
