@@ -9,6 +9,7 @@ mod allocations;
 pub mod changes;
 mod id_set;
 mod nodes;
+mod staggered_map;
 mod store;
 mod subnets;
 mod tasks;

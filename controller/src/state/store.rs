@@ -11,6 +11,7 @@ use tug_api::v1::{Node, ObjectMeta, Service, ServiceSpec, Task};
 use super::allocations::Allocations;
 use super::changes::ChangeTracker;
 use super::id_set::IdSet;
+use super::staggered_map::StaggeredMap;
 use super::subnets::{ClusterNetwork, SubnetPool};
 use super::watch::{EventKind, Object, WatchError, WatchEvent, WatchHub, Watcher};
 
@@ -20,7 +21,8 @@ pub type ServiceKey = (String, String);
 /// The maps behind point lookups: hashed (foldhash, seeded at random per process), since an
 /// ordered map of string keys spent most of an apply comparing strings. Nothing applied depends
 /// on their iteration order; whatever is shown or written in order is sorted where it is read.
-pub(super) type Map<K, V> = hashbrown::HashMap<K, V>;
+/// The maps that grow with the services and tasks grow in small steps ([`StaggeredMap`]).
+pub(super) type Map<K, V> = StaggeredMap<K, V>;
 
 /// A borrowed [`ServiceKey`], to look one up without building its Strings. Hashes as the
 /// tuple does (field by field, each as a `str`).
@@ -104,7 +106,7 @@ pub struct Store {
     /// Task ids per service and per node (in id order): the reconciler and the agents' streams
     /// read by these.
     pub(super) tasks_by_service: Map<ServiceKey, IdSet>,
-    pub(super) tasks_by_node: Map<String, BTreeSet<String>>,
+    pub(super) tasks_by_node: hashbrown::HashMap<String, BTreeSet<String>>,
     pub(super) allocations: Allocations,
     pub(super) subnets: SubnetPool,
     pub(super) revision: u64,
@@ -138,7 +140,7 @@ impl Store {
             nodes: BTreeMap::new(),
             tasks: Map::new(),
             tasks_by_service: Map::new(),
-            tasks_by_node: Map::new(),
+            tasks_by_node: hashbrown::HashMap::new(),
             allocations: Allocations::default(),
             subnets: SubnetPool::default(),
             revision: 0,
@@ -431,7 +433,7 @@ impl Store {
                 .map(|(name, node)| (name.as_str(), node.subnet.as_str())),
         );
         self.tasks = Map::new();
-        self.tasks_by_node = Map::new();
+        self.tasks_by_node = hashbrown::HashMap::new();
         self.tasks_by_service = Map::new();
         self.allocations.clear();
         for task in restored.tasks {

@@ -100,8 +100,7 @@ impl Store {
             Some(ids) => ids,
             None => self
                 .tasks_by_service
-                .entry((key.0.to_string(), key.1.to_string()))
-                .or_default(),
+                .get_or_insert_default((key.0.to_string(), key.1.to_string())),
         };
         ids.insert(task.id.clone());
         if !task.node.is_empty() {
