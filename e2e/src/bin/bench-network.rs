@@ -9,7 +9,8 @@
 //!    rules). The baseline is host to host between two hosts set up that way (their own traffic
 //!    then passes connection tracking too, as on a real node); bare hosts are shown alongside.
 //!    The six paths are measured in rounds that alternate them (throughput on this
-//!    VM moves by 10-20% from one minute to the next); the medians are compared. With two or
+//!    VM moves by 10-20% from one minute to the next); the medians are compared, and each
+//!    fast path's verdict is printed from its paired ratio (see [`verdict`]). With two or
 //!    more CPUs, iperf3's client and server are pinned to different ones (`-A 0,1`). Also
 //!    printed: the CPU time of the whole machine per GB moved, steadier than the throughput.
 //! 2. Control path: the time to set up and tear down one container's network (veth, address,
@@ -17,8 +18,8 @@
 //!    Debian's CNI `bridge` + `host-local` plugins invoked the standard way (exec, env, config on
 //!    stdin) on the same kind of namespaces.
 //!
-//! Run: `e2e/bench.sh network [SECONDS] [CYCLES] [ROUNDS] [PATHS]` (default 5 s per iperf3
-//! run, 100 cycles, 3 rounds, every path; PATHS is a comma-separated subset of host-gw,
+//! Run: `e2e/bench.sh network [SECONDS] [CYCLES] [ROUNDS] [PATHS]` (default 3 s per iperf3
+//! run, 100 cycles, 9 rounds, every path; PATHS is a comma-separated subset of host-gw,
 //! host-gw-stack, vxlan, vxlan-stack, measured with the two host-to-host baselines).
 
 use std::net::Ipv4Addr;
@@ -53,13 +54,13 @@ fn main() -> ExitCode {
 
 fn run() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let seconds: u32 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(5);
+    let seconds: u32 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(3);
     let cycles: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(100);
     let rounds: usize = args
         .next()
         .map(|s| s.parse())
         .transpose()?
-        .unwrap_or(3)
+        .unwrap_or(9)
         .max(1);
     for tool in ["iperf3", "busybox"] {
         tug_e2e::exec::require(tool)?;
@@ -148,6 +149,11 @@ fn run() -> Result<()> {
          ratio to that round's tug-node baseline, which the machine's drift between rounds \
          moves less)"
     );
+    for (path, runs) in paths.iter().zip(&samples) {
+        if let Some(line) = verdict(*path, paired_ratio(runs, node_runs), runs.len()) {
+            println!("{line}");
+        }
+    }
     println!();
     control_path(cycles)?;
     Ok(())
@@ -174,6 +180,24 @@ fn print_round(round: usize, paths: &[Route], samples: &[Vec<Sample>]) {
         "round {round} (Gbit/s, % of this round's nodes): {}",
         line.join(", ")
     );
+}
+
+/// Whether a fast path meets its throughput target, judged by its paired ratio (the median
+/// of its rounds' ratios to their own baseline): the machine's throughput moves by 10-20%
+/// from one run of a few seconds to the next, more than the margins, so a verdict needs many
+/// rounds (the default is 9) and the ratio least moved by drift between them.
+fn verdict(path: Route, paired: f64, rounds: usize) -> Option<String> {
+    let (name, target) = match path {
+        Route::Containers(Mode::HostGw, Datapath::Fast) => ("host-gw", 0.95),
+        Route::Containers(Mode::Vxlan, Datapath::Fast) => ("vxlan", 0.85),
+        _ => return None,
+    };
+    let met = if paired >= target { "met" } else { "NOT met" };
+    Some(format!(
+        "{name}: {:.1}% of the tug-node baseline (paired, {rounds} rounds), target {:.0}%: {met}",
+        100.0 * paired,
+        100.0 * target
+    ))
 }
 
 /// The median over rounds of `runs[i] / baseline[i]` (throughput).
