@@ -9,7 +9,8 @@
 //!
 //! [`StaggeredMap`] keeps its entries in [`SHARDS`] tables. A key's table is picked by a hash of
 //! its own (another seed than the tables'), with shares that grow geometrically from one table
-//! to the next over one octave: the last table gets twice the share of the first. Each table
+//! to the next over one octave: the last table gets just under twice the share of the first
+//! (2^(31/32)), so no two tables double at the same size of the map. Each table
 //! doubles once while the whole map doubles, at its own size of the whole map, so one doubling
 //! of the map is [`SHARDS`] rehashes, evenly spread, each of at most 1/23 of the entries. The
 //! total work is the same; lookups hash the key twice (a few nanoseconds).
@@ -114,8 +115,21 @@ impl<K, V> Default for StaggeredMap<K, V> {
 }
 
 impl<K: Hash + Eq, V> FromIterator<(K, V)> for StaggeredMap<K, V> {
+    /// Each table is sized up front for its share of what the iterator says it holds (a
+    /// snapshot's services), so none grows while it is filled.
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        let iter = iter.into_iter();
         let mut map = Self::new();
+        let expected = iter.size_hint().0 as f64;
+        if expected > 0.0 {
+            let mut below = 0u32;
+            for (shard, &bound) in map.shards.iter_mut().zip(&map.bounds) {
+                let share = f64::from(bound - below) / 4_294_967_296.0;
+                below = bound;
+                // (10% over the share: the keys fall on the tables by chance.)
+                shard.reserve((expected * share * 1.1) as usize);
+            }
+        }
         for (key, value) in iter {
             map.insert(key, value);
         }
@@ -202,6 +216,9 @@ mod tests {
         assert_eq!(map.values().sum::<u64>(), model.values().sum::<u64>());
         let copy: StaggeredMap<String, u64> = model.clone().into_iter().collect();
         assert_eq!(copy.len(), model.len());
+        for (key, value) in &model {
+            assert_eq!(copy.get(key.as_str()), Some(value));
+        }
         assert!(!map.contains_key("absent"));
         assert_eq!(map.get("absent"), None);
     }
@@ -213,7 +230,8 @@ mod tests {
         // The largest number of entries one insert moved to a new table, from 20,000 entries
         // on (earlier, every table is small).
         let mut largest_move = 0usize;
-        let mut growths_in_last_doubling = 0;
+        // The map's size at each growth while it doubles from n/2 to n.
+        let mut growths_in_last_doubling = Vec::new();
         for key in 0..n {
             let shard = map.shard_of(&key);
             let (before, held) = {
@@ -224,7 +242,7 @@ mod tests {
             if map.shards()[shard].capacity() != before && key >= 20_000 {
                 largest_move = largest_move.max(held);
                 if key >= n / 2 {
-                    growths_in_last_doubling += 1;
+                    growths_in_last_doubling.push(key);
                 }
             }
         }
@@ -233,11 +251,22 @@ mod tests {
             largest_move <= n as usize / 20,
             "one insert moved {largest_move} entries"
         );
-        // Each table doubles once as the map doubles.
+        // Each table doubles once as the map doubles, and the growths are spread over the
+        // doubling: no stretch without one is more than three times the even spacing (tables
+        // of only two distinct shares would leave a gap of about n/4).
+        let grown = growths_in_last_doubling.len();
         assert!(
-            (SHARDS - 4..=SHARDS + 4).contains(&growths_in_last_doubling),
-            "{growths_in_last_doubling} tables grew while the map went from {} to {n}",
+            (SHARDS - 4..=SHARDS + 4).contains(&grown),
+            "{grown} tables grew while the map went from {} to {n}",
             n / 2
+        );
+        let mut points = vec![n / 2];
+        points.extend(&growths_in_last_doubling);
+        points.push(n);
+        let widest = points.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        assert!(
+            widest <= 3 * (n / 2) / SHARDS as u64,
+            "growths at {growths_in_last_doubling:?}"
         );
         let sizes: Vec<usize> = map.shards().iter().map(|t| t.len()).collect();
         let (small, large) = (

@@ -136,7 +136,7 @@ fn run() -> Result<()> {
             format!("{lo:.2}-{hi:.2}"),
             100.0 * m.gbits / bare.gbits,
             100.0 * m.gbits / nodes.gbits,
-            100.0 * paired_ratio(runs, node_runs),
+            100.0 * paired_ratio(runs, node_runs).0,
             m.rtt_ms,
             m.rtt_ms / nodes.rtt_ms,
             m.cpu_s_per_gb,
@@ -150,7 +150,8 @@ fn run() -> Result<()> {
          moves less)"
     );
     for (path, runs) in paths.iter().zip(&samples) {
-        if let Some(line) = verdict(*path, paired_ratio(runs, node_runs), runs.len()) {
+        let (paired, rounds) = paired_ratio(runs, node_runs);
+        if let Some(line) = verdict(*path, paired, rounds) {
             println!("{line}");
         }
     }
@@ -192,6 +193,9 @@ fn verdict(path: Route, paired: f64, rounds: usize) -> Option<String> {
         Route::Containers(Mode::Vxlan, Datapath::Fast) => ("vxlan", 0.85),
         _ => return None,
     };
+    if rounds == 0 {
+        return Some(format!("{name}: no round with a baseline, no verdict"));
+    }
     let met = if paired >= target { "met" } else { "NOT met" };
     Some(format!(
         "{name}: {:.1}% of the tug-node baseline (paired, {rounds} rounds), target {:.0}%: {met}",
@@ -200,21 +204,31 @@ fn verdict(path: Route, paired: f64, rounds: usize) -> Option<String> {
     ))
 }
 
-/// The median over rounds of `runs[i] / baseline[i]` (throughput).
-fn paired_ratio(runs: &[Sample], baseline: &[Sample]) -> f64 {
-    median_of(
-        runs.iter()
-            .zip(baseline)
-            .filter(|(_, b)| b.gbits > 0.0)
-            .map(|(r, b)| r.gbits / b.gbits)
-            .collect(),
-    )
+/// The median over rounds of `runs[i] / baseline[i]` (throughput), and how many rounds it
+/// is over (those with a baseline).
+fn paired_ratio(runs: &[Sample], baseline: &[Sample]) -> (f64, usize) {
+    let ratios: Vec<f64> = runs
+        .iter()
+        .zip(baseline)
+        .filter(|(_, b)| b.gbits > 0.0)
+        .map(|(r, b)| r.gbits / b.gbits)
+        .collect();
+    let rounds = ratios.len();
+    (median_of(ratios), rounds)
 }
 
-/// The median of `values` (the upper one of an even count); NaN if there are none.
+/// The median of `values` (the mean of the middle two of an even count); NaN if there are
+/// none.
 fn median_of(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+    let mid = values.len() / 2;
+    match (values.len() % 2, values.get(mid)) {
+        (_, None) => f64::NAN,
+        (1, Some(&middle)) => middle,
+        (_, Some(&upper)) => values
+            .get(mid.wrapping_sub(1))
+            .map_or(upper, |&lower| (lower + upper) / 2.0),
+    }
 }
 
 /// One node of the bench: its host, subnet and (if any) container namespace and address.
