@@ -17,11 +17,16 @@
 
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
+use std::sync::LazyLock;
 
 use hashbrown::{DefaultHashBuilder, Equivalent, HashMap};
 
 /// Tables per map.
 pub(super) const SHARDS: usize = 32;
+
+/// `BOUNDS[i]`: the largest 32-bit pick that goes to table `i` (cumulative shares), the same
+/// for every map.
+static BOUNDS: LazyLock<[u32; SHARDS]> = LazyLock::new(share_bounds);
 
 /// A hash map of `SHARDS` hashbrown tables of unequal shares (see the module docs). Iteration
 /// order is arbitrary, as a `HashMap`'s.
@@ -29,8 +34,6 @@ pub(super) struct StaggeredMap<K, V> {
     shards: Box<[HashMap<K, V>]>,
     /// Picks a key's table; independent of the tables' own hasher.
     picker: DefaultHashBuilder,
-    /// `bounds[i]`: the largest 32-bit pick that goes to table `i` (cumulative shares).
-    bounds: [u32; SHARDS],
 }
 
 impl<K, V> StaggeredMap<K, V> {
@@ -39,7 +42,6 @@ impl<K, V> StaggeredMap<K, V> {
         Self {
             shards: (0..SHARDS).map(|_| HashMap::with_hasher(hasher)).collect(),
             picker: DefaultHashBuilder::default(),
-            bounds: share_bounds(),
         }
     }
 
@@ -65,7 +67,7 @@ impl<K, V> StaggeredMap<K, V> {
         // The high half: the tables' control bytes come from the top bits of *their* hash,
         // which is independent of this one anyway.
         let pick = (self.picker.hash_one(key) >> 32) as u32;
-        self.bounds.partition_point(|&bound| bound < pick)
+        BOUNDS.partition_point(|&bound| bound < pick)
     }
 
     #[cfg(test)]
@@ -122,12 +124,9 @@ impl<K: Hash + Eq, V> FromIterator<(K, V)> for StaggeredMap<K, V> {
         let mut map = Self::new();
         let expected = iter.size_hint().0 as f64;
         if expected > 0.0 {
-            let mut below = 0u32;
-            for (shard, &bound) in map.shards.iter_mut().zip(&map.bounds) {
-                let share = f64::from(bound - below) / 4_294_967_296.0;
-                below = bound;
+            for (i, shard) in map.shards.iter_mut().enumerate() {
                 // (10% over the share: the keys fall on the tables by chance.)
-                shard.reserve((expected * share * 1.1) as usize);
+                shard.reserve((expected * share(i) * 1.1) as usize);
             }
         }
         for (key, value) in iter {
@@ -143,17 +142,19 @@ impl<K: fmt::Debug, V: fmt::Debug> fmt::Debug for StaggeredMap<K, V> {
     }
 }
 
-/// Cumulative shares as 32-bit bounds: table `i`'s share is proportional to `2^(i / SHARDS)`;
-/// the last bound is `u32::MAX`, so every pick has a table.
+/// Table `i`'s share of the keys: proportional to `2^(i / SHARDS)`.
+fn share(i: usize) -> f64 {
+    let weight = |i: usize| (i as f64 / SHARDS as f64).exp2();
+    weight(i) / (0..SHARDS).map(weight).sum::<f64>()
+}
+
+/// Cumulative shares as 32-bit bounds; the last bound is `u32::MAX`, so every pick has a
+/// table.
 fn share_bounds() -> [u32; SHARDS] {
-    let weights: Vec<f64> = (0..SHARDS)
-        .map(|i| (i as f64 / SHARDS as f64).exp2())
-        .collect();
-    let total: f64 = weights.iter().sum();
     let mut bounds = [u32::MAX; SHARDS];
     let mut cumulative = 0.0;
-    for (bound, weight) in bounds.iter_mut().zip(&weights).take(SHARDS - 1) {
-        cumulative += weight / total;
+    for (i, bound) in bounds.iter_mut().enumerate().take(SHARDS - 1) {
+        cumulative += share(i);
         // (Saturating float-to-int conversion; cumulative < 1 here.)
         *bound = (cumulative * 4_294_967_296.0) as u32;
     }

@@ -119,7 +119,10 @@ fn run() -> Result<()> {
         return Err("no baseline measured".into());
     };
     let node_runs: &[Sample] = samples.get(1).map_or(&[], Vec::as_slice);
+    let mut verdicts = Vec::new();
     for ((path, runs), m) in paths.iter().zip(&samples).zip(&medians) {
+        let (paired, paired_rounds) = paired_ratio(runs, node_runs);
+        verdicts.extend(verdict(*path, paired, paired_rounds));
         let label = match path {
             Route::Bare => "host to host, bare hosts",
             Route::Nodes => "host to host, tug nodes (baseline)",
@@ -136,7 +139,7 @@ fn run() -> Result<()> {
             format!("{lo:.2}-{hi:.2}"),
             100.0 * m.gbits / bare.gbits,
             100.0 * m.gbits / nodes.gbits,
-            100.0 * paired_ratio(runs, node_runs).0,
+            100.0 * paired,
             m.rtt_ms,
             m.rtt_ms / nodes.rtt_ms,
             m.cpu_s_per_gb,
@@ -149,11 +152,8 @@ fn run() -> Result<()> {
          ratio to that round's tug-node baseline, which the machine's drift between rounds \
          moves less)"
     );
-    for (path, runs) in paths.iter().zip(&samples) {
-        let (paired, rounds) = paired_ratio(runs, node_runs);
-        if let Some(line) = verdict(*path, paired, rounds) {
-            println!("{line}");
-        }
+    for line in verdicts {
+        println!("{line}");
     }
     println!();
     control_path(cycles)?;
