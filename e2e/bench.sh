@@ -4,7 +4,7 @@
 #   e2e/bench.sh            every benchmark
 #   e2e/bench.sh pull [N]   image pull + unpack vs skopeo+umoci and containerd (N cold runs)
 #   e2e/bench.sh runtime [RUNS] [IDLE]   container start vs runc and crun; IDLE idle containers
-#   e2e/bench.sh controller [--duration SECS] [--warmup SECS] [--levels 1,16,256] [--rounds N] [--dir DIR]
+#   e2e/bench.sh controller [--duration SECS] [--warmup SECS] [--levels 1,16,256] [--rounds N (4)] [--dir DIR]
 #                           writes/s and p50/p99 of a 3-replica controller vs a 3-member etcd
 #   e2e/bench.sh schedule [--scale NODES:TASKS,...]   scheduling and convergence with simulated
 #                           agents (default 1000:100000 and 10000:1000000)

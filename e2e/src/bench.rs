@@ -3,6 +3,20 @@
 
 use std::time::{Duration, Instant};
 
+/// The median of `values` (the mean of the middle two of an even count); NaN if there are
+/// none.
+pub fn median_of(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    match (values.len() % 2, values.get(mid)) {
+        (_, None) => f64::NAN,
+        (1, Some(&middle)) => middle,
+        (_, Some(&upper)) => values
+            .get(mid.wrapping_sub(1))
+            .map_or(upper, |&lower| (lower + upper) / 2.0),
+    }
+}
+
 /// Durations of repeated runs of one contender.
 #[derive(Debug, Clone)]
 pub struct Samples {
@@ -122,6 +136,13 @@ mod tests {
         // A field name that only prefixes others (VmRSS, VmHWM...) is not one of them.
         assert!(proc_status_kib(me, "Vm").is_err());
         Ok(())
+    }
+
+    #[test]
+    fn median_of_numbers() {
+        assert!(median_of(Vec::new()).is_nan());
+        assert_eq!(median_of(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median_of(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
     }
 
     #[test]

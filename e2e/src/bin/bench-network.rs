@@ -27,6 +27,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use tug_e2e::bench::median_of;
 use tug_e2e::{Host, Netns, TestNet};
 use tug_netplugin::cni::CniNetwork;
 use tug_netplugin::fastpath::{FastPath, FastPathConfig, TunnelConfig};
@@ -215,20 +216,6 @@ fn paired_ratio(runs: &[Sample], baseline: &[Sample]) -> (f64, usize) {
         .collect();
     let rounds = ratios.len();
     (median_of(ratios), rounds)
-}
-
-/// The median of `values` (the mean of the middle two of an even count); NaN if there are
-/// none.
-fn median_of(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    match (values.len() % 2, values.get(mid)) {
-        (_, None) => f64::NAN,
-        (1, Some(&middle)) => middle,
-        (_, Some(&upper)) => values
-            .get(mid.wrapping_sub(1))
-            .map_or(upper, |&lower| (lower + upper) / 2.0),
-    }
 }
 
 /// One node of the bench: its host, subnet and (if any) container namespace and address.
