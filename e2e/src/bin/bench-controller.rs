@@ -6,9 +6,9 @@
 //! with ratios, then how much each replica's resident memory grew per write over the whole run
 //! (a tug write stores a service and, once the reconciler has run, its task). Each level ends
 //! with a verdict on the target (1.5x etcd's writes/s and a lower p99) and each round's own
-//! ratio. Rounds default to 4: between whole runs of 2 rounds the 1-client ratio moved by
-//! 0.3x (1.49-1.84x in session 17), mostly with etcd's own writes/s, which the machine moves by
-//! a quarter from one minute to the next; more alternations weigh both systems alike.
+//! ratio. Rounds default to 4: from one run to the next the 1-client ratio moved between 1.49x
+//! and 1.84x in session 17, mostly with etcd's own writes/s, which the machine moves by a
+//! quarter from one minute to the next; more alternations weigh both systems alike.
 //!
 //! - tug: `Control.Apply` of one small `Service` per write (unique name, image busybox, 1
 //!   replica) to the leader replica.
