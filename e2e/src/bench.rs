@@ -17,6 +17,20 @@ pub fn median_of(mut values: Vec<f64>) -> f64 {
     }
 }
 
+/// Each round's figure over its own baseline's (rounds paired in order), leaving out rounds
+/// whose baseline is not above zero.
+pub fn paired_ratios(
+    values: impl IntoIterator<Item = f64>,
+    baselines: impl IntoIterator<Item = f64>,
+) -> Vec<f64> {
+    values
+        .into_iter()
+        .zip(baselines)
+        .filter(|(_, base)| *base > 0.0)
+        .map(|(value, base)| value / base)
+        .collect()
+}
+
 /// Durations of repeated runs of one contender.
 #[derive(Debug, Clone)]
 pub struct Samples {
@@ -143,6 +157,14 @@ mod tests {
         assert!(median_of(Vec::new()).is_nan());
         assert_eq!(median_of(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median_of(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
+
+    #[test]
+    fn paired_ratios_skip_rounds_without_a_baseline() {
+        assert_eq!(
+            paired_ratios([3.0, 5.0, 8.0], [2.0, 0.0, 4.0]),
+            vec![1.5, 2.0]
+        );
     }
 
     #[test]

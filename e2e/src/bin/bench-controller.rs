@@ -31,7 +31,7 @@ use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 use tug_api::v1::control_client::ControlClient;
 use tug_api::v1::{ApplyRequest, ClusterStatusRequest, ObjectMeta, Service, ServiceSpec};
-use tug_e2e::bench::{median_of, percentile_of_sorted, proc_status_kib};
+use tug_e2e::bench::{median_of, paired_ratios, percentile_of_sorted, proc_status_kib};
 use tug_e2e::etcdpb::kv_client::KvClient;
 use tug_e2e::etcdpb::maintenance_client::MaintenanceClient;
 use tug_e2e::etcdpb::{PutRequest, StatusRequest};
@@ -753,19 +753,15 @@ fn table(rows: &[(usize, Measured, Measured)]) -> String {
 /// round's own ratio (tug's round against the etcd round that followed it), whose spread
 /// shows how much the machine moved during the run.
 fn verdict(clients: usize, tug: &Measured, etcd: &Measured) -> String {
-    let rounds: Vec<f64> = tug
-        .round_rates
-        .iter()
-        .zip(&etcd.round_rates)
-        .filter(|(_, e)| **e > 0.0)
-        .map(|(t, e)| t / e)
-        .collect();
+    let rounds = paired_ratios(
+        tug.round_rates.iter().copied(),
+        etcd.round_rates.iter().copied(),
+    );
+    let count = rounds.len();
     let by_round = match rounds.iter().copied().reduce(f64::min) {
         Some(min) => format!(
-            "rounds {:.2}x (lowest) / {:.2}x (median) of {}",
-            min,
-            median_of(rounds.clone()),
-            rounds.len()
+            "rounds {min:.2}x (lowest) / {:.2}x (median) of {count}",
+            median_of(rounds)
         ),
         None => "no round with etcd writes".into(),
     };

@@ -27,7 +27,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use tug_e2e::bench::median_of;
+use tug_e2e::bench::{median_of, paired_ratios};
 use tug_e2e::{Host, Netns, TestNet};
 use tug_netplugin::cni::CniNetwork;
 use tug_netplugin::fastpath::{FastPath, FastPathConfig, TunnelConfig};
@@ -208,12 +208,8 @@ fn verdict(path: Route, paired: f64, rounds: usize) -> Option<String> {
 /// The median over rounds of `runs[i] / baseline[i]` (throughput), and how many rounds it
 /// is over (those with a baseline).
 fn paired_ratio(runs: &[Sample], baseline: &[Sample]) -> (f64, usize) {
-    let ratios: Vec<f64> = runs
-        .iter()
-        .zip(baseline)
-        .filter(|(_, b)| b.gbits > 0.0)
-        .map(|(r, b)| r.gbits / b.gbits)
-        .collect();
+    let gbits = |s: &Sample| s.gbits;
+    let ratios = paired_ratios(runs.iter().map(gbits), baseline.iter().map(gbits));
     let rounds = ratios.len();
     (median_of(ratios), rounds)
 }
