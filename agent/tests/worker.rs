@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 use tug_agent::image::{ImageRef, ImageStore, StoreConfig};
 use tug_agent::runtime::container::Runtime;
 use tug_agent::worker::{WorkerConfig, launch, task_config};
+use tug_api::shared::Shared;
 use tug_api::v1::agent_client::AgentClient;
 use tug_api::v1::assignments_message::Kind;
 use tug_api::v1::dispatcher_server::{Dispatcher, DispatcherServer};
@@ -322,14 +323,17 @@ impl Bed {
             service: id.split('.').next().unwrap_or_default().into(),
             node: "node-1".into(),
             desired_state: DesiredState::Running.into(),
-            spec: Some(ServiceSpec {
-                image: self.image.clone(),
-                command: vec!["/bin/sh".into(), "-c".into()],
-                args: vec![script.into()],
-                restart_policy: policy.into(),
-                stop_grace_period_ms: 5000,
-                ..Default::default()
-            }),
+            spec: Some(
+                ServiceSpec {
+                    image: self.image.clone(),
+                    command: vec!["/bin/sh".into(), "-c".into()],
+                    args: vec![script.into()],
+                    restart_policy: policy.into(),
+                    stop_grace_period_ms: 5000,
+                    ..Default::default()
+                }
+                .into(),
+            ),
             ..Default::default()
         }
     }
@@ -361,11 +365,10 @@ fn make_orphan(bed: &Bed, id: &str) -> TestResult {
     let store = ImageStore::open(cfg)?;
     let record = store.get(&ImageRef::parse(&bed.image)?)?;
     let mut task = bed.task(id, "sleep 1000", RestartPolicy::Always);
-    task.spec = task.spec.map(|mut s| {
+    if let Some(s) = task.spec.as_mut().map(Shared::make_mut) {
         s.command = vec!["sleep".into()];
         s.args = vec!["1000".into()];
-        s
-    });
+    }
     let l = task_config::launch_of(&task, bed.data.path(), None)?;
     let rt = runtime(bed.data.path());
     launch::create(&store, &rt, bed.data.path(), &record, l)?;
@@ -394,7 +397,7 @@ async fn worker_runs_stops_removes_adopts_and_serves_logs_and_exec() -> TestResu
 
     // Assign a server with a TCP health check: pulled, started, running, healthy.
     let mut web = bed.task("web.1.aaaa", SERVER, RestartPolicy::Always);
-    if let Some(s) = web.spec.as_mut() {
+    if let Some(s) = web.spec.as_mut().map(Shared::make_mut) {
         s.health_check = Some(Box::new(HealthCheck {
             probe: Some(Probe::Tcp(Tcp { port: 8080 })),
             interval_ms: 200,

@@ -6,6 +6,7 @@
 
 pub mod manifest;
 pub mod metrics_http;
+pub mod shared;
 
 /// `tug.v1`: objects, the operator's Control service, and the Raft peer service.
 pub mod v1 {
@@ -27,18 +28,21 @@ mod tests {
                 labels: [("app".to_string(), "web".to_string())].into(),
                 ..Default::default()
             }),
-            spec: Some(v1::ServiceSpec {
-                image: "busybox:latest".into(),
-                replicas: 3,
-                ports: vec![v1::PortSpec {
-                    name: "http".into(),
-                    container_port: 80,
-                    host_port: 8080,
-                    protocol: v1::port_spec::Protocol::Tcp.into(),
-                }],
-                restart_policy: v1::RestartPolicy::OnFailure.into(),
-                ..Default::default()
-            }),
+            spec: Some(
+                v1::ServiceSpec {
+                    image: "busybox:latest".into(),
+                    replicas: 3,
+                    ports: vec![v1::PortSpec {
+                        name: "http".into(),
+                        container_port: 80,
+                        host_port: 8080,
+                        protocol: v1::port_spec::Protocol::Tcp.into(),
+                    }],
+                    restart_policy: v1::RestartPolicy::OnFailure.into(),
+                    ..Default::default()
+                }
+                .into(),
+            ),
             previous_spec: None,
         };
         let bytes = svc.encode_to_vec();

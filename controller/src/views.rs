@@ -87,11 +87,14 @@ mod tests {
                 labels: [("app".to_string(), app.to_string())].into(),
                 ..Default::default()
             }),
-            spec: Some(ServiceSpec {
-                image: "x".into(),
-                replicas: 1,
-                ..Default::default()
-            }),
+            spec: Some(
+                ServiceSpec {
+                    image: "x".into(),
+                    replicas: 1,
+                    ..Default::default()
+                }
+                .into(),
+            ),
             previous_spec: None,
         }
     }
@@ -103,13 +106,16 @@ mod tests {
             service: svc.into(),
             slot: 1,
             node: node.into(),
-            spec: Some(ServiceSpec {
-                resources: Some(Resources {
-                    cpu_millis: 100,
-                    memory_bytes: 1000,
-                }),
-                ..Default::default()
-            }),
+            spec: Some(
+                ServiceSpec {
+                    resources: Some(Resources {
+                        cpu_millis: 100,
+                        memory_bytes: 1000,
+                    }),
+                    ..Default::default()
+                }
+                .into(),
+            ),
             status: Some(TaskStatus {
                 state: state.into(),
                 ..Default::default()

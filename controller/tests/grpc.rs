@@ -204,7 +204,7 @@ async fn three_replicas_over_grpc_forward_read_watch_and_fail_over() -> TestResu
             })
             .await?
             .into_inner();
-        let spec = got.service.as_ref().and_then(|s| s.spec.as_ref());
+        let spec = got.service.as_ref().and_then(|s| s.spec.as_deref());
         assert_eq!(spec.map(|s| s.image.as_str()), Some("busybox:2"));
         assert!(got.revision >= changed.revision);
         let listed = c

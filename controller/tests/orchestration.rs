@@ -12,6 +12,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep};
 use tonic::transport::{Channel, Endpoint};
+use tug_api::shared::Shared;
 use tug_api::v1::control_client::ControlClient;
 use tug_api::v1::{
     ApplyRequest, ClusterStatusRequest, DeleteRequest, DesiredState, GetRequest, ListNodesRequest,
@@ -97,7 +98,7 @@ async fn control(addrs: &[String]) -> TestResult<ControlClient<Channel>> {
 
 fn service(name: &str, image: &str, replicas: u32) -> Service {
     let mut svc = testing::service(name, image, replicas);
-    if let Some(spec) = svc.spec.as_mut() {
+    if let Some(spec) = svc.spec.as_mut().map(Shared::make_mut) {
         spec.resources = Some(Resources {
             cpu_millis: 100,
             memory_bytes: 64 << 20,
@@ -303,7 +304,7 @@ async fn schedule_scale_lose_drain_roll_and_delete() -> TestResult {
                         .as_ref()
                         .is_some_and(|s| s.state() == TaskState::Running)
                 })
-                .filter(|t| t.spec.as_ref().is_some_and(|s| s.image == image))
+                .filter(|t| t.spec.as_deref().is_some_and(|s| s.image == image))
                 .count()
         };
         let (old, new) = (live("img:1"), live("img:2"));
@@ -365,7 +366,7 @@ async fn schedule_scale_lose_drain_roll_and_delete() -> TestResult {
         Ok(live.len() == 6
             && live
                 .iter()
-                .all(|t| t.spec.as_ref().is_some_and(|s| s.image == "img:1")))
+                .all(|t| t.spec.as_deref().is_some_and(|s| s.image == "img:1")))
     })
     .await?;
     let svc = control(&alive)
@@ -380,14 +381,14 @@ async fn schedule_scale_lose_drain_roll_and_delete() -> TestResult {
         .service
         .unwrap_or_default();
     assert_eq!(
-        svc.previous_spec.map(|s| s.image),
+        svc.previous_spec.map(|s| s.image.clone()),
         Some("img:2".to_string()),
         "undo again would go back to img:2"
     );
 
     // What fits nowhere stays pending with the reason.
     let mut huge = service("huge", "img:1", 1);
-    if let Some(spec) = huge.spec.as_mut() {
+    if let Some(spec) = huge.spec.as_mut().map(Shared::make_mut) {
         spec.resources = Some(Resources {
             cpu_millis: 100,
             memory_bytes: 1 << 40,

@@ -320,7 +320,11 @@ fn converge(
         if state == next || terminal {
             continue;
         }
-        let health = if task.spec.as_ref().is_some_and(|s| s.health_check.is_some()) {
+        let health = if task
+            .spec
+            .as_deref()
+            .is_some_and(|s| s.health_check.is_some())
+        {
             TaskHealth::Healthy
         } else {
             TaskHealth::None

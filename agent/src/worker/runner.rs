@@ -56,7 +56,7 @@ pub(crate) fn spawn(ctx: Arc<Ctx>, task: Task, tracker: &TaskTracker) -> RunnerH
     let (tx, rx) = watch::channel(task.clone());
     let remove = CancellationToken::new();
     let record = ctx.files.load_record(&task.id);
-    let policy = match task.spec.as_ref().map(|s| s.restart_policy()) {
+    let policy = match task.spec.as_deref().map(|s| s.restart_policy()) {
         Some(ApiPolicy::Never) => RestartPolicy::Never,
         Some(ApiPolicy::OnFailure) => RestartPolicy::OnFailure { max_retries: None },
         _ => RestartPolicy::Always,
@@ -172,7 +172,7 @@ impl Runner {
                 Wake::Changed => continue,
                 Wake::Shutdown => return,
                 Wake::Removed => {
-                    let grace = task_config::grace(task.spec.as_ref());
+                    let grace = task_config::grace(task.spec.as_deref());
                     remove(self.ctx.clone(), self.id.clone(), grace).await;
                     return;
                 }
@@ -227,7 +227,7 @@ impl Runner {
     }
 
     async fn keep_running(&mut self, task: &Task) -> Wake {
-        let check = Check::from_spec(task.spec.as_ref().and_then(|s| s.health_check.as_deref()));
+        let check = Check::from_spec(task.spec.as_deref().and_then(|s| s.health_check.as_deref()));
         loop {
             if self.record.finished {
                 return self.sig.wake().await;
@@ -387,7 +387,7 @@ impl Runner {
         if !net.enabled() {
             return Ok(());
         }
-        let spec = task.spec.as_ref();
+        let spec = task.spec.as_deref();
         let ports = spec
             .map(|s| s.ports.as_slice())
             .unwrap_or_default()
@@ -548,7 +548,7 @@ impl Runner {
                     self.report(|s| s.health = h.into());
                     if h == TaskHealth::Unhealthy && self.policy != RestartPolicy::Never {
                         tracing::warn!(task = %self.id, "unhealthy: restarting it");
-                        let grace = task_config::grace(task.spec.as_ref());
+                        let grace = task_config::grace(task.spec.as_deref());
                         let (rt, id) = (self.ctx.runtime.clone(), self.id.clone());
                         match blocking(move || rt.stop(&id, grace)).await {
                             Ok(Ok(state)) => return Supervised::Unhealthy(state),
@@ -598,7 +598,7 @@ impl Runner {
 
     /// Desired SHUTDOWN: stop the container (SIGTERM, grace, SIGKILL) and report STOPPED.
     async fn keep_stopped(&mut self, task: &Task) -> Wake {
-        let grace = task_config::grace(task.spec.as_ref());
+        let grace = task_config::grace(task.spec.as_deref());
         let (rt, id) = (self.ctx.runtime.clone(), self.id.clone());
         let found = blocking(move || rt.state(&id)).await;
         let stopped = match found {

@@ -141,26 +141,29 @@ mod tests {
             id: "web.1.ab".into(),
             namespace: "shop".into(),
             service: "web".into(),
-            spec: Some(ServiceSpec {
-                image: "busybox".into(),
-                command: vec!["httpd".into()],
-                args: vec!["-f".into()],
-                env: vec![EnvVar {
-                    name: "A".into(),
-                    value: "1".into(),
-                }],
-                resources: Some(ApiResources {
-                    cpu_millis: 500,
-                    memory_bytes: 64 << 20,
-                }),
-                volumes: vec![ApiVolume {
-                    source: Some(Source::Named("data".into())),
-                    container_path: "/data".into(),
-                    read_only: true,
-                }],
-                stop_grace_period_ms: 2500,
-                ..Default::default()
-            }),
+            spec: Some(
+                ServiceSpec {
+                    image: "busybox".into(),
+                    command: vec!["httpd".into()],
+                    args: vec!["-f".into()],
+                    env: vec![EnvVar {
+                        name: "A".into(),
+                        value: "1".into(),
+                    }],
+                    resources: Some(ApiResources {
+                        cpu_millis: 500,
+                        memory_bytes: 64 << 20,
+                    }),
+                    volumes: vec![ApiVolume {
+                        source: Some(Source::Named("data".into())),
+                        container_path: "/data".into(),
+                        read_only: true,
+                    }],
+                    stop_grace_period_ms: 2500,
+                    ..Default::default()
+                }
+                .into(),
+            ),
             ..Default::default()
         };
         let l = launch_of(&task, data.path(), None)?;
@@ -177,11 +180,11 @@ mod tests {
             Some("web.1.ab")
         );
         assert_eq!(l.options.cgroup_path, "tug/web.1.ab");
-        assert_eq!(grace(task.spec.as_ref()), Duration::from_millis(2500));
+        assert_eq!(grace(task.spec.as_deref()), Duration::from_millis(2500));
         assert_eq!(grace(None), DEFAULT_GRACE);
 
         let mut bad = task.clone();
-        if let Some(s) = bad.spec.as_mut() {
+        if let Some(s) = bad.spec.as_mut().map(tug_api::shared::Shared::make_mut) {
             s.volumes[0].source = Some(Source::HostPath("/no/such/dir/here".into()));
         }
         let err = launch_of(&bad, data.path(), None).err().unwrap_or_default();

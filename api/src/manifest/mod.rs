@@ -203,104 +203,109 @@ impl ServiceManifest {
                 labels: self.metadata.labels.clone().into_iter().collect(),
                 ..Default::default()
             }),
-            spec: Some(v1::ServiceSpec {
-                image: s.image.clone(),
-                replicas: s.replicas,
-                command: s.command.clone(),
-                args: s.args.clone(),
-                env: s
-                    .env
-                    .iter()
-                    .map(|e| v1::EnvVar {
-                        name: e.name.clone(),
-                        value: e.value.clone(),
-                    })
-                    .collect(),
-                ports: s
-                    .ports
-                    .iter()
-                    .map(|p| v1::PortSpec {
-                        name: p.name.clone().unwrap_or_default(),
-                        container_port: p.container_port.into(),
-                        host_port: p.host_port.map(u32::from).unwrap_or(0),
-                        protocol: match p.protocol {
-                            Protocol::Tcp => v1::port_spec::Protocol::Tcp,
-                            Protocol::Udp => v1::port_spec::Protocol::Udp,
-                        }
-                        .into(),
-                    })
-                    .collect(),
-                resources: Some(v1::Resources {
-                    cpu_millis: s.resources.cpu.map(|c| c.0).unwrap_or(0),
-                    memory_bytes: s.resources.memory.map(|m| m.0).unwrap_or(0),
-                }),
-                volumes: s
-                    .volumes
-                    .iter()
-                    .map(|v| v1::VolumeMount {
-                        source: Some(match &v.source {
-                            VolumeSource::HostPath(p) => {
-                                v1::volume_mount::Source::HostPath(p.clone())
-                            }
-                            VolumeSource::Name(n) => v1::volume_mount::Source::Named(n.0.clone()),
-                        }),
-                        container_path: v.container_path.clone(),
-                        read_only: v.read_only,
-                    })
-                    .collect(),
-                restart_policy: match s.restart_policy {
-                    RestartPolicy::Always => v1::RestartPolicy::Always,
-                    RestartPolicy::OnFailure => v1::RestartPolicy::OnFailure,
-                    RestartPolicy::Never => v1::RestartPolicy::Never,
-                }
-                .into(),
-                health_check: s.health_check.as_ref().map(|h| {
-                    Box::new(v1::HealthCheck {
-                        probe: Some(match &h.probe {
-                            Probe::Exec { command } => {
-                                v1::health_check::Probe::Exec(v1::health_check::Exec {
-                                    command: command.clone(),
-                                })
-                            }
-                            Probe::Http { path, port } => {
-                                v1::health_check::Probe::Http(v1::health_check::Http {
-                                    path: path.clone(),
-                                    port: (*port).into(),
-                                })
-                            }
-                            Probe::Tcp { port } => {
-                                v1::health_check::Probe::Tcp(v1::health_check::Tcp {
-                                    port: (*port).into(),
-                                })
-                            }
-                        }),
-                        interval_ms: h.interval.as_millis(),
-                        timeout_ms: h.timeout.as_millis(),
-                        retries: h.retries,
-                    })
-                }),
-                stop_grace_period_ms: s.stop_grace_period.as_millis(),
-                placement: Some(v1::Placement {
-                    constraints: s
-                        .placement
-                        .constraints
+            spec: Some(
+                v1::ServiceSpec {
+                    image: s.image.clone(),
+                    replicas: s.replicas,
+                    command: s.command.clone(),
+                    args: s.args.clone(),
+                    env: s
+                        .env
                         .iter()
-                        .cloned()
-                        .map(String::from)
+                        .map(|e| v1::EnvVar {
+                            name: e.name.clone(),
+                            value: e.value.clone(),
+                        })
                         .collect(),
-                    spread: s.placement.spread.clone().unwrap_or_default(),
-                    binpack: s.placement.strategy == service::PlacementStrategy::Binpack,
-                }),
-                update: Some(v1::UpdatePolicy {
-                    max_surge: s.update.max_surge,
-                    max_unavailable: s.update.max_unavailable,
-                    order: match s.update.order {
-                        UpdateOrder::StopFirst => v1::update_policy::Order::StopFirst,
-                        UpdateOrder::StartFirst => v1::update_policy::Order::StartFirst,
+                    ports: s
+                        .ports
+                        .iter()
+                        .map(|p| v1::PortSpec {
+                            name: p.name.clone().unwrap_or_default(),
+                            container_port: p.container_port.into(),
+                            host_port: p.host_port.map(u32::from).unwrap_or(0),
+                            protocol: match p.protocol {
+                                Protocol::Tcp => v1::port_spec::Protocol::Tcp,
+                                Protocol::Udp => v1::port_spec::Protocol::Udp,
+                            }
+                            .into(),
+                        })
+                        .collect(),
+                    resources: Some(v1::Resources {
+                        cpu_millis: s.resources.cpu.map(|c| c.0).unwrap_or(0),
+                        memory_bytes: s.resources.memory.map(|m| m.0).unwrap_or(0),
+                    }),
+                    volumes: s
+                        .volumes
+                        .iter()
+                        .map(|v| v1::VolumeMount {
+                            source: Some(match &v.source {
+                                VolumeSource::HostPath(p) => {
+                                    v1::volume_mount::Source::HostPath(p.clone())
+                                }
+                                VolumeSource::Name(n) => {
+                                    v1::volume_mount::Source::Named(n.0.clone())
+                                }
+                            }),
+                            container_path: v.container_path.clone(),
+                            read_only: v.read_only,
+                        })
+                        .collect(),
+                    restart_policy: match s.restart_policy {
+                        RestartPolicy::Always => v1::RestartPolicy::Always,
+                        RestartPolicy::OnFailure => v1::RestartPolicy::OnFailure,
+                        RestartPolicy::Never => v1::RestartPolicy::Never,
                     }
                     .into(),
-                }),
-            }),
+                    health_check: s.health_check.as_ref().map(|h| {
+                        Box::new(v1::HealthCheck {
+                            probe: Some(match &h.probe {
+                                Probe::Exec { command } => {
+                                    v1::health_check::Probe::Exec(v1::health_check::Exec {
+                                        command: command.clone(),
+                                    })
+                                }
+                                Probe::Http { path, port } => {
+                                    v1::health_check::Probe::Http(v1::health_check::Http {
+                                        path: path.clone(),
+                                        port: (*port).into(),
+                                    })
+                                }
+                                Probe::Tcp { port } => {
+                                    v1::health_check::Probe::Tcp(v1::health_check::Tcp {
+                                        port: (*port).into(),
+                                    })
+                                }
+                            }),
+                            interval_ms: h.interval.as_millis(),
+                            timeout_ms: h.timeout.as_millis(),
+                            retries: h.retries,
+                        })
+                    }),
+                    stop_grace_period_ms: s.stop_grace_period.as_millis(),
+                    placement: Some(v1::Placement {
+                        constraints: s
+                            .placement
+                            .constraints
+                            .iter()
+                            .cloned()
+                            .map(String::from)
+                            .collect(),
+                        spread: s.placement.spread.clone().unwrap_or_default(),
+                        binpack: s.placement.strategy == service::PlacementStrategy::Binpack,
+                    }),
+                    update: Some(v1::UpdatePolicy {
+                        max_surge: s.update.max_surge,
+                        max_unavailable: s.update.max_unavailable,
+                        order: match s.update.order {
+                            UpdateOrder::StopFirst => v1::update_policy::Order::StopFirst,
+                            UpdateOrder::StartFirst => v1::update_policy::Order::StartFirst,
+                        }
+                        .into(),
+                    }),
+                }
+                .into(),
+            ),
             previous_spec: None,
         }
     }

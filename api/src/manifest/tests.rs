@@ -105,7 +105,7 @@ spec:
     );
     assert_eq!(spec.stop_grace_period_ms, 30_000);
     assert_eq!(
-        spec.placement.map(|p| p.constraints),
+        spec.placement.as_ref().map(|p| p.constraints.clone()),
         Some(vec!["zone==a".to_string(), "disk!=hdd".to_string()])
     );
     Ok(())

@@ -207,7 +207,7 @@ fn services_table(services: &[v1::Service], wide: Option<OutputFormat>) -> Strin
         .iter()
         .map(|svc| {
             let meta = svc.metadata.clone().unwrap_or_default();
-            let spec = svc.spec.clone().unwrap_or_default();
+            let spec = svc.spec.as_deref().cloned().unwrap_or_default();
             let mut row = vec![
                 meta.name,
                 meta.namespace,

@@ -273,7 +273,7 @@ pub(super) fn progress(spec: &v1::ServiceSpec, tasks: &[Task]) -> Progress {
     for t in tasks {
         let status = t.status.clone().unwrap_or_default();
         let live = t.desired_state() == DesiredState::Running && !is_terminal(status.state());
-        let current = same_template(t.spec.as_ref(), Some(spec));
+        let current = same_template(t.spec.as_deref(), Some(spec));
         if current && status.state() == TaskState::Failed {
             p.failed.push(format!("{}: {}", t.id, status.message));
         }
@@ -419,11 +419,14 @@ mod tests {
         Task {
             id: format!("web.{slot}.{image}"),
             slot,
-            spec: Some(v1::ServiceSpec {
-                image: image.into(),
-                replicas: 1,
-                ..Default::default()
-            }),
+            spec: Some(
+                v1::ServiceSpec {
+                    image: image.into(),
+                    replicas: 1,
+                    ..Default::default()
+                }
+                .into(),
+            ),
             desired_state: desired.into(),
             status: Some(TaskStatus {
                 state: state.into(),

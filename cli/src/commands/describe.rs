@@ -348,11 +348,14 @@ mod tests {
                 revision: 7,
                 generation: 2,
             }),
-            spec: Some(v1::ServiceSpec {
-                image: "nginx:1.25".into(),
-                replicas: 3,
-                ..Default::default()
-            }),
+            spec: Some(
+                v1::ServiceSpec {
+                    image: "nginx:1.25".into(),
+                    replicas: 3,
+                    ..Default::default()
+                }
+                .into(),
+            ),
             previous_spec: None,
         };
         let text = render(&service);

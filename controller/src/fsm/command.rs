@@ -413,11 +413,14 @@ mod tests {
                     name: "web".into(),
                     ..Default::default()
                 }),
-                spec: Some(ServiceSpec {
-                    image: "nginx".into(),
-                    replicas: 2,
-                    ..Default::default()
-                }),
+                spec: Some(
+                    ServiceSpec {
+                        image: "nginx".into(),
+                        replicas: 2,
+                        ..Default::default()
+                    }
+                    .into(),
+                ),
                 previous_spec: None,
             }]),
             Command::DeleteService {

@@ -264,7 +264,7 @@ mod tests {
         let fsm = Fsm::new(SharedStore::new(10));
         let one_replica = |name: &str, image: &str| {
             let mut svc = service(name, image);
-            if let Some(spec) = svc.spec.as_mut() {
+            if let Some(spec) = svc.spec.as_mut().map(tug_api::shared::Shared::make_mut) {
                 spec.replicas = 1;
             }
             svc

@@ -19,9 +19,10 @@ mod slots;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use tug_api::shared::Shared;
 use tug_api::v1::{
-    DesiredState, NodeAvailability, NodeState, RestartPolicy, Service, Task, TaskHealth, TaskState,
-    TaskStatus,
+    DesiredState, NodeAvailability, NodeState, RestartPolicy, Service, ServiceSpec, Task,
+    TaskHealth, TaskState, TaskStatus,
 };
 
 use crate::scheduler::{self, ClusterView, Request};
@@ -326,7 +327,7 @@ impl<'a> Pass<'a> {
         }
         // Every slot gets a live task.
         let is_current = |t: &Task| {
-            t.spec_generation == generation || same_template(t.spec.as_ref(), Some(spec))
+            t.spec_generation == generation || same_template(t.spec.as_deref(), Some(spec))
         };
         let mut outdated = Vec::new();
         for slot in 1..=spec.replicas {
@@ -401,7 +402,8 @@ impl<'a> Pass<'a> {
         &mut self,
         key: &ServiceKey,
         service: &Service,
-        spec: &tug_api::v1::ServiceSpec,
+        // Shared with the tasks made from it.
+        spec: &Shared<ServiceSpec>,
         generation: u64,
         pending: Vec<&Task>,
         new_slots: Vec<(u32, u32)>,

@@ -56,7 +56,7 @@ impl Sim {
                 name: name.into(),
                 ..Default::default()
             }),
-            spec: Some(spec),
+            spec: Some(spec.into()),
             previous_spec: None,
         };
         let _ = self.store.apply_services(index, vec![svc]);
@@ -306,7 +306,7 @@ fn roll(update: UpdatePolicy) -> Vec<usize> {
     let live_new = tasks
         .iter()
         .filter(|t| t.desired_state() == DesiredState::Running)
-        .filter(|t| t.spec.as_ref().is_some_and(|s| s.image == "img:2"))
+        .filter(|t| t.spec.as_deref().is_some_and(|s| s.image == "img:2"))
         .count();
     assert_eq!(live_new, 6, "every replica runs the new image");
     assert_eq!(sim.running("web"), 6);

@@ -6,6 +6,7 @@ use std::sync::{Arc, Weak};
 
 use hashbrown::Equivalent;
 
+use tug_api::shared::Shared;
 use tug_api::v1::{Node, ObjectMeta, Service, ServiceSpec, Task};
 
 use super::allocations::Allocations;
@@ -13,6 +14,7 @@ use super::changes::ChangeTracker;
 use super::id_set::IdSet;
 use super::staggered_map::StaggeredMap;
 use super::subnets::{ClusterNetwork, SubnetPool};
+use super::tasks::{service_specs, share_spec};
 use super::watch::{EventKind, Object, WatchError, WatchEvent, WatchHub, Watcher};
 
 /// Objects are keyed by (namespace, name).
@@ -324,8 +326,8 @@ impl Store {
                 }
                 // Only a change of the template (not of the replica count) is something to
                 // roll back from.
-                let previous_spec = if !same_template(old.spec.as_ref(), svc.spec.as_ref()) {
-                    old.spec.clone().map(Box::new)
+                let previous_spec = if !same_template(old.spec.as_deref(), svc.spec.as_deref()) {
+                    old.spec.clone()
                 } else {
                     old.previous_spec.clone()
                 };
@@ -336,7 +338,12 @@ impl Store {
                         generation: old_meta.generation + u64::from(spec_changed),
                         ..old_meta
                     }),
-                    spec: svc.spec,
+                    // An unchanged spec stays the one the service's tasks share.
+                    spec: if spec_changed {
+                        svc.spec
+                    } else {
+                        old.spec.clone()
+                    },
                     previous_spec,
                 };
                 (ApplyOutcome::Configured, stored)
@@ -378,7 +385,7 @@ impl Store {
     ) -> Result<ServiceResult, StoreError> {
         let mut svc = self.existing_service(namespace, name)?;
         if let Some(spec) = svc.spec.as_mut() {
-            spec.replicas = replicas;
+            Shared::make_mut(spec).replicas = replicas;
         }
         Ok(self.apply_service(index, svc))
     }
@@ -397,11 +404,17 @@ impl Store {
                 name: name.to_string(),
             });
         };
-        let replicas = svc.spec.as_ref().map_or(previous.replicas, |s| s.replicas);
-        svc.spec = Some(ServiceSpec {
-            replicas,
-            ..*previous
-        });
+        let replicas = svc
+            .spec
+            .as_deref()
+            .map_or(previous.replicas, |s| s.replicas);
+        svc.spec = Some(
+            ServiceSpec {
+                replicas,
+                ..Shared::into_inner(previous)
+            }
+            .into(),
+        );
         Ok(self.apply_service(index, svc))
     }
 
@@ -436,7 +449,26 @@ impl Store {
         self.tasks_by_node = hashbrown::HashMap::new();
         self.tasks_by_service = Map::new();
         self.allocations.clear();
-        for task in restored.tasks {
+        // Tasks share their service's spec again, as before the snapshot; tasks of an older
+        // generation (a scale keeps them) share one copy per service and spec.
+        let mut older: HashMap<(String, String), Vec<Shared<ServiceSpec>>> = HashMap::new();
+        for mut task in restored.tasks {
+            let service = self
+                .services
+                .get(&KeyRef(normalize_namespace(&task.namespace), &task.service))
+                .cloned();
+            if !service.is_some_and(|s| share_spec(&mut task, service_specs(&s)))
+                && let Some(own) = task.spec.clone()
+            {
+                let key = (
+                    normalize_namespace(&task.namespace).to_string(),
+                    task.service.clone(),
+                );
+                let seen = older.entry(key).or_default();
+                if !share_spec(&mut task, seen.iter()) {
+                    seen.push(own);
+                }
+            }
             self.index_task(&task);
             self.allocations.update(None, Some(&task));
             self.tasks.insert(task.id.clone(), Arc::new(task));
@@ -511,11 +543,14 @@ pub(crate) mod tests {
                 labels: [("app".to_string(), name.to_string())].into(),
                 ..Default::default()
             }),
-            spec: Some(ServiceSpec {
-                image: image.into(),
-                replicas: 1,
-                ..Default::default()
-            }),
+            spec: Some(
+                ServiceSpec {
+                    image: image.into(),
+                    replicas: 1,
+                    ..Default::default()
+                }
+                .into(),
+            ),
             previous_spec: None,
         }
     }

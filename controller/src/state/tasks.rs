@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
-use tug_api::v1::{DesiredState, Task, TaskState, TaskStatus, TaskStatusUpdate};
+use tug_api::shared::Shared;
+use tug_api::v1::{
+    DesiredState, Service, ServiceSpec, Task, TaskState, TaskStatus, TaskStatusUpdate,
+};
 
 use super::allocations::Allocation;
 use super::id_set::IdSet;
@@ -50,6 +53,29 @@ pub struct PlanResult {
     pub created: usize,
     pub updated: usize,
     pub removed: usize,
+}
+
+/// A service's specs a task may run: the current one and the one before a template change.
+pub(super) fn service_specs(service: &Service) -> impl Iterator<Item = &Shared<ServiceSpec>> {
+    service.spec.iter().chain(service.previous_spec.iter())
+}
+
+/// Points `task`'s spec at an equal one of `specs` (its service's), so that a service and its
+/// tasks hold one copy; false if none is equal. What the task holds does not change, only where.
+pub(super) fn share_spec<'a>(
+    task: &mut Task,
+    specs: impl IntoIterator<Item = &'a Shared<ServiceSpec>>,
+) -> bool {
+    let Some(own) = task.spec.as_ref() else {
+        return false;
+    };
+    match specs.into_iter().find(|s| *s == own) {
+        Some(same) => {
+            task.spec = Some(same.clone());
+            true
+        }
+        None => false,
+    }
 }
 
 /// Whether a task's container is finished for good (it will not run again).
@@ -133,12 +159,13 @@ impl Store {
     pub(crate) fn apply_plan(&mut self, index: u64, plan: Plan) -> PlanResult {
         let mut result = PlanResult::default();
         for mut task in plan.create {
-            if task.id.is_empty()
-                || self.tasks.contains_key(&task.id)
-                || self.get_service(&task.namespace, &task.service).is_none()
-            {
+            if task.id.is_empty() || self.tasks.contains_key(&task.id) {
                 continue;
             }
+            let Some(service) = self.get_service(&task.namespace, &task.service) else {
+                continue;
+            };
+            share_spec(&mut task, service_specs(service));
             task.namespace = normalize_namespace(&task.namespace).to_string();
             task.create_revision = index;
             task.revision = index;
@@ -243,7 +270,9 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::store::Restored;
     use crate::state::store::tests::service;
+    use tug_api::v1::ObjectMeta;
 
     fn task(id: &str, node: &str) -> Task {
         Task {
@@ -322,6 +351,130 @@ mod tests {
         assert_eq!(r.removed, 1);
         assert!(store.tasks_of_node("n1").is_empty());
         assert_eq!(store.task_count(), 1);
+        Ok(())
+    }
+
+    /// A task of `web` at `generation`, its spec decoded on its own as from a log entry.
+    fn task_of(id: &str, image: &str, replicas: u32, generation: u64) -> Task {
+        let mut t = task(id, "");
+        t.spec_generation = generation;
+        t.spec = Some(
+            ServiceSpec {
+                image: image.into(),
+                replicas,
+                ..Default::default()
+            }
+            .into(),
+        );
+        t
+    }
+
+    fn same(a: Option<&Shared<ServiceSpec>>, b: Option<&Shared<ServiceSpec>>) -> bool {
+        matches!((a, b), (Some(a), Some(b)) if Shared::ptr_eq(a, b))
+    }
+
+    #[test]
+    fn a_service_and_its_tasks_hold_one_spec() -> Result<(), Box<dyn std::error::Error>> {
+        let mut store = Store::new(100);
+        store.apply_services(2, vec![service("web", "x")])?;
+        store.apply_plan(
+            3,
+            Plan {
+                create: vec![task_of("t1", "x", 1, 1), task_of("t2", "x", 1, 1)],
+                ..Default::default()
+            },
+        );
+        let spec_of = |store: &Store, id: &str| store.get_task(id).and_then(|t| t.spec.clone());
+        let svc_spec = |store: &Store| {
+            store
+                .get_service("default", "web")
+                .and_then(|s| s.spec.clone())
+        };
+        assert!(same(
+            spec_of(&store, "t1").as_ref(),
+            svc_spec(&store).as_ref()
+        ));
+        assert!(same(
+            spec_of(&store, "t2").as_ref(),
+            svc_spec(&store).as_ref()
+        ));
+
+        // A task's own copy stays where no spec of its service is equal.
+        store.apply_plan(
+            4,
+            Plan {
+                create: vec![task_of("t3", "y", 1, 7)],
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            spec_of(&store, "t3").map(|s| s.image.clone()),
+            Some("y".into())
+        );
+        assert!(!same(
+            spec_of(&store, "t3").as_ref(),
+            svc_spec(&store).as_ref()
+        ));
+
+        // A status change or a label change keeps it shared.
+        store.apply_statuses(
+            5,
+            "",
+            vec![TaskStatusUpdate {
+                task_id: "t1".into(),
+                namespace: String::new(),
+                status: Some(status(TaskState::Running)),
+            }],
+        );
+        let mut relabelled = service("web", "x");
+        if let Some(m) = relabelled.metadata.as_mut() {
+            m.labels.insert("tier".into(), "front".into());
+        }
+        store.apply_services(6, vec![relabelled])?;
+        assert!(same(
+            spec_of(&store, "t1").as_ref(),
+            svc_spec(&store).as_ref()
+        ));
+
+        // After a template change the old tasks share the previous spec.
+        store.apply_services(7, vec![service("web", "z")])?;
+        let previous = store
+            .get_service("default", "web")
+            .and_then(|s| s.previous_spec.clone());
+        assert!(same(spec_of(&store, "t2").as_ref(), previous.as_ref()));
+        Ok(())
+    }
+
+    #[test]
+    fn a_restored_state_shares_specs_again() -> Result<(), Box<dyn std::error::Error>> {
+        let mut web = service("web", "x");
+        web.metadata = web.metadata.map(|m| ObjectMeta {
+            namespace: "default".into(),
+            ..m
+        });
+        let restored = Restored {
+            revision: 9,
+            services: [(("default".to_string(), "web".to_string()), web)].into(),
+            tasks: vec![
+                task_of("now1", "x", 1, 1),
+                task_of("now2", "x", 1, 1),
+                // Before a scale: the same template at another replica count.
+                task_of("old1", "x", 3, 0),
+                task_of("old2", "x", 3, 0),
+            ],
+            ..Default::default()
+        };
+        let mut store = Store::new(100);
+        store.replace(9, restored);
+        let spec_of = |id: &str| store.get_task(id).and_then(|t| t.spec.clone());
+        let current = store
+            .get_service("default", "web")
+            .and_then(|s| s.spec.clone());
+        assert!(same(spec_of("now1").as_ref(), current.as_ref()));
+        assert!(same(spec_of("now2").as_ref(), current.as_ref()));
+        assert!(same(spec_of("old1").as_ref(), spec_of("old2").as_ref()));
+        assert!(!same(spec_of("old1").as_ref(), current.as_ref()));
+        assert_eq!(spec_of("old2").map(|s| s.replicas), Some(3));
         Ok(())
     }
 

@@ -358,11 +358,14 @@ pub fn service(name: &str, image: &str, replicas: u32) -> Service {
             name: name.into(),
             ..Default::default()
         }),
-        spec: Some(ServiceSpec {
-            image: image.into(),
-            replicas,
-            ..Default::default()
-        }),
+        spec: Some(
+            ServiceSpec {
+                image: image.into(),
+                replicas,
+                ..Default::default()
+            }
+            .into(),
+        ),
         previous_spec: None,
     }
 }

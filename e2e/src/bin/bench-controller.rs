@@ -430,11 +430,14 @@ fn service(name: String) -> Service {
             name,
             ..Default::default()
         }),
-        spec: Some(ServiceSpec {
-            image: "busybox".into(),
-            replicas: 1,
-            ..Default::default()
-        }),
+        spec: Some(
+            ServiceSpec {
+                image: "busybox".into(),
+                replicas: 1,
+                ..Default::default()
+            }
+            .into(),
+        ),
         previous_spec: None,
     }
 }

@@ -260,15 +260,18 @@ fn service(name: &str, replicas: u32) -> Service {
             name: name.into(),
             ..Default::default()
         }),
-        spec: Some(ServiceSpec {
-            image: "registry.example/app:1".into(),
-            replicas,
-            resources: Some(Resources {
-                cpu_millis: 10,
-                memory_bytes: 16 << 20,
-            }),
-            ..Default::default()
-        }),
+        spec: Some(
+            ServiceSpec {
+                image: "registry.example/app:1".into(),
+                replicas,
+                resources: Some(Resources {
+                    cpu_millis: 10,
+                    memory_bytes: 16 << 20,
+                }),
+                ..Default::default()
+            }
+            .into(),
+        ),
         previous_spec: None,
     }
 }
