@@ -70,6 +70,8 @@ impl<T> From<T> for Shared<T> {
     }
 }
 
+/// By value; one allocation is equal to itself without a look (messages are compared by their
+/// fields, and tug's have no floating-point field that could be unequal to itself).
 impl<T: PartialEq> PartialEq for Shared<T> {
     fn eq(&self, other: &Self) -> bool {
         Self::ptr_eq(self, other) || *self.0 == *other.0
