@@ -338,11 +338,15 @@ impl Store {
                         generation: old_meta.generation + u64::from(spec_changed),
                         ..old_meta
                     }),
-                    // An unchanged spec stays the one the service's tasks share.
-                    spec: if spec_changed {
-                        svc.spec
-                    } else {
+                    // An unchanged spec stays the one the service's tasks share, and going
+                    // back to the previous one (an undo, or its manifest applied again) takes
+                    // the copy the previous generation's tasks share.
+                    spec: if !spec_changed {
                         old.spec.clone()
+                    } else if svc.spec == old.previous_spec {
+                        old.previous_spec.clone()
+                    } else {
+                        svc.spec
                     },
                     previous_spec,
                 };
@@ -496,7 +500,9 @@ pub struct Restored {
 pub fn same_template(a: Option<&ServiceSpec>, b: Option<&ServiceSpec>) -> bool {
     match (a, b) {
         (Some(a), Some(b)) => {
-            if a.replicas == b.replicas {
+            if std::ptr::eq(a, b) {
+                true
+            } else if a.replicas == b.replicas {
                 a == b
             } else {
                 ServiceSpec {

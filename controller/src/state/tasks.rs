@@ -442,6 +442,24 @@ mod tests {
             .get_service("default", "web")
             .and_then(|s| s.previous_spec.clone());
         assert!(same(spec_of(&store, "t2").as_ref(), previous.as_ref()));
+
+        // Going back to it takes that copy again.
+        store.apply_services(8, vec![service("web", "x")])?;
+        assert!(same(
+            spec_of(&store, "t2").as_ref(),
+            svc_spec(&store).as_ref()
+        ));
+        store.undo_service(9, "default", "web")?;
+        let z = svc_spec(&store);
+        store.undo_service(10, "default", "web")?;
+        assert!(same(
+            spec_of(&store, "t2").as_ref(),
+            svc_spec(&store).as_ref()
+        ));
+        let previous = store
+            .get_service("default", "web")
+            .and_then(|s| s.previous_spec.clone());
+        assert!(same(z.as_ref(), previous.as_ref()));
         Ok(())
     }
 
