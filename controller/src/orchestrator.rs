@@ -368,7 +368,9 @@ async fn pass_chunk(
         outcome.plan.update.len(),
         outcome.plan.remove.len(),
     );
-    let applied = handle.propose(&Command::ApplyPlan(outcome.plan)).await?;
+    let applied = handle
+        .propose_background(&Command::ApplyPlan(outcome.plan))
+        .await?;
     tracing::debug!(
         creates,
         updates,

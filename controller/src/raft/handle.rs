@@ -100,12 +100,17 @@ pub enum ReadConsistency {
     Stale,
 }
 
+/// Where a proposal's outcome goes.
+pub(crate) type ProposeReply = oneshot::Sender<Result<Applied, ProposeError>>;
+
 /// Requests from handles to the node task.
 #[derive(Debug)]
 pub(crate) enum Request {
     Propose {
         data: Vec<u8>,
-        reply: oneshot::Sender<Result<Applied, ProposeError>>,
+        reply: ProposeReply,
+        /// May wait a moment for a foreground proposal to share its log write with.
+        background: bool,
     },
     ChangeMembership {
         change: ConfChangeV2,
@@ -196,6 +201,22 @@ impl NodeHandle {
     /// (otherwise [`ProposeError::NotLeader`] says where to forward it); when no leader is known
     /// it waits for one. Fails after the proposal timeout rather than hanging.
     pub async fn propose(&self, command: &Command) -> Result<Applied, ProposeError> {
+        self.propose_with(command, false).await
+    }
+
+    /// As [`Self::propose`], for work no client waits on (the reconciler's plans): the leader
+    /// holds it until a client's proposal comes, for up to its
+    /// [`background_hold`](super::NodeConfig::background_hold), and puts it into the log right
+    /// after that one, with one write, one append to each follower and one sync for both.
+    pub async fn propose_background(&self, command: &Command) -> Result<Applied, ProposeError> {
+        self.propose_with(command, true).await
+    }
+
+    async fn propose_with(
+        &self,
+        command: &Command,
+        background: bool,
+    ) -> Result<Applied, ProposeError> {
         let started = Instant::now();
         let deadline = started + self.proposal_timeout;
         // Encoded again only for a retry: the first attempt takes it without a copy.
@@ -206,6 +227,7 @@ impl NodeHandle {
             let request = Request::Propose {
                 data: encoded.take().unwrap_or_else(|| command.encode()),
                 reply,
+                background,
             };
             self.request(request, deadline).await?;
             match self.await_reply(rx, deadline).await {

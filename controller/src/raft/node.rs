@@ -45,7 +45,7 @@ use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
 use super::config::NodeConfig;
-use super::handle::{Membership, NodeHandle, ProposeError, ReadError, Request};
+use super::handle::{Membership, NodeHandle, ProposeError, ProposeReply, ReadError, Request};
 use super::log_sync::{LeaderSyncs, LogWrite};
 use super::logger::raft_logger;
 use super::proposals::{Output, Proposals, Reads, Reply, decode_ctx, encode_ctx};
@@ -129,6 +129,9 @@ pub struct Node {
     told_commit: u64,
     /// Leader: when to tell the followers a commit index no append has carried yet.
     commit_notify_at: Option<tokio::time::Instant>,
+    /// Background proposals waiting for a foreground one, and until when they wait.
+    held: Vec<(Vec<u8>, ProposeReply)>,
+    held_until: Option<tokio::time::Instant>,
     /// Leader: its log syncs in flight.
     leader_syncs: LeaderSyncs,
 }
@@ -364,6 +367,8 @@ impl Node {
             disk_free: None,
             told_commit: 0,
             commit_notify_at: None,
+            held: Vec::new(),
+            held_until: None,
             leader_syncs: LeaderSyncs::default(),
         };
         node.publish_status();
@@ -419,6 +424,7 @@ impl Node {
                     self.on_snapshot_written(written)?;
                 }
                 () = sleep_until(self.commit_notify_at) => self.notify_commit(),
+                () = sleep_until(self.held_until) => self.release_held(),
                 // A leader's sync finished: raft counts its own copy of those entries towards
                 // their commit.
                 synced = self.leader_syncs.finished() => self.raw.on_persist_ready(synced?),
@@ -519,8 +525,20 @@ impl Node {
 
     fn on_request(&mut self, request: Request) {
         match request {
-            Request::Propose { data, reply } => {
-                self.propose(Proposal::Command(data), Reply::Command(reply))
+            Request::Propose {
+                data,
+                reply,
+                background,
+            } => {
+                let hold = self.cfg.background_hold;
+                if background && !hold.is_zero() && self.raw.raft.state == StateRole::Leader {
+                    self.held.push((data, reply));
+                    self.held_until
+                        .get_or_insert_with(|| tokio::time::Instant::now() + hold);
+                } else {
+                    self.propose(Proposal::Command(data), Reply::Command(reply));
+                    self.release_held();
+                }
             }
             Request::ChangeMembership { change, reply } => {
                 self.propose(Proposal::ConfChange(change), Reply::Membership(reply));
@@ -540,6 +558,15 @@ impl Node {
                 self.raw.report_snapshot(peer, status);
             }
             Request::TransferLeadership { to } => self.raw.transfer_leader(to),
+        }
+    }
+
+    /// Proposes the held background proposals, after a client's or when their hold is up (a
+    /// node that is no longer the leader fails them, and the proposer tries the new one).
+    fn release_held(&mut self) {
+        self.held_until = None;
+        for (data, reply) in std::mem::take(&mut self.held) {
+            self.propose(Proposal::Command(data), Reply::Command(reply));
         }
     }
 

@@ -3,6 +3,7 @@
 use std::error::Error;
 use std::time::Duration;
 
+use super::NodeHandle;
 use super::sync_gate;
 use crate::fsm::Command;
 use crate::testing::{TestCluster, service};
@@ -77,6 +78,51 @@ async fn a_leader_answers_what_its_followers_made_durable_before_its_own_sync_en
             assert!(has(&cluster, id, name)?, "node {id} lacks {name}");
         }
     }
+    cluster.shutdown().await?;
+    Ok(())
+}
+
+/// Three nodes holding background proposals for `hold`; their leader and its handle.
+async fn with_hold(
+    dir: &std::path::Path,
+    hold: Duration,
+) -> Result<(TestCluster, u64, NodeHandle), Box<dyn Error>> {
+    let cluster = TestCluster::start(dir, 3, 11, move |cfg| cfg.background_hold = hold)?;
+    let leader = cluster.wait_for_leader(&[1, 2, 3], WAIT).await?;
+    let h = cluster.handle(leader)?.clone();
+    Ok((cluster, leader, h))
+}
+
+/// A background proposal (the reconciler's plans) waits at the leader for a client's and goes
+/// into the log right after it; with none coming, it goes in on its own once its hold is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_proposal_follows_the_next_client_write_into_the_log() -> TestResult {
+    // Held far longer than the test waits: only a client's write can let it go.
+    let dir = tempfile::tempdir()?;
+    let (cluster, leader, h) = with_hold(dir.path(), Duration::from_secs(600)).await?;
+    h.propose(&apply("before")).await?;
+    let plan = {
+        let h = h.clone();
+        tokio::spawn(async move { h.propose_background(&apply("plan")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!plan.is_finished(), "held until a client's write comes");
+    assert!(!has(&cluster, leader, "plan")?);
+    let client = h.propose(&apply("client")).await?;
+    let plan = tokio::time::timeout(WAIT, plan).await???;
+    assert_eq!(
+        plan.index,
+        client.index + 1,
+        "right after the client's write"
+    );
+    cluster.wait_converged(&[1, 2, 3], WAIT).await?;
+    cluster.shutdown().await?;
+
+    // A short hold lets it go on its own.
+    let dir = tempfile::tempdir()?;
+    let (cluster, leader, h) = with_hold(dir.path(), Duration::from_millis(50)).await?;
+    tokio::time::timeout(WAIT, h.propose_background(&apply("alone"))).await??;
+    assert!(has(&cluster, leader, "alone")?);
     cluster.shutdown().await?;
     Ok(())
 }
