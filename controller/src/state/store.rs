@@ -331,6 +331,11 @@ impl Store {
                 } else {
                     old.previous_spec.clone()
                 };
+                // An unchanged spec stays the one the service's tasks share, and going back to
+                // the previous one (an undo, or its manifest applied again) takes the copy the
+                // previous generation's tasks share.
+                let mut spec = svc.spec;
+                share_spec(&mut spec, service_specs(old));
                 let stored = Service {
                     metadata: Some(ObjectMeta {
                         labels: meta.labels,
@@ -338,16 +343,7 @@ impl Store {
                         generation: old_meta.generation + u64::from(spec_changed),
                         ..old_meta
                     }),
-                    // An unchanged spec stays the one the service's tasks share, and going
-                    // back to the previous one (an undo, or its manifest applied again) takes
-                    // the copy the previous generation's tasks share.
-                    spec: if !spec_changed {
-                        old.spec.clone()
-                    } else if svc.spec == old.previous_spec {
-                        old.previous_spec.clone()
-                    } else {
-                        svc.spec
-                    },
+                    spec,
                     previous_spec,
                 };
                 (ApplyOutcome::Configured, stored)
@@ -455,21 +451,17 @@ impl Store {
         self.allocations.clear();
         // Tasks share their service's spec again, as before the snapshot; tasks of an older
         // generation (a scale keeps them) share one copy per service and spec.
-        let mut older: HashMap<(String, String), Vec<Shared<ServiceSpec>>> = HashMap::new();
+        let mut older: HashMap<ServiceKey, Vec<Shared<ServiceSpec>>> = HashMap::new();
         for mut task in restored.tasks {
-            let service = self
-                .services
-                .get(&KeyRef(normalize_namespace(&task.namespace), &task.service))
-                .cloned();
-            if !service.is_some_and(|s| share_spec(&mut task, service_specs(&s)))
+            let key = KeyRef(normalize_namespace(&task.namespace), &task.service);
+            let service = self.services.get(&key);
+            if !service.is_some_and(|s| share_spec(&mut task.spec, service_specs(s)))
                 && let Some(own) = task.spec.clone()
             {
-                let key = (
-                    normalize_namespace(&task.namespace).to_string(),
-                    task.service.clone(),
-                );
-                let seen = older.entry(key).or_default();
-                if !share_spec(&mut task, seen.iter()) {
+                let seen = older
+                    .entry((key.0.to_string(), key.1.to_string()))
+                    .or_default();
+                if !share_spec(&mut task.spec, seen.iter()) {
                     seen.push(own);
                 }
             }

@@ -60,18 +60,18 @@ pub(super) fn service_specs(service: &Service) -> impl Iterator<Item = &Shared<S
     service.spec.iter().chain(service.previous_spec.iter())
 }
 
-/// Points `task`'s spec at an equal one of `specs` (its service's), so that a service and its
-/// tasks hold one copy; false if none is equal. What the task holds does not change, only where.
+/// Points `spec` at an equal one of `specs` (its service's), so that a service and its tasks
+/// hold one copy; false if none is equal. What it holds does not change, only where.
 pub(super) fn share_spec<'a>(
-    task: &mut Task,
+    spec: &mut Option<Shared<ServiceSpec>>,
     specs: impl IntoIterator<Item = &'a Shared<ServiceSpec>>,
 ) -> bool {
-    let Some(own) = task.spec.as_ref() else {
+    let Some(own) = spec.as_ref() else {
         return false;
     };
     match specs.into_iter().find(|s| *s == own) {
         Some(same) => {
-            task.spec = Some(same.clone());
+            *spec = Some(same.clone());
             true
         }
         None => false,
@@ -165,7 +165,7 @@ impl Store {
             let Some(service) = self.get_service(&task.namespace, &task.service) else {
                 continue;
             };
-            share_spec(&mut task, service_specs(service));
+            share_spec(&mut task.spec, service_specs(service));
             task.namespace = normalize_namespace(&task.namespace).to_string();
             task.create_revision = index;
             task.revision = index;
