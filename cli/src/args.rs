@@ -244,6 +244,12 @@ pub struct NodeFlags {
     /// bridge and IP forwarding). Not used with --cni-conf-dir.
     #[arg(long, default_value = "on")]
     pub fast_path: String,
+    /// IPv4 BIG TCP (Linux 6.3+; `on`: raise the uplink's GSO/GRO limit from 64 KiB to 192 KiB,
+    /// or to what its driver takes, so TCP passes larger packets through the stack; the NIC
+    /// still sends MTU-sized frames). In host-gw mode containers take the uplink's limit
+    /// whether tug or the operator raised it. `off`: the uplink is left as it is.
+    #[arg(long, default_value = "off")]
+    pub big_tcp: String,
 }
 
 #[derive(Debug, Args)]

@@ -11,7 +11,8 @@
 //!   restarted agent's fast path);
 //! - a node removed from the cluster (`tug delete node`) has its routes (host-gw) or FDB entries
 //!   (vxlan) removed on the others;
-//! - deleting the service leaves no veth, DNAT rule or address behind.
+//! - deleting the service leaves no veth, DNAT rule or address behind;
+//! - with `--big-tcp on`, uplinks and containers' veths take 192 KiB packets.
 
 use std::error::Error;
 use std::io::{Read, Write};
@@ -22,6 +23,8 @@ use std::time::Duration;
 use serde_json::Value;
 use tug_e2e::TestImages;
 use tug_e2e::cluster::{AGENTS, Cluster, DESIRED_RUNNING, RUNNING};
+use tug_netplugin::big_tcp::{BIG_TCP_SIZE, ipv4_gso_limit};
+use tug_netplugin::netns::block_in_netns;
 
 type TestResult<T = ()> = Result<T, Box<dyn Error>>;
 
@@ -162,6 +165,48 @@ fn run(mode: &str, cni: bool) -> TestResult {
     // The containers go before the hosts do.
     let _ = bed.ok(&["delete", "service", "web"]);
     result
+}
+
+/// `tug agent --big-tcp on`: every node's uplink and every container's host veth take
+/// 192 KiB IPv4 packets (veths' drivers allow it), and containers still reach each other.
+#[test]
+fn agents_with_big_tcp_raise_uplinks_and_container_veths() -> TestResult {
+    let probe = tug_e2e::Netns::create("bigtcp-probe")?;
+    if block_in_netns(&probe.path(), || ipv4_gso_limit("lo"))?.is_none() {
+        eprintln!("this kernel has no IPv4 BIG TCP (Linux 6.3+): nothing to test");
+        return Ok(());
+    }
+    let images = TestImages::get()?;
+    let args = ["--network-mode", "host-gw", "--big-tcp", "on"];
+    let bed = Cluster::start_with(Path::new(TUG), "2s", &args)?;
+    let result = big_tcp(&bed, images);
+    if result.is_err() {
+        bed.dump_logs();
+    }
+    let _ = bed.ok(&["delete", "service", "web"]);
+    result
+}
+
+fn big_tcp(bed: &Cluster, images: &TestImages) -> TestResult {
+    wait_ready(bed)?;
+    let web = apply_web(bed, images)?;
+    for replica in &web {
+        let node = replica.node;
+        let ns = bed.agent_host(node).netns().path();
+        let limits = block_in_netns(&ns, || async {
+            let mut found = vec![("eth0".to_string(), ipv4_gso_limit("eth0").await?)];
+            let veth = tug_netplugin::host_veth_name(&replica.id);
+            found.push((veth.clone(), ipv4_gso_limit(&veth).await?));
+            Ok(found)
+        })?;
+        for (link, limit) in limits {
+            assert_eq!(limit, Some(BIG_TCP_SIZE), "node {node}, {link}");
+        }
+    }
+    let (a, b) = (&web[0], &web[1]);
+    let body = fetch(bed, b, &a.address.to_string())?;
+    assert_eq!(body.trim(), format!("web-{}", a.id));
+    Ok(())
 }
 
 /// A running replica: task id, node index, address.

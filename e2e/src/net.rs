@@ -216,6 +216,11 @@ impl TestNet {
     pub fn bridge_netns(&self) -> &Netns {
         &self.bridge
     }
+
+    /// The bridge port (in [`TestNet::bridge_netns`]) that `host`'s `eth0` hangs off.
+    pub fn port_of(&self, host: &Host) -> String {
+        port_name(host.index)
+    }
 }
 
 fn port_name(index: usize) -> String {

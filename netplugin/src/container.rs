@@ -17,10 +17,11 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
 use nix::errno::Errno;
-use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute};
 use rtnetlink::{LinkBridgePort, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 use sha2::{Digest, Sha256};
 
+use crate::big_tcp::{self, LEGACY_SIZE};
 use crate::error::{Error, Result};
 use crate::ipam::{Ipam, validate_id};
 use crate::netlink::{Netlink, format_mac, is_errno};
@@ -47,6 +48,9 @@ pub struct ContainerNet {
     pub subnet: Subnet,
     /// Where IPAM keeps its state (in the agent's data dir).
     pub state_dir: PathBuf,
+    /// The IPv4 GSO/GRO limit of both veth ends, from [`crate::NodeSetup::gso_ipv4_max_size`];
+    /// `None`: the kernel's default, 64 KiB (see [`crate::big_tcp`]).
+    pub gso_ipv4_max_size: Option<u32>,
 }
 
 /// What `add` gave the container.
@@ -144,13 +148,14 @@ async fn wire(
     let peer = LinkUnspec::new_with_name(CONTAINER_IFNAME)
         .mtu(mtu)
         .address(container_mac(address).to_vec())
-        .setns_by_fd(netns.as_raw_fd())
-        .build();
+        .setns_by_fd(netns.as_raw_fd());
+    let peer = gso_limit(peer, net.gso_ipv4_max_size).build();
     let veth = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
         .name(host_veth)
         .mtu(mtu)
         .controller(bridge_index)
-        .up()
+        .up();
+    let veth = gso_limit(veth, net.gso_ipv4_max_size)
         .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
         .build();
     match nl.handle.link().add(veth).execute().await {
@@ -170,6 +175,9 @@ async fn wire(
     }
     drop(netns);
     set_hairpin(nl, host_veth).await?;
+    if let Some(size) = net.gso_ipv4_max_size {
+        big_tcp::raise_bridge(nl, &net.bridge, size).await;
+    }
 
     let prefix = net.subnet.prefix();
     let gateway = net.subnet.gateway();
@@ -177,6 +185,20 @@ async fn wire(
         configure_inside(address, prefix, gateway)
     })
     .await
+}
+
+/// A veth end with the IPv4 GSO/GRO limit `size` (unchanged for `None`): set in the request that
+/// creates the pair, at no extra cost.
+fn gso_limit(
+    link: LinkMessageBuilder<LinkUnspec>,
+    size: Option<u32>,
+) -> LinkMessageBuilder<LinkUnspec> {
+    match size {
+        None => link,
+        Some(size) => link
+            .append_extra_attribute(LinkAttribute::GsoIpv4MaxSize(size))
+            .append_extra_attribute(LinkAttribute::GroIpv4MaxSize(size)),
+    }
 }
 
 /// Put a container's host veth into hairpin mode: a container reaching its own published port
@@ -297,6 +319,14 @@ pub async fn check(net: &ContainerNet) -> Result<()> {
             } else if link.hairpin != Some(true) {
                 drift.push(DriftItem::HairpinOff(host_veth.clone()));
             }
+            let want = net.gso_ipv4_max_size.unwrap_or(LEGACY_SIZE);
+            if let Some(have) = link.gso_ipv4_max_size.filter(|have| *have != want) {
+                drift.push(DriftItem::GsoLimit {
+                    veth: host_veth.clone(),
+                    want,
+                    have,
+                });
+            }
         }
     }
 
@@ -366,6 +396,8 @@ pub enum DriftItem {
     /// The host end's bridge port is not in hairpin mode (the container cannot reach its own
     /// published port at the node's address).
     HairpinOff(String),
+    /// The host end's IPv4 GSO limit is not the one asked for (see [`crate::big_tcp`]).
+    GsoLimit { veth: String, want: u32, have: u32 },
     /// The container's namespace file no longer opens.
     NetnsGone(PathBuf),
     /// `lo` is down (or missing) inside.
@@ -390,6 +422,12 @@ impl fmt::Display for DriftItem {
                 write!(f, "host veth {veth} is not attached to bridge {bridge}")
             }
             DriftItem::HairpinOff(v) => write!(f, "bridge port {v} is not in hairpin mode"),
+            DriftItem::GsoLimit { veth, want, have } => {
+                write!(
+                    f,
+                    "host veth {veth} has an IPv4 GSO limit of {have}, not {want}"
+                )
+            }
             DriftItem::NetnsGone(p) => write!(f, "network namespace {} is gone", p.display()),
             DriftItem::LoopbackDown => write!(f, "lo is down"),
             DriftItem::Eth0Missing => write!(f, "eth0 is missing"),

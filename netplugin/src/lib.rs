@@ -15,6 +15,7 @@
 //! ([`fastpath`]). Masquerade and published ports are iptables rules ([`nat`]); service names are answered by
 //! [`dns`]; standard CNI plugins can replace the built-in container setup ([`cni`]).
 
+pub mod big_tcp;
 pub mod cni;
 pub mod container;
 pub mod dns;

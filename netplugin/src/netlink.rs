@@ -194,6 +194,22 @@ impl Netlink {
             .map_err(Error::netlink(format!("set {name:?} up")))
     }
 
+    /// Set the IPv4 GSO and GRO limits of the link `index` (see [`crate::big_tcp`]).
+    pub(crate) async fn set_ipv4_gso_limit(&self, index: u32, name: &str, size: u32) -> Result<()> {
+        let msg = rtnetlink::LinkUnspec::new_with_index(index)
+            .append_extra_attribute(LinkAttribute::GsoIpv4MaxSize(size))
+            .append_extra_attribute(LinkAttribute::GroIpv4MaxSize(size))
+            .build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(Error::netlink(format!(
+                "set the IPv4 GSO/GRO limit of {name:?} to {size}"
+            )))
+    }
+
     /// Delete a link by name; `Ok(false)` if it did not exist.
     pub(crate) async fn delete_link(&self, name: &str) -> Result<bool> {
         let Some(link) = self.link_by_name(name).await? else {
@@ -248,6 +264,11 @@ pub(crate) struct Link {
     pub(crate) mac: Option<Vec<u8>>,
     /// As a bridge port: whether it is in hairpin mode.
     pub(crate) hairpin: Option<bool>,
+    /// The largest IPv4 GSO packet the stack hands it; `None` on kernels before 6.3, which
+    /// have no separate IPv4 limit (and no IPv4 BIG TCP).
+    pub(crate) gso_ipv4_max_size: Option<u32>,
+    /// The largest TSO packet its driver takes.
+    pub(crate) tso_max_size: Option<u32>,
 }
 
 /// The interface name a link message carries.
@@ -268,12 +289,16 @@ impl From<LinkMessage> for Link {
             controller: None,
             mac: None,
             hairpin: None,
+            gso_ipv4_max_size: None,
+            tso_max_size: None,
         };
         for attr in msg.attributes {
             match attr {
                 LinkAttribute::Mtu(mtu) => link.mtu = Some(mtu),
                 LinkAttribute::Controller(index) => link.controller = Some(index),
                 LinkAttribute::Address(mac) => link.mac = Some(mac),
+                LinkAttribute::GsoIpv4MaxSize(size) => link.gso_ipv4_max_size = Some(size),
+                LinkAttribute::TsoMaxSize(size) => link.tso_max_size = Some(size),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
                         match info {

@@ -13,6 +13,7 @@ use std::path::Path;
 use rtnetlink::LinkBridge;
 use rtnetlink::packet_route::link::InfoKind;
 
+use crate::big_tcp;
 use crate::container::container_mac;
 use crate::error::{Error, Result};
 use crate::netlink::{Netlink, format_mac};
@@ -48,6 +49,8 @@ pub struct NodeConfig {
     pub uplink: Option<String>,
     /// The cross-host mode.
     pub mode: Mode,
+    /// Raise the uplink's IPv4 GSO/GRO limit for BIG TCP (see [`crate::big_tcp`]).
+    pub big_tcp: bool,
 }
 
 /// What node setup found or made.
@@ -57,6 +60,9 @@ pub struct NodeSetup {
     pub bridge_index: u32,
     /// The MTU the bridge (and every container veth) uses.
     pub mtu: u32,
+    /// The IPv4 GSO/GRO limit container veths get ([`crate::ContainerNet::gso_ipv4_max_size`]);
+    /// `None`: the kernel's default, 64 KiB.
+    pub gso_ipv4_max_size: Option<u32>,
     /// Whether anything had to be changed (false on a node that was already set up).
     pub changed: bool,
 }
@@ -151,11 +157,15 @@ pub async fn setup_node(cfg: &NodeConfig) -> Result<NodeSetup> {
         changed = true;
     }
 
+    let (gso_ipv4_max_size, gso_changed) = big_tcp::converge(&nl, cfg, &bridge).await?;
+    changed |= gso_changed;
+
     changed |= enable_forwarding(Path::new(IP_FORWARD))?;
 
     Ok(NodeSetup {
         bridge_index: bridge.index,
         mtu,
+        gso_ipv4_max_size,
         changed,
     })
 }

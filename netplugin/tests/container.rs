@@ -28,6 +28,7 @@ impl Node {
             subnet: subnet(SUBNET)?,
             uplink: None,
             mode: Mode::HostGw,
+            big_tcp: false,
         };
         block_in_netns(&ns.path(), || setup_node(&cfg))?;
         Ok(Node {
@@ -43,6 +44,7 @@ impl Node {
             bridge: "tug0".into(),
             subnet: subnet(SUBNET)?,
             state_dir: self.state.path().to_path_buf(),
+            gso_ipv4_max_size: None,
         })
     }
 

@@ -12,6 +12,7 @@ fn config(bridge: &str, text: &str) -> TestResult<NodeConfig> {
         subnet: subnet(text)?,
         uplink: None,
         mode: Mode::HostGw,
+        big_tcp: false,
     })
 }
 

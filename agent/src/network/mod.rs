@@ -14,7 +14,7 @@ mod etc;
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -137,6 +137,10 @@ pub struct NodeNetwork {
     fast_path: FastPathSlot,
     /// The peers of the last map synced, for a fast path loaded afterwards (vxlan).
     peers: Mutex<Vec<(Subnet, Ipv4Addr)>>,
+    /// Whether to raise the uplink's IPv4 GSO limit for BIG TCP.
+    big_tcp: bool,
+    /// The IPv4 GSO limit node setup gave container veths; 0: the kernel's default.
+    container_gso: AtomicU32,
 }
 
 impl Drop for NodeNetwork {
@@ -154,6 +158,7 @@ impl NodeNetwork {
         mode: NetworkMode,
         cni: Option<CniSettings>,
         fast_path: bool,
+        big_tcp: bool,
         data_dir: &Path,
         node_ip: Ipv4Addr,
     ) -> Result<NodeNetwork, NetworkError> {
@@ -174,6 +179,8 @@ impl NodeNetwork {
             fast_path_wanted: fast_path,
             fast_path: FastPathSlot::default(),
             peers: Mutex::new(Vec::new()),
+            big_tcp,
+            container_gso: AtomicU32::new(0),
         };
         if mode == NetworkMode::None {
             return Ok(net);
@@ -357,8 +364,11 @@ impl NodeNetwork {
             subnet: saved.subnet,
             uplink: uplink.clone(),
             mode,
+            big_tcp: self.big_tcp,
         })
         .await?;
+        self.container_gso
+            .store(node.gso_ipv4_max_size.unwrap_or(0), Ordering::SeqCst);
         if self.mode == NetworkMode::Vxlan {
             tug_netplugin::setup_vxlan(&self.vxlan_config(saved, uplink.clone(), node.mtu)).await?;
         }
@@ -387,7 +397,7 @@ impl NodeNetwork {
             .await?;
         *self.lock_state() = Some(saved);
         *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        tracing::info!(subnet = %saved.subnet, mode = ?self.mode, mtu = node.mtu, "node network set up");
+        tracing::info!(subnet = %saved.subnet, mode = ?self.mode, mtu = node.mtu, container_gso = ?node.gso_ipv4_max_size, "node network set up");
         Ok(())
     }
 
@@ -518,6 +528,8 @@ impl NodeNetwork {
             bridge: DEFAULT_BRIDGE.into(),
             subnet: saved.subnet,
             state_dir: self.dir.join("ipam"),
+            gso_ipv4_max_size: Some(self.container_gso.load(Ordering::SeqCst))
+                .filter(|size| *size != 0),
         })
     }
 

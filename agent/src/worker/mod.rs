@@ -97,6 +97,8 @@ pub struct WorkerConfig {
     pub cni: Option<CniSettings>,
     /// Use the eBPF fast path between containers on different nodes where the kernel can.
     pub fast_path: bool,
+    /// Raise the uplink's IPv4 GSO limit for BIG TCP (see `tug_netplugin::big_tcp`).
+    pub big_tcp: bool,
 }
 
 /// Where the agent serves `/metrics`.
@@ -140,6 +142,7 @@ impl WorkerConfig {
             node_ip: None,
             cni: None,
             fast_path: true,
+            big_tcp: false,
         }
     }
 }
@@ -202,6 +205,7 @@ pub async fn run(
             cfg.network_mode,
             cfg.cni.clone(),
             cfg.fast_path,
+            cfg.big_tcp,
             &cfg.data_dir,
             network_ip,
         )

@@ -76,11 +76,8 @@ pub(super) fn config(global: &GlobalArgs, args: &AgentArgs) -> anyhow::Result<Wo
         .parse()
         .map_err(|e: String| anyhow::anyhow!("--network-mode: {e}"))?;
     cfg.node_ip = args.node.node_ip;
-    cfg.fast_path = match args.node.fast_path.as_str() {
-        "on" => true,
-        "off" => false,
-        other => bail!("--fast-path: {other:?} is not one of on, off"),
-    };
+    cfg.fast_path = on_off("--fast-path", &args.node.fast_path)?;
+    cfg.big_tcp = on_off("--big-tcp", &args.node.big_tcp)?;
     cfg.cni = args
         .node
         .cni_conf_dir
@@ -135,9 +132,30 @@ pub(super) async fn stop_requested() {
     tracing::info!("stopping the agent; its containers keep running");
 }
 
+/// The value of an `on`/`off` flag.
+fn on_off(flag: &str, value: &str) -> anyhow::Result<bool> {
+    match value {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => bail!("{flag}: {other:?} is not one of on, off"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn on_off_flags_take_on_and_off_only() -> anyhow::Result<()> {
+        assert!(on_off("--big-tcp", "on")?);
+        assert!(!on_off("--big-tcp", "off")?);
+        let err = on_off("--big-tcp", "yes").err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("--big-tcp: \"yes\" is not one of on, off")
+        );
+        Ok(())
+    }
 
     #[test]
     fn labels_parse_and_reject_nonsense() -> anyhow::Result<()> {

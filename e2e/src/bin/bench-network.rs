@@ -20,7 +20,12 @@
 //!
 //! Run: `e2e/bench.sh network [SECONDS] [CYCLES] [ROUNDS] [PATHS]` (default 3 s per iperf3
 //! run, 100 cycles, 9 rounds, every path; PATHS is a comma-separated subset of host-gw,
-//! host-gw-stack, vxlan, vxlan-stack, measured with the two host-to-host baselines).
+//! host-gw-stack, vxlan, vxlan-stack, measured with the two host-to-host baselines) With
+//! `--big-tcp` anywhere among the arguments, every host is tuned for IPv4 BIG TCP: the
+//! test bed's wire takes 192 KiB packets (as a NIC that segments them does), the bare hosts'
+//! `eth0` is raised by hand as an operator would, and tug nodes are set up with
+//! `NodeConfig::big_tcp` (`tug agent --big-tcp on`). Containers in vxlan mode keep 64 KiB
+//! packets (see `tug_netplugin::big_tcp`).
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -29,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use tug_e2e::bench::{median_of, paired_ratios};
 use tug_e2e::{Host, Netns, TestNet};
+use tug_netplugin::big_tcp::{BIG_TCP_SIZE, set_ipv4_gso_limit};
 use tug_netplugin::cni::CniNetwork;
 use tug_netplugin::fastpath::{FastPath, FastPathConfig, TunnelConfig};
 use tug_netplugin::nat;
@@ -54,7 +60,9 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<()> {
-    let mut args = std::env::args().skip(1);
+    let all_args: Vec<String> = std::env::args().skip(1).collect();
+    let big_tcp = all_args.iter().any(|a| a == "--big-tcp");
+    let mut args = all_args.into_iter().filter(|a| a != "--big-tcp");
     let seconds: u32 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(3);
     let cycles: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(100);
     let rounds: usize = args
@@ -68,7 +76,12 @@ fn run() -> Result<()> {
     }
     println!(
         "tug network benchmark: 2 test-bed hosts, iperf3 {seconds} s per run, {rounds} rounds, \
-         {cycles} setup cycles"
+         {cycles} setup cycles{}",
+        if big_tcp {
+            ", every host tuned for IPv4 BIG TCP"
+        } else {
+            ""
+        }
     );
     let all = [
         Route::Bare,
@@ -98,7 +111,7 @@ fn run() -> Result<()> {
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); paths.len()];
     for round in 1..=rounds {
         for (path, samples) in paths.iter().zip(samples.iter_mut()) {
-            samples.push(data_path(*path, seconds)?);
+            samples.push(data_path(*path, seconds, big_tcp)?);
         }
         print_round(round, &paths, &samples);
     }
@@ -325,6 +338,7 @@ fn set_up(
     node: &mut Node<'_>,
     mode: Mode,
     datapath: Datapath,
+    big_tcp: bool,
     role: &str,
     dir: &Path,
 ) -> Result<()> {
@@ -334,6 +348,7 @@ fn set_up(
         subnet: node.subnet,
         uplink: Some("eth0".into()),
         mode,
+        big_tcp,
     };
     let setup = block_in_netns(&path, || setup_node(&cfg))?;
     if mode == Mode::Vxlan {
@@ -351,6 +366,7 @@ fn set_up(
         bridge: "tug0".into(),
         subnet: node.subnet,
         state_dir: dir.join(role),
+        gso_ipv4_max_size: setup.gso_ipv4_max_size,
     };
     let attachment = block_in_netns(&path, || add(&net))?;
     if datapath == Datapath::Fast {
@@ -398,11 +414,23 @@ fn peer(node: &mut Node<'_>, other: (Subnet, Ipv4Addr), mode: Mode) -> Result<()
 }
 
 /// Throughput, mean ping round trip and CPU per GB from host 0 to host 1 (`None`), or from a
-/// container on host 0 to one on host 1.
-fn data_path(path: Route, seconds: u32) -> Result<Sample> {
+/// container on host 0 to one on host 1; with `big_tcp`, on hosts tuned for it.
+fn data_path(path: Route, seconds: u32, big_tcp: bool) -> Result<Sample> {
     let mut net = TestNet::new(0)?;
     net.add_host("a")?;
     net.add_host("b")?;
+    if big_tcp {
+        let bridge = net.bridge_netns().path();
+        for host in net.hosts() {
+            let port = net.port_of(host);
+            block_in_netns(&bridge, || set_ipv4_gso_limit(&port, BIG_TCP_SIZE))?;
+            if path == Route::Bare {
+                // What `tug agent --big-tcp on` does to a node's uplink, by hand.
+                let ns = host.netns().path();
+                block_in_netns(&ns, || set_ipv4_gso_limit("eth0", BIG_TCP_SIZE))?;
+            }
+        }
+    }
     let dir = tempfile::tempdir()?;
     let mut a = Node {
         host: net.host(0),
@@ -427,8 +455,8 @@ fn data_path(path: Route, seconds: u32) -> Result<Sample> {
                 Route::Containers(mode, datapath) => (mode, datapath),
                 _ => (Mode::HostGw, Datapath::Stack),
             };
-            set_up(&mut a, mode, datapath, "bench-ca", dir.path())?;
-            set_up(&mut b, mode, datapath, "bench-cb", dir.path())?;
+            set_up(&mut a, mode, datapath, big_tcp, "bench-ca", dir.path())?;
+            set_up(&mut b, mode, datapath, big_tcp, "bench-cb", dir.path())?;
             peer(&mut a, (b.subnet, b.host.addr()), mode)?;
             peer(&mut b, (a.subnet, a.host.addr()), mode)?;
             let (ca, _) = a.container.as_ref().ok_or("no container on a")?;
@@ -517,6 +545,7 @@ fn control_path(cycles: usize) -> Result<()> {
         subnet,
         uplink: None,
         mode: Mode::HostGw,
+        big_tcp: false,
     };
     block_in_netns(&path, || setup_node(&cfg))?;
     // As the agent does: each container also joins the fast path (program and route entry),
@@ -541,6 +570,7 @@ fn control_path(cycles: usize) -> Result<()> {
             bridge: "tug0".into(),
             subnet,
             state_dir: dir.path().join("ipam"),
+            gso_ipv4_max_size: None,
         };
         let t = Instant::now();
         block_in_netns(&path, || async {

@@ -4,6 +4,7 @@
 
 use std::net::Ipv4Addr;
 
+use tug_netplugin::big_tcp::set_ipv4_gso_limit;
 use tug_netplugin::fastpath::{FastPath, FastPathConfig, TunnelConfig};
 use tug_netplugin::nat::{self, PortMapping, Protocol};
 use tug_netplugin::netns::block_in_netns;
@@ -24,6 +25,10 @@ pub struct Node {
     pub subnet: Subnet,
     pub address: Ipv4Addr,
     pub mode: Mode,
+    /// whether node setup raises the uplink's GSO limit for BIG TCP
+    pub big_tcp: bool,
+    /// what the last node setup gave containers
+    pub container_gso: Option<u32>,
     /// the container's, once set up
     attachment: Option<Attachment>,
     state: tempfile::TempDir,
@@ -39,6 +44,8 @@ impl Node {
             subnet: subnet(subnet_text)?,
             address,
             mode,
+            big_tcp: false,
+            container_gso: None,
             attachment: None,
             state: tempfile::tempdir()?,
             peers: std::sync::Mutex::new(Vec::new()),
@@ -64,28 +71,41 @@ impl Node {
         })
     }
 
-    /// Node setup (plus the VXLAN device in vxlan mode) and one container.
-    fn setup(&mut self) -> TestResult {
-        let cfg = NodeConfig {
+    /// What node setup is given.
+    pub fn node_config(&self) -> NodeConfig {
+        NodeConfig {
             bridge: "tug0".into(),
             subnet: self.subnet,
             uplink: Some("wire".into()),
             mode: self.mode,
-        };
-        let net = ContainerNet {
+            big_tcp: self.big_tcp,
+        }
+    }
+
+    /// Node setup (plus the VXLAN device in vxlan mode) and one container.
+    fn setup(&mut self) -> TestResult {
+        let cfg = self.node_config();
+        let node = block_in_netns(&self.ns.path(), || setup_node(&cfg))?;
+        if self.mode == Mode::Vxlan {
+            let vx = self.vxlan(node.mtu)?;
+            block_in_netns(&self.ns.path(), || setup_vxlan(&vx))?;
+        }
+        self.container_gso = node.gso_ipv4_max_size;
+        let net = self.container_net()?;
+        self.attachment = Some(block_in_netns(&self.ns.path(), || add(&net))?);
+        Ok(())
+    }
+
+    /// The container's network request, as `setup` makes it.
+    pub fn container_net(&self) -> TestResult<ContainerNet> {
+        Ok(ContainerNet {
             id: format!("{}-ctr", self.ns.name()),
             netns_path: self.ctr.path(),
             bridge: "tug0".into(),
             subnet: self.subnet,
             state_dir: self.state.path().to_path_buf(),
-        };
-        let node_mtu = block_in_netns(&self.ns.path(), || setup_node(&cfg))?.mtu;
-        if self.mode == Mode::Vxlan {
-            let vx = self.vxlan(node_mtu)?;
-            block_in_netns(&self.ns.path(), || setup_vxlan(&vx))?;
-        }
-        self.attachment = Some(block_in_netns(&self.ns.path(), || add(&net))?);
-        Ok(())
+            gso_ipv4_max_size: self.container_gso,
+        })
     }
 
     /// Everything `setup` did, again (as at an agent restart).
@@ -183,8 +203,20 @@ impl Node {
 
 /// Two nodes on one wire, bridges and one container each, no peer routes yet.
 pub fn two_nodes(mode: Mode) -> TestResult<(Node, Node)> {
+    two_nodes_with(mode, false, None)
+}
+
+/// The same, with node setup's `big_tcp` as given, after setting both ends of the wire to the
+/// IPv4 GSO limit `wire_gso` if one is given (as an operator tunes a NIC).
+pub fn two_nodes_with(
+    mode: Mode,
+    big_tcp: bool,
+    wire_gso: Option<u32>,
+) -> TestResult<(Node, Node)> {
     let mut a = Node::new("a", "10.88.1.0/24", Ipv4Addr::new(192, 168, 250, 1), mode)?;
     let mut b = Node::new("b", "10.88.2.0/24", Ipv4Addr::new(192, 168, 250, 2), mode)?;
+    a.big_tcp = big_tcp;
+    b.big_tcp = big_tcp;
     a.ns.ip(&[
         "link",
         "add",
@@ -202,6 +234,9 @@ pub fn two_nodes(mode: Mode) -> TestResult<(Node, Node)> {
         n.ns.ip(&["addr", "add", &format!("{}/24", n.address), "dev", "wire"])?;
         n.ns.ip(&["link", "set", "wire", "up"])?;
         n.ns.ip(&["link", "set", "lo", "up"])?;
+        if let Some(size) = wire_gso {
+            block_in_netns(&n.ns.path(), || set_ipv4_gso_limit("wire", size))?;
+        }
     }
     a.setup()?;
     b.setup()?;
