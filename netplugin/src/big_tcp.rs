@@ -13,7 +13,9 @@
 //! - **vxlan mode keeps 64 KiB** for containers: an encapsulated packet's outer IPv4 and UDP
 //!   lengths are 16 bits. (The kernel never aggregates tunnel packets beyond 64 KiB either.)
 //! - **The bridge takes the containers' limit**, for traffic the stack forwards to them through
-//!   it (fast path off).
+//!   it (fast path off, or a published port reached from another node).
+//! - Container traffic that leaves through another device than the uplink (a second NIC) is
+//!   still correct, but segmented in software at that device if its limit is lower.
 
 use tracing::{info, warn};
 
