@@ -247,7 +247,9 @@ pub struct NodeFlags {
     /// IPv4 BIG TCP (Linux 6.3+; `on`: raise the uplink's GSO/GRO limit from 64 KiB to 192 KiB,
     /// or to what its driver takes, so TCP passes larger packets through the stack; the NIC
     /// still sends MTU-sized frames). In host-gw mode containers take the uplink's limit
-    /// whether tug or the operator raised it. `off`: the uplink is left as it is.
+    /// whether tug or the operator raised it. `off`: the uplink is left as it is (lower it with
+    /// `ip link set DEV gso_ipv4_max_size 65536 gro_ipv4_max_size 65536` to undo `on`). Not
+    /// used with --cni-conf-dir.
     #[arg(long, default_value = "off")]
     pub big_tcp: String,
 }

@@ -30,7 +30,8 @@ pub const LEGACY_SIZE: u32 = 65_536;
 
 /// Raise the uplink's limit when `cfg.big_tcp` asks for it, and give the bridge the limit
 /// containers get. Returns that limit (`None`: the kernel's default) and whether anything
-/// changed. Idempotent.
+/// changed. Idempotent. Best effort, being only an optimisation: a limit that cannot be set is
+/// a warning, and containers then keep 64 KiB.
 pub(crate) async fn converge(
     nl: &Netlink,
     cfg: &NodeConfig,
@@ -38,43 +39,64 @@ pub(crate) async fn converge(
 ) -> Result<(Option<u32>, bool)> {
     let mut changed = false;
     let mut uplink_limit = LEGACY_SIZE;
-    if let Some(name) = &cfg.uplink {
-        let link = nl
-            .require_link(name, " (it was given as the uplink interface)")
-            .await?;
-        match link.gso_ipv4_max_size {
-            None if cfg.big_tcp => {
-                warn!(uplink = %name, "this kernel has no IPv4 BIG TCP (Linux 6.3+): the uplink keeps 64 KiB packets");
-            }
-            None => {}
-            Some(have) => {
-                uplink_limit = have;
-                let driver = link.tso_max_size.unwrap_or(LEGACY_SIZE);
-                let want = BIG_TCP_SIZE.min(driver);
-                if cfg.big_tcp && want <= LEGACY_SIZE {
-                    warn!(uplink = %name, driver, "the uplink's driver takes no TSO packet above 64 KiB: BIG TCP stays off");
-                } else if cfg.big_tcp && have < want {
-                    nl.set_ipv4_gso_limit(link.index, name, want).await?;
-                    info!(uplink = %name, from = have, to = want, "IPv4 BIG TCP turned on");
-                    uplink_limit = want;
-                    changed = true;
+    match &cfg.uplink {
+        None if cfg.big_tcp => {
+            warn!("no uplink (a node known by a loopback address): BIG TCP stays off");
+        }
+        None => {}
+        Some(name) => {
+            let link = nl
+                .require_link(name, " (it was given as the uplink interface)")
+                .await?;
+            match (link.gso_ipv4_max_size, link.gro_ipv4_max_size) {
+                (Some(gso), Some(gro)) => {
+                    uplink_limit = gso.min(gro);
+                    let driver = link.tso_max_size.unwrap_or(LEGACY_SIZE);
+                    let want = BIG_TCP_SIZE.min(driver);
+                    if cfg.big_tcp && want <= LEGACY_SIZE {
+                        warn!(uplink = %name, driver, "the uplink's driver takes no TSO packet above 64 KiB: BIG TCP stays off");
+                    } else if cfg.big_tcp && uplink_limit < want {
+                        match nl.set_ipv4_gso_gro_limit(link.index, name, want).await {
+                            Ok(()) => {
+                                info!(uplink = %name, from = uplink_limit, to = want, "IPv4 BIG TCP turned on");
+                                uplink_limit = want;
+                                changed = true;
+                            }
+                            Err(e) => {
+                                warn!(uplink = %name, cause = %e, "could not raise the uplink's IPv4 GSO/GRO limit: BIG TCP stays off");
+                            }
+                        }
+                    }
                 }
+                _ if cfg.big_tcp => {
+                    warn!(uplink = %name, "this kernel has no IPv4 BIG TCP (Linux 6.3+): the uplink keeps 64 KiB packets");
+                }
+                _ => {}
             }
         }
     }
-    let containers =
+    let mut containers =
         (cfg.mode == Mode::HostGw && uplink_limit > LEGACY_SIZE).then_some(uplink_limit);
     let want = containers.unwrap_or(LEGACY_SIZE);
-    // A bridge's driver limit is its ports' least, and 64 KiB without ports: until the
-    // first container joins, raising waits for `raise_bridge`.
+    // A bridge that never had ports has a driver limit of 64 KiB (afterwards its ports'
+    // least): then raising waits for the first container (`raise_bridge`).
     if let Some(have) = bridge.gso_ipv4_max_size
-        && have != want
+        && (have != want || bridge.gro_ipv4_max_size != Some(want))
         && bridge.tso_max_size.is_some_and(|driver| driver >= want)
     {
-        nl.set_ipv4_gso_limit(bridge.index, &cfg.bridge, want)
-            .await?;
-        info!(from = have, to = want, "bridge IPv4 GSO limit set");
-        changed = true;
+        match nl
+            .set_ipv4_gso_gro_limit(bridge.index, &cfg.bridge, want)
+            .await
+        {
+            Ok(()) => {
+                info!(from = have, to = want, "bridge IPv4 GSO/GRO limit set");
+                changed = true;
+            }
+            Err(e) => {
+                warn!(cause = %e, to = want, "could not set the bridge's IPv4 GSO/GRO limit: containers keep 64 KiB");
+                containers = None;
+            }
+        }
     }
     Ok((containers, changed))
 }
@@ -91,8 +113,10 @@ pub(crate) async fn raise_bridge(nl: &Netlink, name: &str, size: u32) {
             return;
         }
     };
-    if link.gso_ipv4_max_size.is_some_and(|have| have < size) {
-        match nl.set_ipv4_gso_limit(link.index, name, size).await {
+    if link.gso_ipv4_max_size.is_some_and(|have| have < size)
+        || link.gro_ipv4_max_size.is_some_and(|have| have < size)
+    {
+        match nl.set_ipv4_gso_gro_limit(link.index, name, size).await {
             Ok(()) => info!(bridge = %name, to = size, "bridge IPv4 GSO limit raised"),
             Err(e) => {
                 warn!(bridge = %name, cause = %e, "could not raise the bridge's IPv4 GSO limit")
@@ -111,8 +135,8 @@ pub async fn ipv4_gso_limit(name: &str) -> Result<Option<u32>> {
 /// Set the IPv4 GSO and GRO limits of the link `name` in the calling thread's network
 /// namespace, as an operator tunes a NIC (`ip link set NAME gso_ipv4_max_size SIZE
 /// gro_ipv4_max_size SIZE` with iproute2 6.3+).
-pub async fn set_ipv4_gso_limit(name: &str, size: u32) -> Result<()> {
+pub async fn set_ipv4_gso_gro_limit(name: &str, size: u32) -> Result<()> {
     let nl = Netlink::open()?;
     let link = nl.require_link(name, "").await?;
-    nl.set_ipv4_gso_limit(link.index, name, size).await
+    nl.set_ipv4_gso_gro_limit(link.index, name, size).await
 }

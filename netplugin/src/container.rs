@@ -17,14 +17,14 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
 use nix::errno::Errno;
-use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
 use rtnetlink::{LinkBridgePort, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 use sha2::{Digest, Sha256};
 
 use crate::big_tcp::{self, LEGACY_SIZE};
 use crate::error::{Error, Result};
 use crate::ipam::{Ipam, validate_id};
-use crate::netlink::{Netlink, format_mac, is_errno};
+use crate::netlink::{Netlink, format_mac, is_errno, with_ipv4_gso_gro_limit};
 use crate::netns::{in_netns, open_netns};
 use crate::node::DEFAULT_MTU;
 use crate::subnet::Subnet;
@@ -149,13 +149,14 @@ async fn wire(
         .mtu(mtu)
         .address(container_mac(address).to_vec())
         .setns_by_fd(netns.as_raw_fd());
-    let peer = gso_limit(peer, net.gso_ipv4_max_size).build();
+    // Both ends take the limit in the request that creates the pair, at no extra cost.
+    let peer = with_ipv4_gso_gro_limit(peer, net.gso_ipv4_max_size).build();
     let veth = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
         .name(host_veth)
         .mtu(mtu)
         .controller(bridge_index)
         .up();
-    let veth = gso_limit(veth, net.gso_ipv4_max_size)
+    let veth = with_ipv4_gso_gro_limit(veth, net.gso_ipv4_max_size)
         .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
         .build();
     match nl.handle.link().add(veth).execute().await {
@@ -185,20 +186,6 @@ async fn wire(
         configure_inside(address, prefix, gateway)
     })
     .await
-}
-
-/// A veth end with the IPv4 GSO/GRO limit `size` (unchanged for `None`): set in the request that
-/// creates the pair, at no extra cost.
-fn gso_limit(
-    link: LinkMessageBuilder<LinkUnspec>,
-    size: Option<u32>,
-) -> LinkMessageBuilder<LinkUnspec> {
-    match size {
-        None => link,
-        Some(size) => link
-            .append_extra_attribute(LinkAttribute::GsoIpv4MaxSize(size))
-            .append_extra_attribute(LinkAttribute::GroIpv4MaxSize(size)),
-    }
 }
 
 /// Put a container's host veth into hairpin mode: a container reaching its own published port
@@ -235,6 +222,44 @@ pub async fn ensure_hairpin<'a>(ids: impl IntoIterator<Item = &'a String>) {
         if let Err(e) = set_hairpin(&nl, &veth).await {
             tracing::warn!(container = %id, cause = %e, "no hairpin mode: the container cannot reach its own published port at the node's address");
         }
+    }
+}
+
+/// Give the host veths of running containers `ids` the IPv4 GSO/GRO limit node setup chose
+/// (`size`; `None`: 64 KiB), for containers wired before it changed, so that packets forwarded
+/// to them are not segmented at their veth. Their `eth0` keeps its limit (the size of the
+/// packets they send) until they restart: said in a warning. Best effort.
+pub async fn ensure_gso_limit<'a>(ids: impl IntoIterator<Item = &'a String>, size: Option<u32>) {
+    let want = size.unwrap_or(LEGACY_SIZE);
+    let nl = match Netlink::open() {
+        Ok(nl) => nl,
+        Err(e) => {
+            tracing::warn!(cause = %e, "running containers' veth limits left as they are");
+            return;
+        }
+    };
+    let mut changed = 0;
+    for id in ids {
+        let veth = host_veth_name(id);
+        let Ok(Some(link)) = nl.link_by_name(&veth).await else {
+            continue;
+        };
+        let Some(have) = link.gso_ipv4_max_size.filter(|have| *have != want) else {
+            continue;
+        };
+        match nl.set_ipv4_gso_gro_limit(link.index, &veth, want).await {
+            Ok(()) => changed += 1,
+            Err(e) => {
+                tracing::warn!(container = %id, have, want, cause = %e, "could not set the IPv4 GSO/GRO limit of a running container's veth")
+            }
+        }
+    }
+    if changed > 0 {
+        tracing::warn!(
+            containers = changed,
+            limit = want,
+            "running containers' host veths took the node's new IPv4 GSO/GRO limit; their eth0 keeps the old one until they restart"
+        );
     }
 }
 
@@ -335,7 +360,10 @@ pub async fn check(net: &ContainerNet) -> Result<()> {
         Ok(_) => {
             let want = address.map(|a| (a, net.subnet.prefix()));
             let gateway = net.subnet.gateway();
-            drift.extend(in_netns(&net.netns_path, move || check_inside(want, gateway)).await?);
+            let limit = net.gso_ipv4_max_size.unwrap_or(LEGACY_SIZE);
+            drift.extend(
+                in_netns(&net.netns_path, move || check_inside(want, gateway, limit)).await?,
+            );
         }
     }
 
@@ -349,7 +377,11 @@ pub async fn check(net: &ContainerNet) -> Result<()> {
     }
 }
 
-async fn check_inside(want: Option<(Ipv4Addr, u8)>, gateway: Ipv4Addr) -> Result<Vec<DriftItem>> {
+async fn check_inside(
+    want: Option<(Ipv4Addr, u8)>,
+    gateway: Ipv4Addr,
+    limit: u32,
+) -> Result<Vec<DriftItem>> {
     let nl = Netlink::open()?;
     let mut drift = Vec::new();
     if !nl.link_by_name("lo").await?.is_some_and(|lo| lo.up) {
@@ -361,6 +393,13 @@ async fn check_inside(want: Option<(Ipv4Addr, u8)>, gateway: Ipv4Addr) -> Result
     };
     if !eth0.up {
         drift.push(DriftItem::Eth0Down);
+    }
+    if let Some(have) = eth0.gso_ipv4_max_size.filter(|have| *have != limit) {
+        drift.push(DriftItem::GsoLimit {
+            veth: CONTAINER_IFNAME.into(),
+            want: limit,
+            have,
+        });
     }
     if let Some((addr, prefix)) = want {
         let have = nl.ipv4_addresses(eth0.index, CONTAINER_IFNAME).await?;
@@ -396,7 +435,8 @@ pub enum DriftItem {
     /// The host end's bridge port is not in hairpin mode (the container cannot reach its own
     /// published port at the node's address).
     HairpinOff(String),
-    /// The host end's IPv4 GSO limit is not the one asked for (see [`crate::big_tcp`]).
+    /// A veth end's IPv4 GSO limit (the host end's, or `eth0`'s inside) is not the one asked
+    /// for (see [`crate::big_tcp`]).
     GsoLimit { veth: String, want: u32, have: u32 },
     /// The container's namespace file no longer opens.
     NetnsGone(PathBuf),

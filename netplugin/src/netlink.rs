@@ -195,10 +195,13 @@ impl Netlink {
     }
 
     /// Set the IPv4 GSO and GRO limits of the link `index` (see [`crate::big_tcp`]).
-    pub(crate) async fn set_ipv4_gso_limit(&self, index: u32, name: &str, size: u32) -> Result<()> {
-        let msg = rtnetlink::LinkUnspec::new_with_index(index)
-            .append_extra_attribute(LinkAttribute::GsoIpv4MaxSize(size))
-            .append_extra_attribute(LinkAttribute::GroIpv4MaxSize(size))
+    pub(crate) async fn set_ipv4_gso_gro_limit(
+        &self,
+        index: u32,
+        name: &str,
+        size: u32,
+    ) -> Result<()> {
+        let msg = with_ipv4_gso_gro_limit(rtnetlink::LinkUnspec::new_with_index(index), Some(size))
             .build();
         self.handle
             .link()
@@ -253,6 +256,19 @@ impl Drop for Netlink {
     }
 }
 
+/// `link` with the IPv4 GSO and GRO limits `size` (unchanged for `None`).
+pub(crate) fn with_ipv4_gso_gro_limit(
+    link: rtnetlink::LinkMessageBuilder<rtnetlink::LinkUnspec>,
+    size: Option<u32>,
+) -> rtnetlink::LinkMessageBuilder<rtnetlink::LinkUnspec> {
+    match size {
+        None => link,
+        Some(size) => link
+            .append_extra_attribute(LinkAttribute::GsoIpv4MaxSize(size))
+            .append_extra_attribute(LinkAttribute::GroIpv4MaxSize(size)),
+    }
+}
+
 /// The parts of a link message the plugin looks at.
 #[derive(Debug, Clone)]
 pub(crate) struct Link {
@@ -267,6 +283,8 @@ pub(crate) struct Link {
     /// The largest IPv4 GSO packet the stack hands it; `None` on kernels before 6.3, which
     /// have no separate IPv4 limit (and no IPv4 BIG TCP).
     pub(crate) gso_ipv4_max_size: Option<u32>,
+    /// The largest IPv4 packet GRO builds on it; `None` as for `gso_ipv4_max_size`.
+    pub(crate) gro_ipv4_max_size: Option<u32>,
     /// The largest TSO packet its driver takes.
     pub(crate) tso_max_size: Option<u32>,
 }
@@ -290,6 +308,7 @@ impl From<LinkMessage> for Link {
             mac: None,
             hairpin: None,
             gso_ipv4_max_size: None,
+            gro_ipv4_max_size: None,
             tso_max_size: None,
         };
         for attr in msg.attributes {
@@ -298,6 +317,7 @@ impl From<LinkMessage> for Link {
                 LinkAttribute::Controller(index) => link.controller = Some(index),
                 LinkAttribute::Address(mac) => link.mac = Some(mac),
                 LinkAttribute::GsoIpv4MaxSize(size) => link.gso_ipv4_max_size = Some(size),
+                LinkAttribute::GroIpv4MaxSize(size) => link.gro_ipv4_max_size = Some(size),
                 LinkAttribute::TsoMaxSize(size) => link.tso_max_size = Some(size),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {

@@ -12,6 +12,7 @@ use common::cluster::{Node, two_nodes, two_nodes_with};
 use common::http::{Httpd, transfer};
 use common::{TestNs, TestResult};
 use tug_netplugin::big_tcp::{BIG_TCP_SIZE, LEGACY_SIZE, ipv4_gso_limit};
+use tug_netplugin::container::ensure_gso_limit;
 use tug_netplugin::netns::block_in_netns;
 use tug_netplugin::{DriftItem, Error, Mode, check, setup_node};
 
@@ -28,6 +29,11 @@ fn supported() -> TestResult<bool> {
 
 fn limit(node: &Node, link: &str) -> TestResult<Option<u32>> {
     Ok(block_in_netns(&node.ns.path(), || ipv4_gso_limit(link))?)
+}
+
+/// The limit of `node`'s container's end of the veth pair.
+fn eth0_limit(node: &Node) -> TestResult<Option<u32>> {
+    Ok(block_in_netns(&node.ctr.path(), || ipv4_gso_limit("eth0"))?)
 }
 
 /// `(bytes, packets)` of `eth0`'s `dir` ("tx" or "rx") counters in `ns`.
@@ -110,6 +116,7 @@ fn host_gw_containers_take_the_uplink_limit_node_setup_raised() -> TestResult {
         assert_eq!(n.container_gso, Some(BIG_TCP_SIZE));
         assert_eq!(limit(n, "tug0")?, Some(BIG_TCP_SIZE));
         assert_eq!(limit(n, &n.host_veth()?)?, Some(BIG_TCP_SIZE));
+        assert_eq!(eth0_limit(n)?, Some(BIG_TCP_SIZE));
         let net = n.container_net()?;
         block_in_netns(&n.ns.path(), || check(&net))?;
     }
@@ -126,14 +133,12 @@ fn host_gw_containers_take_the_uplink_limit_node_setup_raised() -> TestResult {
     let Some(Error::Drift { drift, .. }) = err else {
         panic!("check passed a veth with another limit: {err:?}");
     };
-    assert_eq!(
-        drift.0,
-        vec![DriftItem::GsoLimit {
-            veth: a.host_veth()?,
-            want: LEGACY_SIZE,
-            have: BIG_TCP_SIZE,
-        }]
-    );
+    let item = |veth: String| DriftItem::GsoLimit {
+        veth,
+        want: LEGACY_SIZE,
+        have: BIG_TCP_SIZE,
+    };
+    assert_eq!(drift.0, vec![item(a.host_veth()?), item("eth0".into())]);
 
     a.sync(&[(b.subnet, b.address)])?;
     b.sync(&[(a.subnet, a.address)])?;
@@ -158,6 +163,7 @@ fn containers_follow_an_uplink_the_operator_raised() -> TestResult {
     assert_eq!(limit(&a, "wire")?, Some(131_072));
     assert_eq!(a.container_gso, Some(131_072));
     assert_eq!(limit(&a, &a.host_veth()?)?, Some(131_072));
+    assert_eq!(eth0_limit(&a)?, Some(131_072));
     Ok(())
 }
 
@@ -171,6 +177,7 @@ fn vxlan_containers_keep_64k_packets_under_a_raised_uplink() -> TestResult {
     assert_eq!(a.container_gso, None);
     assert_eq!(limit(&a, "tug0")?, Some(LEGACY_SIZE));
     assert_eq!(limit(&a, &a.host_veth()?)?, Some(LEGACY_SIZE));
+    assert_eq!(eth0_limit(&a)?, Some(LEGACY_SIZE));
     let net = a.container_net()?;
     block_in_netns(&a.ns.path(), || check(&net))?;
 
@@ -194,8 +201,33 @@ fn without_big_tcp_nothing_is_raised() -> TestResult {
     assert_eq!(limit(&a, "wire")?, Some(LEGACY_SIZE));
     assert_eq!(a.container_gso, None);
     assert_eq!(limit(&a, &a.host_veth()?)?, Some(LEGACY_SIZE));
+    assert_eq!(eth0_limit(&a)?, Some(LEGACY_SIZE));
     a.sync(&[(b.subnet, b.address)])?;
     b.sync(&[(a.subnet, a.address)])?;
     assert_packets(packet_sizes(&a, &b)?, Big::Neither);
+    Ok(())
+}
+
+#[test]
+fn running_containers_host_veths_take_a_changed_limit() -> TestResult {
+    if !supported()? {
+        return Ok(());
+    }
+    // Wired with BIG TCP; then the node's limit goes back to 64 KiB (the operator lowered the
+    // uplink) and the agent starts again.
+    let (a, _b) = two_nodes_with(Mode::HostGw, true, None)?;
+    let ids = [a.container_net()?.id];
+    block_in_netns(&a.ns.path(), || async {
+        ensure_gso_limit(&ids, None).await;
+        Ok(())
+    })?;
+    assert_eq!(limit(&a, &a.host_veth()?)?, Some(LEGACY_SIZE));
+    // The container's own end keeps its limit until it restarts (the agent warns).
+    assert_eq!(eth0_limit(&a)?, Some(BIG_TCP_SIZE));
+    block_in_netns(&a.ns.path(), || async {
+        ensure_gso_limit(&ids, Some(BIG_TCP_SIZE)).await;
+        Ok(())
+    })?;
+    assert_eq!(limit(&a, &a.host_veth()?)?, Some(BIG_TCP_SIZE));
     Ok(())
 }

@@ -182,6 +182,9 @@ impl NodeNetwork {
             big_tcp,
             container_gso: AtomicU32::new(0),
         };
+        if big_tcp && net.cni_settings.is_some() {
+            tracing::warn!("--big-tcp is not used with CNI plugins (their veths keep 64 KiB)");
+        }
         if mode == NetworkMode::None {
             return Ok(net);
         }
@@ -364,7 +367,9 @@ impl NodeNetwork {
             subnet: saved.subnet,
             uplink: uplink.clone(),
             mode,
-            big_tcp: self.big_tcp,
+            // CNI plugins make their own veths at 64 KiB: an uplink raised for them would only
+            // build packets to be segmented on their way in.
+            big_tcp: self.big_tcp && self.cni_settings.is_none(),
         })
         .await?;
         self.container_gso
@@ -380,8 +385,10 @@ impl NodeNetwork {
         let running = self.allocations(saved.subnet);
         self.set_up_fast_path(saved, uplink.clone(), &running).await;
         if self.cni_settings.is_none() {
-            // Those wired by an agent without hairpin mode get it.
+            // Those wired by an agent without hairpin mode get it, and the limit chosen now.
             tug_netplugin::container::ensure_hairpin(running.keys()).await;
+            tug_netplugin::container::ensure_gso_limit(running.keys(), node.gso_ipv4_max_size)
+                .await;
         }
         if let Some(settings) = &self.cni_settings {
             let loaded = CniNetwork::load(

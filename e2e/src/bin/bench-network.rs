@@ -20,7 +20,7 @@
 //!
 //! Run: `e2e/bench.sh network [SECONDS] [CYCLES] [ROUNDS] [PATHS]` (default 3 s per iperf3
 //! run, 100 cycles, 9 rounds, every path; PATHS is a comma-separated subset of host-gw,
-//! host-gw-stack, vxlan, vxlan-stack, measured with the two host-to-host baselines) With
+//! host-gw-stack, vxlan, vxlan-stack, measured with the two host-to-host baselines). With
 //! `--big-tcp` anywhere among the arguments, every host is tuned for IPv4 BIG TCP: the
 //! test bed's wire takes 192 KiB packets (as a NIC that segments them does), the bare hosts'
 //! `eth0` is raised by hand as an operator would, and tug nodes are set up with
@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use tug_e2e::bench::{median_of, paired_ratios};
 use tug_e2e::{Host, Netns, TestNet};
-use tug_netplugin::big_tcp::{BIG_TCP_SIZE, set_ipv4_gso_limit};
+use tug_netplugin::big_tcp::{BIG_TCP_SIZE, set_ipv4_gso_gro_limit};
 use tug_netplugin::cni::CniNetwork;
 use tug_netplugin::fastpath::{FastPath, FastPathConfig, TunnelConfig};
 use tug_netplugin::nat;
@@ -423,11 +423,11 @@ fn data_path(path: Route, seconds: u32, big_tcp: bool) -> Result<Sample> {
         let bridge = net.bridge_netns().path();
         for host in net.hosts() {
             let port = net.port_of(host);
-            block_in_netns(&bridge, || set_ipv4_gso_limit(&port, BIG_TCP_SIZE))?;
+            block_in_netns(&bridge, || set_ipv4_gso_gro_limit(&port, BIG_TCP_SIZE))?;
             if path == Route::Bare {
                 // What `tug agent --big-tcp on` does to a node's uplink, by hand.
                 let ns = host.netns().path();
-                block_in_netns(&ns, || set_ipv4_gso_limit("eth0", BIG_TCP_SIZE))?;
+                block_in_netns(&ns, || set_ipv4_gso_gro_limit("eth0", BIG_TCP_SIZE))?;
             }
         }
     }

@@ -4,7 +4,7 @@
 
 use std::net::Ipv4Addr;
 
-use tug_netplugin::big_tcp::set_ipv4_gso_limit;
+use tug_netplugin::big_tcp::set_ipv4_gso_gro_limit;
 use tug_netplugin::fastpath::{FastPath, FastPathConfig, TunnelConfig};
 use tug_netplugin::nat::{self, PortMapping, Protocol};
 use tug_netplugin::netns::block_in_netns;
@@ -235,7 +235,7 @@ pub fn two_nodes_with(
         n.ns.ip(&["link", "set", "wire", "up"])?;
         n.ns.ip(&["link", "set", "lo", "up"])?;
         if let Some(size) = wire_gso {
-            block_in_netns(&n.ns.path(), || set_ipv4_gso_limit("wire", size))?;
+            block_in_netns(&n.ns.path(), || set_ipv4_gso_gro_limit("wire", size))?;
         }
     }
     a.setup()?;
