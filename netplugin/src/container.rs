@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use crate::big_tcp::{self, LEGACY_SIZE};
 use crate::error::{Error, Result};
 use crate::ipam::{Ipam, validate_id};
-use crate::netlink::{Netlink, format_mac, is_errno, with_ipv4_gso_gro_limit};
+use crate::netlink::{Link, Netlink, format_mac, is_errno, with_ipv4_gso_gro_limit};
 use crate::netns::{in_netns, open_netns};
 use crate::node::DEFAULT_MTU;
 use crate::subnet::Subnet;
@@ -345,13 +345,7 @@ pub async fn check(net: &ContainerNet) -> Result<()> {
                 drift.push(DriftItem::HairpinOff(host_veth.clone()));
             }
             let want = net.gso_ipv4_max_size.unwrap_or(LEGACY_SIZE);
-            if let Some(have) = link.gso_ipv4_max_size.filter(|have| *have != want) {
-                drift.push(DriftItem::GsoLimit {
-                    veth: host_veth.clone(),
-                    want,
-                    have,
-                });
-            }
+            drift.extend(gso_drift(&link, &host_veth, want));
         }
     }
 
@@ -394,13 +388,7 @@ async fn check_inside(
     if !eth0.up {
         drift.push(DriftItem::Eth0Down);
     }
-    if let Some(have) = eth0.gso_ipv4_max_size.filter(|have| *have != limit) {
-        drift.push(DriftItem::GsoLimit {
-            veth: CONTAINER_IFNAME.into(),
-            want: limit,
-            have,
-        });
-    }
+    drift.extend(gso_drift(&eth0, CONTAINER_IFNAME, limit));
     if let Some((addr, prefix)) = want {
         let have = nl.ipv4_addresses(eth0.index, CONTAINER_IFNAME).await?;
         if !have.contains(&(addr, prefix)) {
@@ -415,6 +403,17 @@ async fn check_inside(
         drift.push(DriftItem::DefaultRouteMissing(gateway));
     }
     Ok(drift)
+}
+
+/// A veth end `name` (`link`) whose IPv4 GSO limit is not `want`; nothing on a kernel without
+/// the limit.
+fn gso_drift(link: &Link, name: &str, want: u32) -> Option<DriftItem> {
+    let have = link.gso_ipv4_max_size.filter(|have| *have != want)?;
+    Some(DriftItem::GsoLimit {
+        veth: name.to_string(),
+        want,
+        have,
+    })
 }
 
 /// Every difference `check` found.
@@ -463,10 +462,7 @@ impl fmt::Display for DriftItem {
             }
             DriftItem::HairpinOff(v) => write!(f, "bridge port {v} is not in hairpin mode"),
             DriftItem::GsoLimit { veth, want, have } => {
-                write!(
-                    f,
-                    "host veth {veth} has an IPv4 GSO limit of {have}, not {want}"
-                )
+                write!(f, "{veth} has an IPv4 GSO limit of {have}, not {want}")
             }
             DriftItem::NetnsGone(p) => write!(f, "network namespace {} is gone", p.display()),
             DriftItem::LoopbackDown => write!(f, "lo is down"),

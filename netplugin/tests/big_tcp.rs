@@ -8,7 +8,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 
-use common::cluster::{Node, two_nodes, two_nodes_with};
+use common::cluster::{Node, peer_each_other, two_nodes, two_nodes_with};
 use common::http::{Httpd, transfer};
 use common::{TestNs, TestResult};
 use tug_netplugin::big_tcp::{BIG_TCP_SIZE, LEGACY_SIZE, ipv4_gso_limit};
@@ -43,6 +43,17 @@ fn eth0_counters(ns: &TestNs, dir: &str) -> TestResult<(f64, f64)> {
     let c = &v[0]["stats64"][dir];
     let get = |k: &str| c[k].as_f64().ok_or("no packet counters");
     Ok((get("bytes")?, get("packets")?))
+}
+
+/// `node`'s uplink at `uplink`, and its container's veth ends at `containers` (what node setup
+/// gave them, `None` below BIG TCP sizes).
+fn assert_limits(node: &Node, uplink: u32, containers: u32) -> TestResult {
+    assert_eq!(limit(node, "wire")?, Some(uplink));
+    let expected = (containers > LEGACY_SIZE).then_some(containers);
+    assert_eq!(node.container_gso, expected);
+    assert_eq!(limit(node, &node.host_veth()?)?, Some(containers));
+    assert_eq!(eth0_limit(node)?, Some(containers));
+    Ok(())
 }
 
 /// Bytes per packet `from`'s container sent, and `to`'s container received, while 256 MiB
@@ -112,11 +123,8 @@ fn host_gw_containers_take_the_uplink_limit_node_setup_raised() -> TestResult {
     let (a, b) = two_nodes_with(Mode::HostGw, true, None)?;
     for n in [&a, &b] {
         // A veth's driver takes up to 512 KiB, so the limit is tug's 192 KiB.
-        assert_eq!(limit(n, "wire")?, Some(BIG_TCP_SIZE));
-        assert_eq!(n.container_gso, Some(BIG_TCP_SIZE));
+        assert_limits(n, BIG_TCP_SIZE, BIG_TCP_SIZE)?;
         assert_eq!(limit(n, "tug0")?, Some(BIG_TCP_SIZE));
-        assert_eq!(limit(n, &n.host_veth()?)?, Some(BIG_TCP_SIZE));
-        assert_eq!(eth0_limit(n)?, Some(BIG_TCP_SIZE));
         let net = n.container_net()?;
         block_in_netns(&n.ns.path(), || check(&net))?;
     }
@@ -140,8 +148,7 @@ fn host_gw_containers_take_the_uplink_limit_node_setup_raised() -> TestResult {
     };
     assert_eq!(drift.0, vec![item(a.host_veth()?), item("eth0".into())]);
 
-    a.sync(&[(b.subnet, b.address)])?;
-    b.sync(&[(a.subnet, a.address)])?;
+    peer_each_other(&a, &b)?;
     let dir = tempfile::tempdir()?;
     let _server = Httpd::start(&b, dir.path())?;
     let to = b.container_address()?;
@@ -160,10 +167,7 @@ fn containers_follow_an_uplink_the_operator_raised() -> TestResult {
         return Ok(());
     }
     let (a, _b) = two_nodes_with(Mode::HostGw, false, Some(131_072))?;
-    assert_eq!(limit(&a, "wire")?, Some(131_072));
-    assert_eq!(a.container_gso, Some(131_072));
-    assert_eq!(limit(&a, &a.host_veth()?)?, Some(131_072));
-    assert_eq!(eth0_limit(&a)?, Some(131_072));
+    assert_limits(&a, 131_072, 131_072)?;
     Ok(())
 }
 
@@ -173,16 +177,12 @@ fn vxlan_containers_keep_64k_packets_under_a_raised_uplink() -> TestResult {
         return Ok(());
     }
     let (a, b) = two_nodes_with(Mode::Vxlan, true, None)?;
-    assert_eq!(limit(&a, "wire")?, Some(BIG_TCP_SIZE));
-    assert_eq!(a.container_gso, None);
+    assert_limits(&a, BIG_TCP_SIZE, LEGACY_SIZE)?;
     assert_eq!(limit(&a, "tug0")?, Some(LEGACY_SIZE));
-    assert_eq!(limit(&a, &a.host_veth()?)?, Some(LEGACY_SIZE));
-    assert_eq!(eth0_limit(&a)?, Some(LEGACY_SIZE));
     let net = a.container_net()?;
     block_in_netns(&a.ns.path(), || check(&net))?;
 
-    a.sync(&[(b.subnet, b.address)])?;
-    b.sync(&[(a.subnet, a.address)])?;
+    peer_each_other(&a, &b)?;
     let (_fa, _fb) = (a.fast_path()?, b.fast_path()?);
     let dir = tempfile::tempdir()?;
     let _server = Httpd::start(&b, dir.path())?;
@@ -198,12 +198,8 @@ fn without_big_tcp_nothing_is_raised() -> TestResult {
         return Ok(());
     }
     let (a, b) = two_nodes(Mode::HostGw)?;
-    assert_eq!(limit(&a, "wire")?, Some(LEGACY_SIZE));
-    assert_eq!(a.container_gso, None);
-    assert_eq!(limit(&a, &a.host_veth()?)?, Some(LEGACY_SIZE));
-    assert_eq!(eth0_limit(&a)?, Some(LEGACY_SIZE));
-    a.sync(&[(b.subnet, b.address)])?;
-    b.sync(&[(a.subnet, a.address)])?;
+    assert_limits(&a, LEGACY_SIZE, LEGACY_SIZE)?;
+    peer_each_other(&a, &b)?;
     assert_packets(packet_sizes(&a, &b)?, Big::Neither);
     Ok(())
 }
@@ -217,17 +213,17 @@ fn running_containers_host_veths_take_a_changed_limit() -> TestResult {
     // uplink) and the agent starts again.
     let (a, _b) = two_nodes_with(Mode::HostGw, true, None)?;
     let ids = [a.container_net()?.id];
-    block_in_netns(&a.ns.path(), || async {
-        ensure_gso_limit(&ids, None).await;
-        Ok(())
-    })?;
+    let ensure = |size| {
+        block_in_netns(&a.ns.path(), || async {
+            ensure_gso_limit(&ids, size).await;
+            Ok(())
+        })
+    };
+    ensure(None)?;
     assert_eq!(limit(&a, &a.host_veth()?)?, Some(LEGACY_SIZE));
     // The container's own end keeps its limit until it restarts (the agent warns).
     assert_eq!(eth0_limit(&a)?, Some(BIG_TCP_SIZE));
-    block_in_netns(&a.ns.path(), || async {
-        ensure_gso_limit(&ids, Some(BIG_TCP_SIZE)).await;
-        Ok(())
-    })?;
+    ensure(Some(BIG_TCP_SIZE))?;
     assert_eq!(limit(&a, &a.host_veth()?)?, Some(BIG_TCP_SIZE));
     Ok(())
 }

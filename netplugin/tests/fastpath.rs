@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::cluster::{CLUSTER, Node, two_nodes};
+use common::cluster::{CLUSTER, Node, peer_each_other, two_nodes};
 use common::http::{Httpd, fetch, transfer};
 use common::{TestNs, TestResult, subnet};
 use tug_netplugin::Mode;
@@ -444,8 +444,7 @@ fn an_address_outside_the_node_subnet_is_refused() -> TestResult {
 /// Two nodes (see `two_nodes`) with routes or VXLAN peers to each other.
 fn peered(mode: Mode) -> TestResult<(Node, Node)> {
     let (a, b) = two_nodes(mode)?;
-    a.sync(&[(b.subnet, b.address)])?;
-    b.sync(&[(a.subnet, a.address)])?;
+    peer_each_other(&a, &b)?;
     Ok((a, b))
 }
 

@@ -137,7 +137,7 @@ pub struct NodeNetwork {
     fast_path: FastPathSlot,
     /// The peers of the last map synced, for a fast path loaded afterwards (vxlan).
     peers: Mutex<Vec<(Subnet, Ipv4Addr)>>,
-    /// Whether to raise the uplink's IPv4 GSO limit for BIG TCP.
+    /// Whether to raise the uplink's IPv4 GSO limit for BIG TCP (never with CNI plugins).
     big_tcp: bool,
     /// The IPv4 GSO limit node setup gave container veths; 0: the kernel's default.
     container_gso: AtomicU32,
@@ -163,6 +163,12 @@ impl NodeNetwork {
         node_ip: Ipv4Addr,
     ) -> Result<NodeNetwork, NetworkError> {
         let dir = data_dir.join("network");
+        // CNI plugins make their own veths at 64 KiB: an uplink raised for them would only
+        // build packets to be segmented on their way in.
+        if big_tcp && cni.is_some() {
+            tracing::warn!("--big-tcp is not used with CNI plugins (their veths keep 64 KiB)");
+        }
+        let big_tcp = big_tcp && cni.is_none();
         let net = NodeNetwork {
             mode,
             cni_settings: cni,
@@ -182,9 +188,6 @@ impl NodeNetwork {
             big_tcp,
             container_gso: AtomicU32::new(0),
         };
-        if big_tcp && net.cni_settings.is_some() {
-            tracing::warn!("--big-tcp is not used with CNI plugins (their veths keep 64 KiB)");
-        }
         if mode == NetworkMode::None {
             return Ok(net);
         }
@@ -367,9 +370,7 @@ impl NodeNetwork {
             subnet: saved.subnet,
             uplink: uplink.clone(),
             mode,
-            // CNI plugins make their own veths at 64 KiB: an uplink raised for them would only
-            // build packets to be segmented on their way in.
-            big_tcp: self.big_tcp && self.cni_settings.is_none(),
+            big_tcp: self.big_tcp,
         })
         .await?;
         self.container_gso

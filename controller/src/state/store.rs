@@ -334,8 +334,13 @@ impl Store {
                 // An unchanged spec stays the one the service's tasks share, and going back to
                 // the previous one (an undo, or its manifest applied again) takes the copy the
                 // previous generation's tasks share.
-                let mut spec = svc.spec;
-                share_spec(&mut spec, service_specs(old));
+                let spec = if spec_changed {
+                    let mut spec = svc.spec;
+                    share_spec(&mut spec, old.previous_spec.iter());
+                    spec
+                } else {
+                    old.spec.clone()
+                };
                 let stored = Service {
                     metadata: Some(ObjectMeta {
                         labels: meta.labels,

@@ -243,6 +243,13 @@ pub fn two_nodes_with(
     Ok((a, b))
 }
 
+/// Routes (host-gw) or VXLAN peers from each of `a` and `b` to the other.
+pub fn peer_each_other(a: &Node, b: &Node) -> TestResult {
+    a.sync(&[(b.subnet, b.address)])?;
+    b.sync(&[(a.subnet, a.address)])?;
+    Ok(())
+}
+
 /// Each node's container pings the other's.
 pub fn assert_containers_reach_each_other(a: &Node, b: &Node) -> TestResult {
     assert!(
