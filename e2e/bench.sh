@@ -12,9 +12,10 @@
 #                           startup latency (median, p99) vs Kubernetes' pod-startup SLO
 #   e2e/bench.sh metrics [CONTAINERS] [WINDOW_SECS]   agent /metrics scrape time, agent cpu at a
 #                           15 s scrape interval and RSS with 200 idle containers (default)
-#   e2e/bench.sh network [SECONDS] [CYCLES] [ROUNDS] [PATHS]   iperf3 and ping container-to-container
-#                           across two hosts (host-gw, vxlan) vs host-to-host, in alternating
-#                           rounds; network setup/teardown vs the CNI bridge + host-local plugins
+#   e2e/bench.sh network [SECONDS] [CYCLES] [ROUNDS] [PATHS] [--big-tcp] [--length BYTES]
+#                           iperf3 and ping container-to-container across two hosts (host-gw,
+#                           vxlan) vs host-to-host, in alternating rounds; network setup/teardown
+#                           vs the CNI bridge + host-local plugins
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "e2e/bench.sh: run as root" >&2; exit 1; }

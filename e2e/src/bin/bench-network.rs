@@ -25,7 +25,17 @@
 //! test bed's wire takes 192 KiB packets (as a NIC that segments them does), the bare hosts'
 //! `eth0` is raised by hand as an operator would, and tug nodes are set up with
 //! `NodeConfig::big_tcp` (`tug agent --big-tcp on`). Containers in vxlan mode keep 64 KiB
-//! packets (see `tug_netplugin::big_tcp`).
+//! packets (see `tug_netplugin::big_tcp`). `--length BYTES` sets iperf3's write size (`-l`;
+//! its default is 128 KiB).
+//!
+//! Also printed per path: the sender's average packet (`KB/pkt`). Over a veth, TCP's packets
+//! end where the application's writes end: a write's bytes beyond a whole number of MSS-sized
+//! segments leave as a small packet of their own (a veth hands a packet on before the send
+//! returns, so TCP's autocorking never finds one still queued to wait for). iperf3's 128 KiB
+//! writes over a 1,448-byte MSS make two 65,160-byte packets and one of 752 bytes, or one
+//! 130,320-byte packet and one of 752 with BIG TCP: half as many packets again as the bytes
+//! need, or twice as many. Every hop's per-packet cost, the container path's extra veth pass
+//! among them, is paid for each.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -60,9 +70,27 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<()> {
-    let all_args: Vec<String> = std::env::args().skip(1).collect();
-    let big_tcp = all_args.iter().any(|a| a == "--big-tcp");
-    let mut args = all_args.into_iter().filter(|a| a != "--big-tcp");
+    let mut big_tcp = false;
+    let mut length: Option<u32> = None;
+    let mut positional = Vec::new();
+    let mut all_args = std::env::args().skip(1);
+    while let Some(arg) = all_args.next() {
+        match arg.as_str() {
+            "--big-tcp" => big_tcp = true,
+            "--length" => {
+                let value = all_args.next().ok_or("--length needs a size in bytes")?;
+                let bytes: u32 = value
+                    .parse()
+                    .map_err(|e| format!("--length {value:?}: {e}"))?;
+                if bytes == 0 {
+                    return Err("--length must be at least 1 byte".into());
+                }
+                length = Some(bytes);
+            }
+            _ => positional.push(arg),
+        }
+    }
+    let mut args = positional.into_iter();
     let seconds: u32 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(3);
     let cycles: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(100);
     let rounds: usize = args
@@ -75,8 +103,12 @@ fn run() -> Result<()> {
         tug_e2e::exec::require(tool)?;
     }
     println!(
-        "tug network benchmark: 2 test-bed hosts, iperf3 {seconds} s per run, {rounds} rounds, \
-         {cycles} setup cycles{}",
+        "tug network benchmark: 2 test-bed hosts, iperf3 {seconds} s per run ({}), {rounds} \
+         rounds, {cycles} setup cycles{}",
+        length.map_or_else(
+            || "its default 128 KiB writes".to_string(),
+            |b| format!("{b}-byte writes")
+        ),
         if big_tcp {
             ", every host tuned for IPv4 BIG TCP"
         } else {
@@ -111,13 +143,13 @@ fn run() -> Result<()> {
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); paths.len()];
     for round in 1..=rounds {
         for (path, samples) in paths.iter().zip(samples.iter_mut()) {
-            samples.push(data_path(*path, seconds, big_tcp)?);
+            samples.push(data_path(*path, seconds, big_tcp, length)?);
         }
         print_round(round, &paths, &samples);
     }
     println!();
     println!(
-        "{:<36} {:>7} {:>13} {:>7} {:>7} {:>7} {:>7} {:>6} {:>8}",
+        "{:<36} {:>7} {:>13} {:>7} {:>7} {:>7} {:>7} {:>6} {:>8} {:>6}",
         "path (median of rounds)",
         "Gbit/s",
         "range",
@@ -126,7 +158,8 @@ fn run() -> Result<()> {
         "paired",
         "rtt ms",
         "ratio",
-        "CPU s/GB"
+        "CPU s/GB",
+        "KB/pkt"
     );
     let medians: Vec<Sample> = samples.iter().map(|s| Sample::median(s)).collect();
     let (Some(&bare), Some(&nodes)) = (medians.first(), medians.get(1)) else {
@@ -148,7 +181,7 @@ fn run() -> Result<()> {
         let lo = runs.iter().map(|s| s.gbits).fold(f64::INFINITY, f64::min);
         let hi = runs.iter().map(|s| s.gbits).fold(0.0, f64::max);
         println!(
-            "{label:<36} {:>7.2} {:>13} {:>6.1}% {:>6.1}% {:>6.1}% {:>7.3} {:>5.2}x {:>8.3}",
+            "{label:<36} {:>7.2} {:>13} {:>6.1}% {:>6.1}% {:>6.1}% {:>7.3} {:>5.2}x {:>8.3} {:>6.1}",
             m.gbits,
             format!("{lo:.2}-{hi:.2}"),
             100.0 * m.gbits / bare.gbits,
@@ -157,6 +190,7 @@ fn run() -> Result<()> {
             m.rtt_ms,
             m.rtt_ms / nodes.rtt_ms,
             m.cpu_s_per_gb,
+            m.packet_kb,
         );
     }
     println!(
@@ -287,6 +321,10 @@ struct Sample {
     rtt_ms: f64,
     /// CPU time of the whole machine (all CPUs, user + system + softirq) per GB received.
     cpu_s_per_gb: f64,
+    /// The sender's average packet (its `eth0`'s transmitted bytes over packets while
+    /// iperf3 ran), in KB: how much TCP put into each GSO packet, whose per-packet costs
+    /// every hop pays once.
+    packet_kb: f64,
 }
 
 impl Sample {
@@ -297,6 +335,7 @@ impl Sample {
             gbits: pick(|s| s.gbits),
             rtt_ms: pick(|s| s.rtt_ms),
             cpu_s_per_gb: pick(|s| s.cpu_s_per_gb),
+            packet_kb: pick(|s| s.packet_kb),
         }
     }
 }
@@ -415,7 +454,7 @@ fn peer(node: &mut Node<'_>, other: (Subnet, Ipv4Addr), mode: Mode) -> Result<()
 
 /// Throughput, mean ping round trip and CPU per GB from host 0 to host 1 (`None`), or from a
 /// container on host 0 to one on host 1; with `big_tcp`, on hosts tuned for it.
-fn data_path(path: Route, seconds: u32, big_tcp: bool) -> Result<Sample> {
+fn data_path(path: Route, seconds: u32, big_tcp: bool, length: Option<u32>) -> Result<Sample> {
     let mut net = TestNet::new(0)?;
     net.add_host("a")?;
     net.add_host("b")?;
@@ -482,12 +521,21 @@ fn data_path(path: Route, seconds: u32, big_tcp: bool) -> Result<Sample> {
     std::thread::sleep(Duration::from_millis(300));
     let mut client = client;
     client.args(["-c", &target.to_string(), "-t", &seconds.to_string(), "-J"]);
+    if let Some(bytes) = length {
+        client.args(["-l", &bytes.to_string()]);
+    }
     if std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2) {
         client.args(["-A", "0,1"]);
     }
+    let sender = match (path, &a.container) {
+        (Route::Containers(..), Some((ca, _))) => ca,
+        _ => a.host.netns().as_ref(),
+    };
+    let sent_before = tx_counters(sender)?;
     let before = cpu_ticks()?;
     let out = client.output()?;
     let after = cpu_ticks()?;
+    let sent = tx_counters(sender)?;
     let _ = server.stop(Duration::from_secs(2));
     if !out.status.success() {
         return Err(format!("iperf3 client: {}", String::from_utf8_lossy(&out.stdout)).into());
@@ -522,7 +570,34 @@ fn data_path(path: Route, seconds: u32, big_tcp: bool) -> Result<Sample> {
         gbits: bits / 1e9,
         rtt_ms: rtt,
         cpu_s_per_gb: cpu_s / (bytes / 1e9),
+        packet_kb: (sent.0.saturating_sub(sent_before.0)) as f64
+            / (sent.1.saturating_sub(sent_before.1)).max(1) as f64
+            / 1e3,
     })
+}
+
+/// The transmitted (bytes, packets) of `eth0` in `netns`, read inside it (sysfs shows the
+/// reader's namespace).
+fn tx_counters(netns: &Netns) -> Result<(u64, u64)> {
+    let out = netns
+        .command("busybox")
+        .args([
+            "cat",
+            "/sys/class/net/eth0/statistics/tx_bytes",
+            "/sys/class/net/eth0/statistics/tx_packets",
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut counts = text.split_whitespace().map(str::parse::<u64>);
+    match (counts.next(), counts.next()) {
+        (Some(Ok(bytes)), Some(Ok(packets))) if out.status.success() => Ok((bytes, packets)),
+        _ => Err(format!(
+            "cannot read eth0's counters: {}{}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into()),
+    }
 }
 
 /// "round-trip min/avg/max = 0.046/0.069/0.093 ms" -> 0.069.
