@@ -132,6 +132,9 @@ pub struct Node {
     /// Background proposals waiting for a foreground one, and until when they wait.
     held: Vec<(Vec<u8>, ProposeReply)>,
     held_until: Option<tokio::time::Instant>,
+    /// Leader: membership changes waiting for the one before them to be applied (raft-rs
+    /// takes one at a time, and a new leader's log may end in one it has not applied yet).
+    waiting_confs: Vec<(ConfChangeV2, Reply)>,
     /// Leader: its log syncs in flight.
     leader_syncs: LeaderSyncs,
 }
@@ -369,6 +372,7 @@ impl Node {
             commit_notify_at: None,
             held: Vec::new(),
             held_until: None,
+            waiting_confs: Vec::new(),
             leader_syncs: LeaderSyncs::default(),
         };
         node.publish_status();
@@ -399,6 +403,9 @@ impl Node {
             tracing::error!(node = self.id, error = %e, "raft node stopped on a fatal error");
         }
         self.proposals.fail_all(|_| ProposeError::Stopped);
+        for (_, reply) in self.waiting_confs.drain(..) {
+            reply.fail(ProposeError::Stopped);
+        }
         self.reads.fail_all(|| ReadError::Stopped);
         result
     }
@@ -430,6 +437,7 @@ impl Node {
                 synced = self.leader_syncs.finished() => self.raw.on_persist_ready(synced?),
             }
             self.drain_queued();
+            self.propose_waiting_conf();
             self.on_ready().await?;
             self.schedule_commit_notify();
             self.maybe_snapshot()?;
@@ -514,6 +522,7 @@ impl Node {
             self.raw.read_index(encode_ctx(self.incarnation, seq));
         }
         self.proposals.purge_closed();
+        self.waiting_confs.retain(|(_, reply)| !reply.is_closed());
         self.reads.purge_closed();
     }
 
@@ -570,6 +579,18 @@ impl Node {
         }
     }
 
+    /// Proposes the first membership change that waited, once the one before it is applied.
+    fn propose_waiting_conf(&mut self) {
+        if self.waiting_confs.is_empty()
+            || self.raw.raft.state != StateRole::Leader
+            || self.raw.raft.has_pending_conf()
+        {
+            return;
+        }
+        let (change, reply) = self.waiting_confs.remove(0);
+        self.propose(Proposal::ConfChange(change), reply);
+    }
+
     fn propose(&mut self, proposal: Proposal, reply: Reply) {
         if self.raw.raft.state != StateRole::Leader {
             reply.fail(ProposeError::NotLeader {
@@ -594,6 +615,15 @@ impl Node {
             )));
             return;
         }
+        let proposal = match proposal {
+            // raft-rs would log it as an empty entry instead, and the caller would be told its
+            // change was superseded: it waits for the change before it to be applied.
+            Proposal::ConfChange(change) if self.raw.raft.has_pending_conf() => {
+                self.waiting_confs.push((change, reply));
+                return;
+            }
+            other => other,
+        };
         let (_, ctx) = self.next_ctx();
         let before = self.raw.raft.raft_log.last_index();
         let result = match proposal {
@@ -829,6 +859,9 @@ impl Node {
             let leader_id = known(leader_id);
             self.proposals
                 .fail_all(|_| ProposeError::LeadershipLost { leader_id });
+            for (_, reply) in self.waiting_confs.drain(..) {
+                reply.fail(ProposeError::LeadershipLost { leader_id });
+            }
         }
         if role != StateRole::Leader {
             self.snapshot_waits.clear();

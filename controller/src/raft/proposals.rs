@@ -50,7 +50,7 @@ impl Reply {
         }
     }
 
-    fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         match self {
             Self::Command(tx) => tx.is_closed(),
             Self::Membership(tx) => tx.is_closed(),

@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::NodeHandle;
 use super::sync_gate;
 use crate::fsm::Command;
-use crate::testing::{TestCluster, service};
+use crate::testing::{LinkFaults, TestCluster, service};
 
 type TestResult = Result<(), Box<dyn Error>>;
 
@@ -123,6 +123,48 @@ async fn a_background_proposal_follows_the_next_client_write_into_the_log() -> T
     let (cluster, leader, h) = with_hold(dir.path(), Duration::from_millis(50)).await?;
     tokio::time::timeout(WAIT, h.propose_background(&apply("alone"))).await??;
     assert!(has(&cluster, leader, "alone")?);
+    cluster.shutdown().await?;
+    Ok(())
+}
+
+/// raft-rs takes one membership change at a time, and a new leader's log may end in one it
+/// has not applied yet: a change proposed meanwhile waits for it instead of being logged as an
+/// empty entry and reported superseded (which is how removing the leader with `tug controller
+/// remove-member` failed now and then: the new leader got the change right after its election).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_membership_change_waits_for_the_one_before_it_to_apply() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let cluster = TestCluster::start(dir.path(), 3, 13, |_| {})?;
+    let old = cluster.wait_for_leader(&[1, 2, 3], WAIT).await?;
+    let new = if old == 1 { 2 } else { 1 };
+    // Every message takes 60-80 ms: nothing commits within two of them, while heartbeats
+    // (every 40 ms) still come well inside the election timeout (200-400 ms).
+    cluster.net.set_faults(LinkFaults {
+        min_delay: Duration::from_millis(60),
+        max_delay: Duration::from_millis(80),
+        ..LinkFaults::default()
+    });
+    cluster.handle(old)?.transfer_leadership(new).await?;
+    let h = cluster.handle(new)?.clone();
+    cluster
+        .wait_until("the new leader", WAIT, || {
+            h.status().is_leader().then_some(())
+        })
+        .await?;
+    assert!(
+        h.status().commit_index < h.status().last_index,
+        "the new leader's first entry is not committed yet"
+    );
+    // Right after the election, and two at once.
+    let (added, removed) = tokio::join!(h.add_voter(4), h.remove_voter(4));
+    let (added, removed) = (added?, removed?);
+    assert!(added.voters.contains(&4), "{added:?}");
+    assert!(removed.index > added.index, "{added:?} then {removed:?}");
+    let mut voters = removed.voters.clone();
+    voters.sort_unstable();
+    assert_eq!(voters, vec![1, 2, 3], "{removed:?}");
+    cluster.net.set_faults(LinkFaults::default());
+    cluster.wait_converged(&[1, 2, 3], WAIT).await?;
     cluster.shutdown().await?;
     Ok(())
 }
