@@ -550,7 +550,13 @@ impl Node {
                 }
             }
             Request::ChangeMembership { change, reply } => {
-                self.propose(Proposal::ConfChange(change), Reply::Membership(reply));
+                let reply = Reply::Membership(reply);
+                if self.waiting_confs.is_empty() {
+                    self.propose(Proposal::ConfChange(change), reply);
+                } else {
+                    // Behind the changes already waiting, in the order they came.
+                    self.waiting_confs.push((change, reply));
+                }
             }
             Request::ReadIndex { reply } => {
                 let (seq, ctx) = self.next_ctx();

@@ -155,14 +155,34 @@ async fn a_membership_change_waits_for_the_one_before_it_to_apply() -> TestResul
         h.status().commit_index < h.status().last_index,
         "the new leader's first entry is not committed yet"
     );
-    // Right after the election, and two at once.
-    let (added, removed) = tokio::join!(h.add_voter(4), h.remove_voter(4));
-    let (added, removed) = (added?, removed?);
-    assert!(added.voters.contains(&4), "{added:?}");
-    assert!(removed.index > added.index, "{added:?} then {removed:?}");
-    let mut voters = removed.voters.clone();
-    voters.sort_unstable();
-    assert_eq!(voters, vec![1, 2, 3], "{removed:?}");
+    // Right after the election, and four at once: each waits for the one before it, in the
+    // order they came.
+    let (add4, add5, remove4, remove5) = tokio::join!(
+        h.add_voter(4),
+        h.add_voter(5),
+        h.remove_voter(4),
+        h.remove_voter(5)
+    );
+    let changes = [add4?, add5?, remove4?, remove5?];
+    assert!(
+        changes.windows(2).all(|w| w[0].index < w[1].index),
+        "{changes:?}"
+    );
+    let sorted = |m: &super::Membership| {
+        let mut voters = m.voters.clone();
+        voters.sort_unstable();
+        voters
+    };
+    let voters: Vec<Vec<u64>> = changes.iter().map(sorted).collect();
+    assert_eq!(
+        voters,
+        vec![
+            vec![1, 2, 3, 4],
+            vec![1, 2, 3, 4, 5],
+            vec![1, 2, 3, 5],
+            vec![1, 2, 3]
+        ]
+    );
     cluster.net.set_faults(LinkFaults::default());
     cluster.wait_converged(&[1, 2, 3], WAIT).await?;
     cluster.shutdown().await?;
