@@ -29,13 +29,15 @@
 //! its default is 128 KiB).
 //!
 //! Also printed per path: the sender's average packet (`KB/pkt`). Over a veth, TCP's packets
-//! end where the application's writes end: a write's bytes beyond a whole number of MSS-sized
-//! segments leave as a small packet of their own (a veth hands a packet on before the send
-//! returns, so TCP's autocorking never finds one still queued to wait for). iperf3's 128 KiB
-//! writes over a 1,448-byte MSS make two 65,160-byte packets and one of 752 bytes, or one
-//! 130,320-byte packet and one of 752 with BIG TCP: half as many packets again as the bytes
-//! need, or twice as many. Every hop's per-packet cost, the container path's extra veth pass
-//! among them, is paid for each.
+//! end where the application's writes end: a veth hands a packet on before the send returns,
+//! so a write's last, partly filled packet is never still queued when the next write comes
+//! to fill it up. iperf3's 128 KiB writes over a 1,448-byte MSS leave as two 65,160-byte
+//! packets and one of 752 bytes. With BIG TCP a write fits in one packet, but with Nagle's
+//! algorithm on (iperf3's default) TCP sends its whole segments first and the 752 bytes
+//! after them, on their own (with `TCP_NODELAY`, one 131,072-byte packet). So iperf3 sends
+//! half as many packets again as full ones would carry, or twice as many with BIG TCP, and
+//! every hop's per-packet cost, the container path's extra veth pass among them, is paid for
+//! each.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
