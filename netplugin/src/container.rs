@@ -203,60 +203,46 @@ async fn set_hairpin(nl: &Netlink, host_veth: &str) -> Result<()> {
         )))
 }
 
-/// Put the host veths of containers `ids` into hairpin mode, as [`add`] does: for containers
-/// wired by an earlier version that kept running. Containers without a veth are skipped, a
-/// failure is logged and skipped. Run in the node's network namespace.
-pub async fn ensure_hairpin<'a>(ids: impl IntoIterator<Item = &'a String>) {
-    let nl = match Netlink::open() {
-        Ok(nl) => nl,
-        Err(e) => {
-            tracing::warn!(cause = %e, "running containers' bridge ports left as they are");
-            return;
-        }
-    };
-    for id in ids {
-        let veth = host_veth_name(id);
-        if nix::net::if_::if_nametoindex(veth.as_str()).is_err() {
-            continue;
-        }
-        if let Err(e) = set_hairpin(&nl, &veth).await {
-            tracing::warn!(container = %id, cause = %e, "no hairpin mode: the container cannot reach its own published port at the node's address");
-        }
-    }
-}
-
-/// Give the host veths of running containers `ids` the IPv4 GSO/GRO limit node setup chose
-/// (`size`; `None`: 64 KiB), for containers wired before it changed, so that packets forwarded
+/// Bring the host veths of running containers `ids` to what [`add`] gives them now, for
+/// containers wired by an earlier agent: hairpin mode (an earlier version did without it) and
+/// the IPv4 GSO/GRO limit node setup chose (`size`; `None`: 64 KiB), so that packets forwarded
 /// to them are not segmented at their veth. Their `eth0` keeps its limit (the size of the
-/// packets they send) until they restart: said in a warning. Best effort.
-pub async fn ensure_gso_limit<'a>(ids: impl IntoIterator<Item = &'a String>, size: Option<u32>) {
+/// packets they send) until they restart: said in a warning. One lookup per container, and
+/// only what differs is changed. Containers without a veth are skipped, a failure is logged and
+/// skipped. Run in the node's network namespace.
+pub async fn ensure_running<'a>(ids: impl IntoIterator<Item = &'a String>, size: Option<u32>) {
     let want = size.unwrap_or(LEGACY_SIZE);
     let nl = match Netlink::open() {
         Ok(nl) => nl,
         Err(e) => {
-            tracing::warn!(cause = %e, "running containers' veth limits left as they are");
+            tracing::warn!(cause = %e, "running containers' veths left as they are");
             return;
         }
     };
-    let mut changed = 0;
+    let mut limits_changed = 0;
     for id in ids {
         let veth = host_veth_name(id);
         let Ok(Some(link)) = nl.link_by_name(&veth).await else {
             continue;
         };
+        if link.hairpin != Some(true)
+            && let Err(e) = set_hairpin(&nl, &veth).await
+        {
+            tracing::warn!(container = %id, cause = %e, "no hairpin mode: the container cannot reach its own published port at the node's address");
+        }
         let Some(have) = link.gso_ipv4_max_size.filter(|have| *have != want) else {
             continue;
         };
         match nl.set_ipv4_gso_gro_limit(link.index, &veth, want).await {
-            Ok(()) => changed += 1,
+            Ok(()) => limits_changed += 1,
             Err(e) => {
                 tracing::warn!(container = %id, have, want, cause = %e, "could not set the IPv4 GSO/GRO limit of a running container's veth")
             }
         }
     }
-    if changed > 0 {
+    if limits_changed > 0 {
         tracing::warn!(
-            containers = changed,
+            containers = limits_changed,
             limit = want,
             "running containers' host veths took the node's new IPv4 GSO/GRO limit; their eth0 keeps the old one until they restart"
         );

@@ -12,7 +12,7 @@ use common::cluster::{Node, peer_each_other, two_nodes, two_nodes_with};
 use common::http::{Httpd, transfer};
 use common::{TestNs, TestResult};
 use tug_netplugin::big_tcp::{BIG_TCP_SIZE, LEGACY_SIZE, ipv4_gso_limit};
-use tug_netplugin::container::ensure_gso_limit;
+use tug_netplugin::container::ensure_running;
 use tug_netplugin::netns::block_in_netns;
 use tug_netplugin::{DriftItem, Error, Mode, check, setup_node};
 
@@ -215,7 +215,7 @@ fn running_containers_host_veths_take_a_changed_limit() -> TestResult {
     let ids = [a.container_net()?.id];
     let ensure = |size| {
         block_in_netns(&a.ns.path(), || async {
-            ensure_gso_limit(&ids, size).await;
+            ensure_running(&ids, size).await;
             Ok(())
         })
     };

@@ -387,9 +387,7 @@ impl NodeNetwork {
         self.set_up_fast_path(saved, uplink.clone(), &running).await;
         if self.cni_settings.is_none() {
             // Those wired by an agent without hairpin mode get it, and the limit chosen now.
-            tug_netplugin::container::ensure_hairpin(running.keys()).await;
-            tug_netplugin::container::ensure_gso_limit(running.keys(), node.gso_ipv4_max_size)
-                .await;
+            tug_netplugin::container::ensure_running(running.keys(), node.gso_ipv4_max_size).await;
         }
         if let Some(settings) = &self.cni_settings {
             let loaded = CniNetwork::load(
