@@ -13,6 +13,7 @@
 #   e2e/bench.sh metrics [CONTAINERS] [WINDOW_SECS]   agent /metrics scrape time, agent cpu at a
 #                           15 s scrape interval and RSS with 200 idle containers (default)
 #   e2e/bench.sh network [SECONDS] [CYCLES] [ROUNDS] [PATHS] [--big-tcp] [--length BYTES]
+#                           [--congestion ALGO]
 #                           iperf3 and ping container-to-container across two hosts (host-gw,
 #                           vxlan) vs host-to-host, in alternating rounds; network setup/teardown
 #                           vs the CNI bridge + host-local plugins
