@@ -23,7 +23,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tug_e2e::TestImages;
 use tug_e2e::cluster::{AGENTS, Cluster, DESIRED_RUNNING, RUNNING};
-use tug_netplugin::big_tcp::{BIG_TCP_SIZE, ipv4_gso_limit};
+use tug_netplugin::big_tcp::{BIG_TCP_SIZE, ipv4_gso_limit, kernel_has_ipv4_gso_limit};
 use tug_netplugin::netns::block_in_netns;
 
 type TestResult<T = ()> = Result<T, Box<dyn Error>>;
@@ -173,7 +173,11 @@ fn run(mode: &str, cni: bool) -> TestResult {
 fn agents_with_big_tcp_raise_uplinks_and_container_veths() -> TestResult {
     let probe = tug_e2e::Netns::create("bigtcp-probe")?;
     if block_in_netns(&probe.path(), || ipv4_gso_limit("lo"))?.is_none() {
-        eprintln!("this kernel has no IPv4 BIG TCP (Linux 6.3+): nothing to test");
+        // Only a kernel without IPv4 BIG TCP lets this pass without running.
+        if kernel_has_ipv4_gso_limit() != Some(false) {
+            return Err("no IPv4 GSO limit read on a kernel release that has one".into());
+        }
+        eprintln!("this kernel has no IPv4 BIG TCP (before Linux 6.3): nothing to test");
         return Ok(());
     }
     let images = TestImages::get()?;

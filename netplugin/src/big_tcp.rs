@@ -132,6 +132,21 @@ pub async fn ipv4_gso_limit(name: &str) -> Result<Option<u32>> {
     Ok(nl.require_link(name, "").await?.gso_ipv4_max_size)
 }
 
+/// Whether this kernel's release has a separate IPv4 GSO limit (Linux 6.3+), from
+/// `/proc/sys/kernel/osrelease`; `None` when that cannot be read as `MAJOR.MINOR...`. It tells
+/// a kernel without IPv4 BIG TCP from one whose limit [`ipv4_gso_limit`] failed to read.
+pub fn kernel_has_ipv4_gso_limit() -> Option<bool> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    release_has_ipv4_gso_limit(&release)
+}
+
+fn release_has_ipv4_gso_limit(release: &str) -> Option<bool> {
+    let mut parts = release.trim().split(['.', '-']);
+    let major: u32 = parts.next()?.parse().ok()?;
+    let minor: u32 = parts.next()?.parse().ok()?;
+    Some((major, minor) >= (6, 3))
+}
+
 /// Set the IPv4 GSO and GRO limits of the link `name` in the calling thread's network
 /// namespace, as an operator tunes a NIC (`ip link set NAME gso_ipv4_max_size SIZE
 /// gro_ipv4_max_size SIZE` with iproute2 6.3+).
@@ -139,4 +154,18 @@ pub async fn set_ipv4_gso_gro_limit(name: &str, size: u32) -> Result<()> {
     let nl = Netlink::open()?;
     let link = nl.require_link(name, "").await?;
     nl.set_ipv4_gso_gro_limit(link.index, name, size).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::release_has_ipv4_gso_limit;
+
+    #[test]
+    fn kernel_releases_from_6_3_have_the_ipv4_limit() {
+        assert_eq!(release_has_ipv4_gso_limit("6.18.44-fc-v669\n"), Some(true));
+        assert_eq!(release_has_ipv4_gso_limit("6.3.0"), Some(true));
+        assert_eq!(release_has_ipv4_gso_limit("6.1.0-28-amd64"), Some(false));
+        assert_eq!(release_has_ipv4_gso_limit("5.19"), Some(false));
+        assert_eq!(release_has_ipv4_gso_limit("garbage"), None);
+    }
 }

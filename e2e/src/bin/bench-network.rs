@@ -536,8 +536,8 @@ fn peer(node: &mut Node<'_>, other: (Subnet, Ipv4Addr), mode: Mode) -> Result<()
     Ok(())
 }
 
-/// Throughput, mean ping round trip and CPU per GB from host 0 to host 1 (`None`), or from a
-/// container on host 0 to one on host 1; with `big_tcp`, on hosts tuned for it.
+/// Throughput, mean ping round trip, CPU per GB and the sender's packet size of `path` (host 0
+/// to host 1, or a container on each), with iperf3 run and the hosts tuned as `traffic` says.
 fn data_path(path: Route, traffic: &Traffic) -> Result<Sample> {
     let Traffic {
         seconds,
