@@ -17,6 +17,35 @@ pub fn median_of(mut values: Vec<f64>) -> f64 {
     }
 }
 
+/// A distribution-free confidence interval for the median of `values` (`confidence` between 0
+/// and 1): the order statistics `x(k)` and `x(n+1-k)` with the largest `k` for which the chance
+/// that the median lies between them is at least `confidence`. That chance comes from the
+/// binomial distribution with p = 1/2 (each value falls below the median with even odds), so it
+/// holds whatever the values' distribution. None when there are too few values for any pair
+/// to reach it: for 95%, fewer than 6.
+pub fn median_interval(mut values: Vec<f64>, confidence: f64) -> Option<(f64, f64)> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    let tail = (1.0 - confidence) / 2.0;
+    // P(B <= i) for B ~ Binomial(n, 1/2), summed term by term; each term is kept as its
+    // logarithm so that 2^-n neither underflows nor the binomial coefficients overflow.
+    let mut ln_term = n as f64 * 0.5f64.ln();
+    let mut below = 0.0;
+    let mut cut = 0;
+    for i in 0..n / 2 {
+        below += ln_term.exp();
+        if below > tail {
+            break;
+        }
+        cut = i + 1;
+        ln_term += ((n - i) as f64).ln() - ((i + 1) as f64).ln();
+    }
+    if cut == 0 {
+        return None;
+    }
+    Some((*values.get(cut - 1)?, *values.get(n - cut)?))
+}
+
 /// Each round's figure over its own baseline's (rounds paired in order), leaving out rounds
 /// whose baseline is not above zero.
 pub fn paired_ratios(
@@ -157,6 +186,26 @@ mod tests {
         assert!(median_of(Vec::new()).is_nan());
         assert_eq!(median_of(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median_of(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
+
+    #[test]
+    fn median_interval_takes_the_order_statistics_the_binomial_allows() {
+        let shuffled =
+            |n: usize| -> Vec<f64> { (0..n).map(|i| ((i * 7) % n + 1) as f64).collect() };
+        // 9 values: x(2) and x(8), 96.1% (x(3) and x(7) would be 82.0%).
+        assert_eq!(median_interval(shuffled(9), 0.95), Some((2.0, 8.0)));
+        // 6 values: only the extremes reach 95% (96.9%); 5 values cannot (93.8%).
+        assert_eq!(median_interval(shuffled(6), 0.95), Some((1.0, 6.0)));
+        assert_eq!(median_interval(shuffled(5), 0.95), None);
+        assert_eq!(median_interval(Vec::new(), 0.95), None);
+        // 15 values: x(4) and x(12), 96.5%.
+        assert_eq!(median_interval(shuffled(15), 0.95), Some((4.0, 12.0)));
+        // Many values: close around the middle, and no overflow or underflow on the way.
+        let (lo, hi) = median_interval(shuffled(2001), 0.95).unwrap_or_default();
+        assert!(
+            lo > 940.0 && lo < 1001.0 && hi > 1001.0 && hi < 1062.0,
+            "{lo} {hi}"
+        );
     }
 
     #[test]

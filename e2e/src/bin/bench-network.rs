@@ -10,7 +10,11 @@
 //!    then passes connection tracking too, as on a real node); bare hosts are shown alongside.
 //!    The six paths are measured in rounds that alternate them (throughput on this
 //!    VM moves by 10-20% from one minute to the next); the medians are compared, and each
-//!    fast path's verdict is printed from its paired ratio (see [`verdict`]). With two or
+//!    fast path's verdict is printed from its paired ratio, with that ratio's 95% confidence
+//!    interval over the rounds (see [`verdict`]). Each iperf3 run lasts 10 s by default
+//!    (iperf3's own default), so that TCP's start (slow start, the first window growth) is a
+//!    small part of it: with runs of 3 s and cubic, one path's rounds spread over 70-108% of
+//!    their baselines, with 10 s over 88-111%. With two or
 //!    more CPUs, iperf3's client and server are pinned to different ones (`-A 0,1`). Also
 //!    printed: the CPU time of the whole machine per GB moved, steadier than the throughput.
 //! 2. Control path: the time to set up and tear down one container's network (veth, address,
@@ -18,9 +22,10 @@
 //!    Debian's CNI `bridge` + `host-local` plugins invoked the standard way (exec, env, config on
 //!    stdin) on the same kind of namespaces.
 //!
-//! Run: `e2e/bench.sh network [SECONDS] [CYCLES] [ROUNDS] [PATHS]` (default 3 s per iperf3
-//! run, 100 cycles, 9 rounds, every path; PATHS is a comma-separated subset of host-gw,
-//! host-gw-stack, vxlan, vxlan-stack, measured with the two host-to-host baselines). With
+//! Run: `e2e/bench.sh network [SECONDS] [CYCLES] [ROUNDS] [PATHS]` (default 10 s per iperf3
+//! run, 100 cycles, 9 rounds, every path: about 12 minutes in all; PATHS is a comma-separated
+//! subset of host-gw, host-gw-stack, vxlan, vxlan-stack, measured with the two host-to-host
+//! baselines). With
 //! `--big-tcp` anywhere among the arguments, every host is tuned for IPv4 BIG TCP: the
 //! test bed's wire takes 192 KiB packets (as a NIC that segments them does), the bare hosts'
 //! `eth0` is raised by hand as an operator would, and tug nodes are set up with
@@ -56,7 +61,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use tug_e2e::bench::{median_of, paired_ratios};
+use tug_e2e::bench::{median_interval, median_of, paired_ratios};
 use tug_e2e::{Host, Netns, TestNet};
 use tug_netplugin::big_tcp::{BIG_TCP_SIZE, set_ipv4_gso_gro_limit};
 use tug_netplugin::cni::CniNetwork;
@@ -112,7 +117,7 @@ fn run() -> Result<()> {
         }
     }
     let mut args = positional.into_iter();
-    let seconds: u32 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(3);
+    let seconds: u32 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(10);
     let cycles: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(100);
     let rounds: usize = args
         .next()
@@ -200,10 +205,9 @@ fn run() -> Result<()> {
     let node_runs: &[Sample] = samples.get(1).map_or(&[], Vec::as_slice);
     let mut verdicts = Vec::new();
     for ((path, runs), m) in paths.iter().zip(&samples).zip(&medians) {
-        let (paired, paired_rounds) = paired_ratio(runs, node_runs);
-        verdicts.extend(verdict(*path, Baseline::Nodes, paired, paired_rounds));
-        let (paired_bare, bare_rounds) = paired_ratio(runs, bare_runs);
-        verdicts.extend(verdict(*path, Baseline::Bare, paired_bare, bare_rounds));
+        let paired = Paired::of(runs, node_runs);
+        verdicts.extend(verdict(*path, Baseline::Nodes, &paired));
+        verdicts.extend(verdict(*path, Baseline::Bare, &Paired::of(runs, bare_runs)));
         let label = match path {
             Route::Bare => "host to host, bare hosts",
             Route::Nodes => "host to host, tug nodes (baseline)",
@@ -220,7 +224,7 @@ fn run() -> Result<()> {
             format!("{lo:.2}-{hi:.2}"),
             100.0 * m.gbits / bare.gbits,
             100.0 * m.gbits / nodes.gbits,
-            100.0 * paired,
+            100.0 * paired.median,
             m.rtt_ms,
             m.rtt_ms / nodes.rtt_ms,
             m.cpu_s_per_gb,
@@ -232,7 +236,8 @@ fn run() -> Result<()> {
          the hosts set up as tug nodes, whose own traffic then passes the same connection \
          tracking; \"vs bare\": hosts without tug; \"paired\": the median of each round's \
          ratio to that round's tug-node baseline, which the machine's drift between rounds \
-         moves less; each verdict is given against both baselines)"
+         moves less; each verdict is given against both baselines, with the 95% confidence \
+         interval of that median from its rounds)"
     );
     for line in verdicts {
         println!("{line}");
@@ -275,37 +280,68 @@ enum Baseline {
 }
 
 /// Whether a fast path meets its throughput target, judged by its paired ratio (the median
-/// of its rounds' ratios to their own baseline): the machine's throughput moves by 10-20%
-/// from one run of a few seconds to the next, more than the margins, so a verdict needs many
-/// rounds (the default is 9) and the ratio least moved by drift between them.
-fn verdict(path: Route, baseline: Baseline, paired: f64, rounds: usize) -> Option<String> {
+/// of its rounds' ratios to their own baseline): the machine's throughput moves from one run
+/// to the next by more than the margins, so a verdict needs many rounds (the default is 9)
+/// and the ratio least moved by drift between them. The verdict follows the median; the
+/// median's 95% confidence interval says whether the rounds leave it in doubt (an interval
+/// that reaches across the target).
+fn verdict(path: Route, baseline: Baseline, paired: &Paired) -> Option<String> {
     let (name, target) = match path {
         Route::Containers(Mode::HostGw, Datapath::Fast) => ("host-gw", 0.95),
         Route::Containers(Mode::Vxlan, Datapath::Fast) => ("vxlan", 0.85),
         _ => return None,
     };
+    let rounds = paired.rounds;
     if rounds == 0 {
         return Some(format!("{name}: no round with a baseline, no verdict"));
     }
-    let met = if paired >= target { "met" } else { "NOT met" };
     let against = match baseline {
         Baseline::Nodes => "the tug-node baseline",
         Baseline::Bare => "bare hosts",
     };
+    let met = paired.median >= target;
+    let (interval, met) = match paired.interval {
+        None => (
+            "too few for an interval".to_string(),
+            if met { "met" } else { "NOT met" },
+        ),
+        Some((lo, hi)) => (
+            format!("95% interval {:.1}-{:.1}%", 100.0 * lo, 100.0 * hi),
+            match (met, lo >= target, hi >= target) {
+                (true, true, _) => "met",
+                (true, false, _) => "met, though the interval reaches below it",
+                (false, _, true) => "NOT met, though the interval reaches it",
+                (false, _, false) => "NOT met",
+            },
+        ),
+    };
     Some(format!(
-        "{name}: {:.1}% of {against} (paired, {rounds} rounds), target {:.0}%: {met}",
-        100.0 * paired,
+        "{name}: {:.1}% of {against} (paired, {rounds} rounds; {interval}), target {:.0}%: {met}",
+        100.0 * paired.median,
         100.0 * target
     ))
 }
 
-/// The median over rounds of `runs[i] / baseline[i]` (throughput), and how many rounds it
-/// is over (those with a baseline).
-fn paired_ratio(runs: &[Sample], baseline: &[Sample]) -> (f64, usize) {
-    let gbits = |s: &Sample| s.gbits;
-    let ratios = paired_ratios(runs.iter().map(gbits), baseline.iter().map(gbits));
-    let rounds = ratios.len();
-    (median_of(ratios), rounds)
+/// A path's throughput against a baseline's, round by round.
+struct Paired {
+    /// The median over rounds of `runs[i] / baseline[i]`.
+    median: f64,
+    /// The median's 95% confidence interval, with enough rounds (6 or more).
+    interval: Option<(f64, f64)>,
+    /// How many rounds it is over (those with a baseline).
+    rounds: usize,
+}
+
+impl Paired {
+    fn of(runs: &[Sample], baseline: &[Sample]) -> Paired {
+        let gbits = |s: &Sample| s.gbits;
+        let ratios = paired_ratios(runs.iter().map(gbits), baseline.iter().map(gbits));
+        Paired {
+            rounds: ratios.len(),
+            interval: median_interval(ratios.clone(), 0.95),
+            median: median_of(ratios),
+        }
+    }
 }
 
 /// How iperf3 runs and the hosts are tuned, the same for every path.
@@ -806,35 +842,55 @@ fn median(samples: &mut [Duration]) -> f64 {
 mod tests {
     use super::*;
 
+    fn paired(median: f64, interval: Option<(f64, f64)>, rounds: usize) -> Paired {
+        Paired {
+            median,
+            interval,
+            rounds,
+        }
+    }
+
     #[test]
     fn a_fast_path_is_judged_against_either_baseline() {
         let path = Route::Containers(Mode::HostGw, Datapath::Fast);
-        let nodes = verdict(path, Baseline::Nodes, 0.951, 9).unwrap_or_default();
+        let nodes = verdict(path, Baseline::Nodes, &paired(0.99, Some((0.97, 1.01)), 9));
         assert_eq!(
-            nodes,
-            "host-gw: 95.1% of the tug-node baseline (paired, 9 rounds), target 95%: met"
+            nodes.as_deref(),
+            Some(
+                "host-gw: 99.0% of the tug-node baseline (paired, 9 rounds; 95% interval \
+                 97.0-101.0%), target 95%: met"
+            )
         );
-        let bare = verdict(path, Baseline::Bare, 0.918, 9).unwrap_or_default();
+        let bare = verdict(path, Baseline::Bare, &paired(0.918, Some((0.905, 0.93)), 9));
         assert_eq!(
-            bare,
-            "host-gw: 91.8% of bare hosts (paired, 9 rounds), target 95%: NOT met"
+            bare.as_deref(),
+            Some(
+                "host-gw: 91.8% of bare hosts (paired, 9 rounds; 95% interval 90.5-93.0%), \
+                 target 95%: NOT met"
+            )
         );
         let vxlan = Route::Containers(Mode::Vxlan, Datapath::Fast);
+        let verdict_of = |p: Paired| verdict(vxlan, Baseline::Nodes, &p).unwrap_or_default();
         assert!(
-            verdict(vxlan, Baseline::Bare, 0.85, 3)
-                .unwrap_or_default()
-                .ends_with("target 85%: met")
+            verdict_of(paired(0.85, None, 3))
+                .ends_with("(paired, 3 rounds; too few for an interval), target 85%: met")
         );
-        assert!(verdict(Route::Bare, Baseline::Bare, 1.0, 9).is_none());
+        // Rounds that leave the verdict in doubt say so, either way.
         assert!(
-            verdict(
-                Route::Containers(Mode::HostGw, Datapath::Stack),
-                Baseline::Nodes,
-                1.0,
-                9
-            )
-            .is_none()
+            verdict_of(paired(0.88, Some((0.80, 0.95)), 9))
+                .ends_with("target 85%: met, though the interval reaches below it")
         );
+        assert!(
+            verdict_of(paired(0.842, Some((0.72, 1.02)), 9))
+                .ends_with("target 85%: NOT met, though the interval reaches it")
+        );
+        assert_eq!(
+            verdict_of(paired(f64::NAN, None, 0)),
+            "vxlan: no round with a baseline, no verdict"
+        );
+        assert!(verdict(Route::Bare, Baseline::Bare, &paired(1.0, None, 9)).is_none());
+        let stack = Route::Containers(Mode::HostGw, Datapath::Stack);
+        assert!(verdict(stack, Baseline::Nodes, &paired(1.0, None, 9)).is_none());
     }
 
     #[test]
