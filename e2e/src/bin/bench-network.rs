@@ -13,9 +13,9 @@
 //!    fast path's verdict is printed from its paired ratio, with that ratio's 95% confidence
 //!    interval over the rounds (see [`verdict`]). Each iperf3 run lasts 10 s by default
 //!    (iperf3's own default), so that TCP's start (slow start, the first window growth) is a
-//!    small part of it: with runs of 3 s and cubic, one path's rounds spread over 70-108% of
-//!    their baselines, with 10 s over 88-111%. With two or
-//!    more CPUs, iperf3's client and server are pinned to different ones (`-A 0,1`). Also
+//!    small part of it: with runs of 3 s and cubic, vxlan's rounds spread over 71-108% of
+//!    their baselines (median 84%), with 10 s over 84-111% (median 97%). With two or more
+//!    CPUs, iperf3's client and server are pinned to different ones (`-A 0,1`). Also
 //!    printed: the CPU time of the whole machine per GB moved, steadier than the throughput.
 //! 2. Control path: the time to set up and tear down one container's network (veth, address,
 //!    routes, and its fast-path program and route entry) with the built-in plugin against
@@ -25,10 +25,9 @@
 //! Run: `e2e/bench.sh network [SECONDS] [CYCLES] [ROUNDS] [PATHS]` (default 10 s per iperf3
 //! run, 100 cycles, 9 rounds, every path: about 12 minutes in all; PATHS is a comma-separated
 //! subset of host-gw, host-gw-stack, vxlan, vxlan-stack, measured with the two host-to-host
-//! baselines). With
-//! `--big-tcp` anywhere among the arguments, every host is tuned for IPv4 BIG TCP: the
-//! test bed's wire takes 192 KiB packets (as a NIC that segments them does), the bare hosts'
-//! `eth0` is raised by hand as an operator would, and tug nodes are set up with
+//! baselines). With `--big-tcp` anywhere among the arguments, every host is tuned for IPv4
+//! BIG TCP: the test bed's wire takes 192 KiB packets (as a NIC that segments them does), the
+//! bare hosts' `eth0` is raised by hand as an operator would, and tug nodes are set up with
 //! `NodeConfig::big_tcp` (`tug agent --big-tcp on`). Containers in vxlan mode keep 64 KiB
 //! packets (see `tug_netplugin::big_tcp`). `--length BYTES` sets iperf3's write size (`-l`;
 //! its default is 128 KiB). `--congestion ALGO` sets the sender's TCP congestion control
