@@ -13,10 +13,10 @@
 #   e2e/bench.sh metrics [CONTAINERS] [WINDOW_SECS]   agent /metrics scrape time, agent cpu at a
 #                           15 s scrape interval and RSS with 200 idle containers (default)
 #   e2e/bench.sh network [SECONDS] [CYCLES] [ROUNDS] [PATHS] [--big-tcp] [--length BYTES]
-#                           [--congestion ALGO]
+#                           [--congestion ALGO] [--no-nat]
 #                           iperf3 and ping container-to-container across two hosts (host-gw,
 #                           vxlan) vs host-to-host, in alternating rounds (default 9 rounds of
-#                           10 s per path, about 12 min); network setup/teardown vs the CNI
+#                           10 s per path, about 14 min); network setup/teardown vs the CNI
 #                           bridge + host-local plugins
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -7,8 +7,12 @@
 //!    measured host-to-host in the same run (ratio). Targets: host-gw >= 95%, vxlan >= 85%.
 //!    Each node is set up as the agent sets it up (bridge, routes or VXLAN, and its masquerade
 //!    rules). The baseline is host to host between two hosts set up that way (their own traffic
-//!    then passes connection tracking too, as on a real node); bare hosts are shown alongside.
-//!    The six paths are measured in rounds that alternate them (throughput on this
+//!    then passes connection tracking too, as on a real node); bare hosts are shown alongside,
+//!    and hosts with tug's NAT rules and nothing else of tug (`nat`), which show what
+//!    connection tracking alone costs a host's own traffic. With `--no-nat` the tug nodes are
+//!    set up without their NAT rules, so that the container path's own cost shows apart from
+//!    connection tracking's (the eBPF fast path skips the nodes' netfilter either way).
+//!    The seven paths are measured in rounds that alternate them (throughput on this
 //!    VM moves by 10-20% from one minute to the next); the medians are compared, and each
 //!    fast path's verdict is printed from its paired ratio, with that ratio's 95% confidence
 //!    interval over the rounds (see [`verdict`]). Each iperf3 run lasts 10 s by default
@@ -23,15 +27,16 @@
 //!    stdin) on the same kind of namespaces.
 //!
 //! Run: `e2e/bench.sh network [SECONDS] [CYCLES] [ROUNDS] [PATHS]` (default 10 s per iperf3
-//! run, 100 cycles, 9 rounds, every path: about 12 minutes in all; PATHS is a comma-separated
-//! subset of host-gw, host-gw-stack, vxlan, vxlan-stack, measured with the two host-to-host
-//! baselines). With `--big-tcp` anywhere among the arguments, every host is tuned for IPv4
-//! BIG TCP: the test bed's wire takes 192 KiB packets (as a NIC that segments them does), the
-//! bare hosts' `eth0` is raised by hand as an operator would, and tug nodes are set up with
-//! `NodeConfig::big_tcp` (`tug agent --big-tcp on`). Containers in vxlan mode keep 64 KiB
-//! packets (see `tug_netplugin::big_tcp`). `--length BYTES` sets iperf3's write size (`-l`;
-//! its default is 128 KiB). `--congestion ALGO` sets the sender's TCP congestion control
-//! (`iperf3 -C`, for every path alike); without it, the machine's default (printed).
+//! run, 100 cycles, 9 rounds, every path: about 14 minutes in all; PATHS is a comma-separated
+//! subset of nat, host-gw, host-gw-stack, vxlan, vxlan-stack, measured with the two
+//! host-to-host baselines, bare hosts and tug nodes). With `--big-tcp` anywhere among the
+//! arguments, every host is tuned for IPv4 BIG TCP: the test bed's wire takes 192 KiB packets
+//! (as a NIC that segments them does), the `eth0` of hosts without tug (bare, nat) is raised
+//! by hand as an operator would, and tug nodes are set up with `NodeConfig::big_tcp` (`tug
+//! agent --big-tcp on`). Containers in vxlan mode keep 64 KiB packets (see
+//! `tug_netplugin::big_tcp`). `--length BYTES` sets iperf3's write size (`-l`; its default is
+//! 128 KiB). `--congestion ALGO` sets the sender's TCP congestion control (`iperf3 -C`, for
+//! every path alike); without it, the machine's default (printed). `--no-nat`: see above.
 //!
 //! Each fast path gets two verdicts: against the tug-node baseline and against bare hosts.
 //! The sender's congestion control moves both. On the test bed a round trip takes
@@ -42,7 +47,12 @@
 //! hosts share one machine's CPUs, so a path whose work lands on the receiver's CPU can
 //! outrun host to host here: with cubic, the normal path's ACKs are forwarded (netfilter,
 //! connection tracking) on the CPU of the reading server. On real hosts each machine does
-//! its own work. Figures for both are in the README (session 22).
+//! its own work. Figures for both are in the README (session 22). Under BBR each extra pass
+//! on the path shows: hosts with tug's NAT rules (`nat`, connection tracking) run at about
+//! 93-95% of bare hosts, and both fast paths at about 92-93% whether the nodes have NAT
+//! rules or not (`--no-nat`), while tug nodes without NAT rules match bare hosts; the
+//! container veth's pass (see `tug_netplugin::fastpath`) costs about what connection
+//! tracking does (README, session 24).
 //!
 //! Also printed per path: the sender's average packet (`KB/pkt`). Over a veth, TCP's packets
 //! end where the application's writes end: a veth hands a packet on before the send returns,
@@ -89,6 +99,7 @@ fn main() -> ExitCode {
 
 fn run() -> Result<()> {
     let mut big_tcp = false;
+    let mut node_nat = true;
     let mut length: Option<u32> = None;
     let mut congestion: Option<String> = None;
     let mut positional = Vec::new();
@@ -96,6 +107,7 @@ fn run() -> Result<()> {
     while let Some(arg) = all_args.next() {
         match arg.as_str() {
             "--big-tcp" => big_tcp = true,
+            "--no-nat" => node_nat = false,
             "--length" => {
                 let value = all_args.next().ok_or("--length needs a size in bytes")?;
                 let bytes: u32 = value
@@ -130,12 +142,13 @@ fn run() -> Result<()> {
     let traffic = Traffic {
         seconds,
         big_tcp,
+        node_nat,
         length,
         congestion,
     };
     println!(
         "tug network benchmark: 2 test-bed hosts, iperf3 {seconds} s per run ({}, TCP \
-         congestion control {}), {rounds} rounds, {cycles} setup cycles{}",
+         congestion control {}), {rounds} rounds, {cycles} setup cycles{}{}",
         length.map_or_else(
             || "its default 128 KiB writes".to_string(),
             |b| format!("{b}-byte writes")
@@ -148,11 +161,17 @@ fn run() -> Result<()> {
             ", every host tuned for IPv4 BIG TCP"
         } else {
             ""
+        },
+        if node_nat {
+            ""
+        } else {
+            ", tug nodes without their NAT rules (--no-nat)"
         }
     );
     let all = [
         Route::Bare,
         Route::Nodes,
+        Route::Nat,
         Route::Containers(Mode::HostGw, Datapath::Fast),
         Route::Containers(Mode::HostGw, Datapath::Stack),
         Route::Containers(Mode::Vxlan, Datapath::Fast),
@@ -210,6 +229,7 @@ fn run() -> Result<()> {
         let label = match path {
             Route::Bare => "host to host, bare hosts",
             Route::Nodes => "host to host, tug nodes (baseline)",
+            Route::Nat => "host to host, tug's NAT rules only",
             Route::Containers(Mode::HostGw, Datapath::Fast) => "container to container, host-gw",
             Route::Containers(Mode::HostGw, Datapath::Stack) => "  same, fast path off",
             Route::Containers(Mode::Vxlan, Datapath::Fast) => "container to container, vxlan",
@@ -232,11 +252,15 @@ fn run() -> Result<()> {
     }
     println!(
         "targets: host-gw >= 95% and vxlan >= 85% of host-to-host throughput (\"vs node\": \
-         the hosts set up as tug nodes, whose own traffic then passes the same connection \
-         tracking; \"vs bare\": hosts without tug; \"paired\": the median of each round's \
-         ratio to that round's tug-node baseline, which the machine's drift between rounds \
-         moves less; each verdict is given against both baselines, with the 95% confidence \
-         interval of that median from its rounds)"
+         the hosts set up as tug nodes{}; \"vs bare\": hosts without tug; \"paired\": the \
+         median of each round's ratio to that round's tug-node baseline, which the machine's \
+         drift between rounds moves less; each verdict is given against both baselines, with \
+         the 95% confidence interval of that median from its rounds)",
+        if traffic.node_nat {
+            ", whose own traffic then passes the same connection tracking"
+        } else {
+            ", here without their NAT rules, so without connection tracking"
+        }
     );
     for line in verdicts {
         println!("{line}");
@@ -347,6 +371,9 @@ struct Traffic {
     seconds: u32,
     /// Every host tuned for IPv4 BIG TCP.
     big_tcp: bool,
+    /// Tug nodes get the agent's NAT rules (the default; `--no-nat` leaves them off, to tell
+    /// connection tracking's cost from the container path's own).
+    node_nat: bool,
     /// iperf3's write size (`-l`), or its default.
     length: Option<u32>,
     /// The sender's TCP congestion control (`iperf3 -C`), or the machine's default.
@@ -395,6 +422,10 @@ enum Route {
     /// Between two hosts set up as tug nodes (host-gw): bridge, routes and the agent's
     /// masquerade rules, which make the hosts' netfilter track every connection of theirs too.
     Nodes,
+    /// Between two hosts with tug's NAT rules (`tug_netplugin::nat`) and nothing else of
+    /// tug (no bridge, routes or container): what connection tracking alone costs the
+    /// hosts' own traffic, as on any host with a masquerade or stateful firewall rule.
+    Nat,
     /// Between a container on each of two tug nodes; with the eBPF fast path (the agent's
     /// default) or through the stack only (`--fast-path off`).
     Containers(Mode, Datapath),
@@ -406,6 +437,7 @@ impl Route {
         match self {
             Route::Bare => "bare",
             Route::Nodes => "nodes",
+            Route::Nat => "nat",
             Route::Containers(Mode::HostGw, Datapath::Fast) => "host-gw",
             Route::Containers(Mode::HostGw, Datapath::Stack) => "host-gw-stack",
             Route::Containers(Mode::Vxlan, Datapath::Fast) => "vxlan",
@@ -489,12 +521,22 @@ fn vxlan_cfg(node: &Node<'_>, mtu: u32) -> Result<VxlanConfig> {
     })
 }
 
-/// Set a node up in `mode` with one container; returns its address.
+/// The agent's NAT rules for a node with `subnet` on `host` (`tug_netplugin::nat`).
+fn masquerade(host: &Host, subnet: Subnet) -> Result<()> {
+    let cluster = CLUSTER.parse::<Subnet>()?;
+    block_in_netns(&host.netns().path(), || async move {
+        nat::setup_nat(subnet, cluster)
+    })?;
+    Ok(())
+}
+
+/// Set a node up in `mode` with one container (and its NAT rules when `nat`).
 fn set_up(
     node: &mut Node<'_>,
     mode: Mode,
     datapath: Datapath,
     big_tcp: bool,
+    nat: bool,
     role: &str,
     dir: &Path,
 ) -> Result<()> {
@@ -512,9 +554,11 @@ fn set_up(
         block_in_netns(&path, || setup_vxlan(&vx))?;
     }
     // Masquerade for traffic leaving the cluster, as the agent sets it up: the node's
-    // netfilter then tracks connections, container traffic included.
+    // netfilter then tracks connections, its own and the normal path's container traffic.
+    if nat {
+        masquerade(node.host, node.subnet)?;
+    }
     let (subnet, cluster) = (node.subnet, CLUSTER.parse::<Subnet>()?);
-    block_in_netns(&path, || async move { nat::setup_nat(subnet, cluster) })?;
     let ns = Netns::create(role)?;
     let net = ContainerNet {
         id: role.into(),
@@ -575,6 +619,7 @@ fn data_path(path: Route, traffic: &Traffic) -> Result<Sample> {
     let Traffic {
         seconds,
         big_tcp,
+        node_nat,
         length,
         ref congestion,
     } = *traffic;
@@ -586,7 +631,7 @@ fn data_path(path: Route, traffic: &Traffic) -> Result<Sample> {
         for host in net.hosts() {
             let port = net.port_of(host);
             block_in_netns(&bridge, || set_ipv4_gso_gro_limit(&port, BIG_TCP_SIZE))?;
-            if path == Route::Bare {
+            if matches!(path, Route::Bare | Route::Nat) {
                 // What `tug agent --big-tcp on` does to a node's uplink, by hand.
                 let ns = host.netns().path();
                 block_in_netns(&ns, || set_ipv4_gso_gro_limit("eth0", BIG_TCP_SIZE))?;
@@ -607,6 +652,15 @@ fn data_path(path: Route, traffic: &Traffic) -> Result<Sample> {
         fast: None,
     };
     let (client, server, target) = match path {
+        Route::Nat => {
+            masquerade(a.host, a.subnet)?;
+            masquerade(b.host, b.subnet)?;
+            (
+                a.host.command("iperf3"),
+                b.host.command("iperf3"),
+                b.host.addr(),
+            )
+        }
         Route::Bare => (
             a.host.command("iperf3"),
             b.host.command("iperf3"),
@@ -617,8 +671,24 @@ fn data_path(path: Route, traffic: &Traffic) -> Result<Sample> {
                 Route::Containers(mode, datapath) => (mode, datapath),
                 _ => (Mode::HostGw, Datapath::Stack),
             };
-            set_up(&mut a, mode, datapath, big_tcp, "bench-ca", dir.path())?;
-            set_up(&mut b, mode, datapath, big_tcp, "bench-cb", dir.path())?;
+            set_up(
+                &mut a,
+                mode,
+                datapath,
+                big_tcp,
+                node_nat,
+                "bench-ca",
+                dir.path(),
+            )?;
+            set_up(
+                &mut b,
+                mode,
+                datapath,
+                big_tcp,
+                node_nat,
+                "bench-cb",
+                dir.path(),
+            )?;
             peer(&mut a, (b.subnet, b.host.addr()), mode)?;
             peer(&mut b, (a.subnet, a.host.addr()), mode)?;
             let (ca, _) = a.container.as_ref().ok_or("no container on a")?;
