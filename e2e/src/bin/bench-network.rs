@@ -652,20 +652,17 @@ fn data_path(path: Route, traffic: &Traffic) -> Result<Sample> {
         fast: None,
     };
     let (client, server, target) = match path {
-        Route::Nat => {
-            masquerade(a.host, a.subnet)?;
-            masquerade(b.host, b.subnet)?;
+        Route::Bare | Route::Nat => {
+            if path == Route::Nat {
+                masquerade(a.host, a.subnet)?;
+                masquerade(b.host, b.subnet)?;
+            }
             (
                 a.host.command("iperf3"),
                 b.host.command("iperf3"),
                 b.host.addr(),
             )
         }
-        Route::Bare => (
-            a.host.command("iperf3"),
-            b.host.command("iperf3"),
-            b.host.addr(),
-        ),
         Route::Nodes | Route::Containers(..) => {
             let (mode, datapath) = match path {
                 Route::Containers(mode, datapath) => (mode, datapath),
