@@ -651,55 +651,34 @@ fn data_path(path: Route, traffic: &Traffic) -> Result<Sample> {
         container: None,
         fast: None,
     };
-    let (client, server, target) = match path {
-        Route::Bare | Route::Nat => {
-            if path == Route::Nat {
-                masquerade(a.host, a.subnet)?;
-                masquerade(b.host, b.subnet)?;
-            }
-            (
-                a.host.command("iperf3"),
-                b.host.command("iperf3"),
-                b.host.addr(),
-            )
+    match path {
+        Route::Bare => {}
+        Route::Nat => {
+            masquerade(a.host, a.subnet)?;
+            masquerade(b.host, b.subnet)?;
         }
         Route::Nodes | Route::Containers(..) => {
             let (mode, datapath) = match path {
                 Route::Containers(mode, datapath) => (mode, datapath),
                 _ => (Mode::HostGw, Datapath::Stack),
             };
-            set_up(
-                &mut a,
-                mode,
-                datapath,
-                big_tcp,
-                node_nat,
-                "bench-ca",
-                dir.path(),
-            )?;
-            set_up(
-                &mut b,
-                mode,
-                datapath,
-                big_tcp,
-                node_nat,
-                "bench-cb",
-                dir.path(),
-            )?;
+            for (node, role) in [(&mut a, "bench-ca"), (&mut b, "bench-cb")] {
+                set_up(node, mode, datapath, big_tcp, node_nat, role, dir.path())?;
+            }
             peer(&mut a, (b.subnet, b.host.addr()), mode)?;
             peer(&mut b, (a.subnet, a.host.addr()), mode)?;
-            let (ca, _) = a.container.as_ref().ok_or("no container on a")?;
-            let (cb, addr) = b.container.as_ref().ok_or("no container on b")?;
-            if path == Route::Nodes {
-                (
-                    a.host.command("iperf3"),
-                    b.host.command("iperf3"),
-                    b.host.addr(),
-                )
-            } else {
-                (ca.command("iperf3"), cb.command("iperf3"), *addr)
-            }
         }
+    }
+    let (client, server, target) = if let Route::Containers(..) = path {
+        let (ca, _) = a.container.as_ref().ok_or("no container on a")?;
+        let (cb, addr) = b.container.as_ref().ok_or("no container on b")?;
+        (ca.command("iperf3"), cb.command("iperf3"), *addr)
+    } else {
+        (
+            a.host.command("iperf3"),
+            b.host.command("iperf3"),
+            b.host.addr(),
+        )
     };
     let mut server = server;
     let mut server = tug_e2e::spawn(
